@@ -1,0 +1,400 @@
+"""``adamkit train``: train a small character-level GPT on CPython's bundled documentation.
+
+The library entry point is :func:`train` (a :class:`TrainConfig` in, a :class:`TrainResult` out);
+:func:`fit` is the training loop itself, shared with ``adamkit race``. The command line only parses
+arguments and prints.
+
+Every run uses a warmup + cosine learning-rate schedule (:func:`warmup_cosine`), the same batches
+for a given seed whatever the optimizer, and reports the held-out validation loss: the mean
+cross-entropy (nats per character) over a fixed set of windows from the last 10% of the corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import tasks
+from .tasks import GPTConfig
+
+DEFAULT_STEPS = 600  # ~90 ms/step on 2 cores: about a minute of training
+
+
+# --------------------------------------------------------------------------------------------------
+# Library
+# --------------------------------------------------------------------------------------------------
+
+
+def warmup_cosine(steps: int, warmup: int | None = None, final: float = 0.1) -> Callable[[int], float]:
+    """lr multiplier for ``LambdaLR``: linear warmup to 1, then cosine decay to ``final`` at ``steps``.
+
+    ``warmup`` defaults to 5% of the steps (at least 1).
+    """
+    warmup = max(1, round(0.05 * steps)) if warmup is None else warmup
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by the tensors in ``optimizer.state`` (moments, step counters, buffers)."""
+
+    def nbytes(value: object) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.nbytes
+        if isinstance(value, dict):
+            return sum(nbytes(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(nbytes(v) for v in value)
+        return 0
+
+    return sum(nbytes(s) for s in optimizer.state.values())
+
+
+@torch.no_grad()
+def evaluate(task, model: nn.Module, batches: list[tasks.Batch]) -> float:
+    """Mean loss over ``batches`` (each batch weighs the same) with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        return sum(task.loss(model, b).item() for b in batches) / len(batches)
+    finally:
+        model.train(was_training)
+
+
+class _PeakRSS:
+    """Peak resident-memory growth of this process over a block of code, on Linux.
+
+    Before the block it runs the garbage collector, returns freed heap to the OS (``malloc_trim``)
+    and resets the kernel's high-water mark (``/proc/self/clear_refs``); after it, the result is
+    the peak resident size (``VmHWM``) minus the resident size at the start: model, gradients,
+    optimizer state, activations and allocator overhead of the block. Where the reset is refused it
+    falls back to ``getrusage`` (peak since process start: a lower bound, 0 if an earlier peak was
+    higher). ``None`` where neither is available.
+    """
+
+    def __enter__(self) -> _PeakRSS:
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        self.exact = _reset_hwm()
+        self.start = _status_kib("VmRSS") if self.exact else _maxrss_kib()
+        self.bytes: int | None = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = _status_kib("VmHWM") if self.exact else _maxrss_kib()
+        if self.start is not None and end is not None:
+            self.bytes = max(0, end - self.start) * 1024
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5: reset the peak RSS (Linux >= 4.0)
+        return _status_kib("VmHWM") is not None
+    except OSError:
+        return False
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _maxrss_kib() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    # ru_maxrss: KiB on Linux, bytes on macOS
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak
+
+
+@dataclass
+class EvalPoint:
+    step: int
+    wall_s: float  # training time so far (evaluations excluded)
+    val_loss: float
+
+
+@dataclass
+class TrainResult:
+    """What one training run measured. Losses are mean cross-entropy in nats."""
+
+    task: str
+    optimizer: str
+    precision: str
+    state: str
+    lr: float
+    steps: int
+    seed: int
+    n_params: int
+    train_losses: list[float]  # one per step
+    curve: list[EvalPoint]  # validation loss at step 0 and at evenly spaced steps, the last included
+    ms_per_step: float  # median wall time of one step (forward, backward, optimizer, scheduler)
+    train_s: float  # total training time, evaluations excluded
+    total_s: float  # wall time of the whole run, model building and evaluations included
+    state_bytes_per_param: float  # bytes in optimizer.state / number of parameters, after training
+    peak_rss_bytes: int | None  # peak resident-memory growth during the run (see _PeakRSS)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def val_loss(self) -> float:
+        return self.curve[-1].val_loss
+
+    @property
+    def initial_val_loss(self) -> float:
+        return self.curve[0].val_loss
+
+    def final_train_loss(self, last: int | None = None) -> float:
+        """Mean training loss of the last ``last`` steps (default: the last 10%, at least 1)."""
+        last = max(1, len(self.train_losses) // 10) if last is None else last
+        tail = self.train_losses[-last:]
+        return sum(tail) / len(tail)
+
+
+def fit(
+    task,
+    optimizer: str = "adamw",
+    *,
+    steps: int,
+    seed: int = 0,
+    lr: float | None = None,
+    precision: str = "fp32",
+    state: str = "default",
+    evals: int = 10,
+    progress: bool = True,
+    desc: str | None = None,
+) -> TrainResult:
+    """Train ``task``'s model from the initialisation of ``seed`` with one optimizer recipe.
+
+    ``task`` is a :class:`~adamkit.tasks.CharTask`, :class:`~adamkit.tasks.DigitsTask` or any
+    object with ``name``, ``build_model(seed)``, ``sampler(seed)``, ``val_batches()`` and
+    ``loss(model, batch)``. The lr follows :func:`warmup_cosine`; ``lr=None`` takes the optimizer's
+    default from :data:`~adamkit.tasks.OPTIMIZERS`. The validation loss is measured before training
+    and at ``evals`` evenly spaced steps (the last one included).
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not isinstance(evals, int) or evals < 1:
+        raise ValueError(f"evals must be a positive integer, got {evals!r}")
+    lr = tasks.OPTIMIZERS[optimizer].lr if lr is None and optimizer in tasks.OPTIMIZERS else lr
+    t_start = time.perf_counter()
+    with _PeakRSS() as peak:
+        model = tasks.cast_model(task.build_model(seed), precision)
+        opt = tasks.build_optimizer(model, optimizer, lr=lr, precision=precision, state=state)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
+        sample = task.sampler(seed)
+        val = task.val_batches()
+        eval_at = {round(steps * (i + 1) / evals) for i in range(evals)}
+        curve = [EvalPoint(0, 0.0, evaluate(task, model, val))]
+        losses: list[float] = []
+        step_s: list[float] = []
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(1, steps + 1), desc=desc or optimizer, disable=not progress, leave=True, unit="step")
+        for step in bar:
+            t0 = time.perf_counter()
+            loss = task.loss(model, sample())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            step_s.append(time.perf_counter() - t0)
+            if not math.isfinite(losses[-1]):
+                bar.close()
+                raise FloatingPointError(f"{desc or optimizer}: the loss became {losses[-1]} at step {step}")
+            if step in eval_at:
+                curve.append(EvalPoint(step, sum(step_s), evaluate(task, model, val)))
+            if progress and (step % 10 == 0 or step == steps):
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", ms_step=f"{1000 * step_s[-1]:.0f}", refresh=False)
+        bar.close()
+        n_params = sum(p.numel() for p in model.parameters())
+        sbytes = state_bytes(opt)
+    return TrainResult(
+        task=task.name,
+        optimizer=optimizer,
+        precision=precision,
+        state=state,
+        lr=float(lr),
+        steps=steps,
+        seed=seed,
+        n_params=n_params,
+        train_losses=losses,
+        curve=curve,
+        ms_per_step=1000 * statistics.median(step_s),
+        train_s=sum(step_s),
+        total_s=time.perf_counter() - t_start,
+        state_bytes_per_param=sbytes / n_params,
+        peak_rss_bytes=peak.bytes,
+    )
+
+
+@dataclass
+class TrainConfig:
+    """Settings of :func:`train`. ``lr=None`` takes the optimizer's default (``tasks.OPTIMIZERS``)."""
+
+    steps: int = DEFAULT_STEPS
+    seed: int = 0
+    optimizer: str = "adamw"
+    lr: float | None = None
+    batch_size: int = 32
+    precision: str = "fp32"
+    state: str = "default"
+    model: GPTConfig = field(default_factory=GPTConfig)
+    threads: int | None = None  # torch.set_num_threads; None leaves torch's default
+    evals: int = 10
+    progress: bool = True
+
+
+def train(config: TrainConfig | None = None) -> TrainResult:
+    """Train the character-level GPT with ``config`` (default: ``TrainConfig()``); returns what the run measured."""
+    config = TrainConfig() if config is None else config
+    if config.threads is not None:
+        if config.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {config.threads}")
+        torch.set_num_threads(config.threads)
+    torch.set_flush_denormal(True)  # denormals slow fp32 CPU math ~20x
+    task = tasks.CharTask(config.model, batch_size=config.batch_size)
+    return fit(
+        task,
+        config.optimizer,
+        steps=config.steps,
+        seed=config.seed,
+        lr=config.lr,
+        precision=config.precision,
+        state=config.state,
+        evals=config.evals,
+        progress=config.progress,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d, m = TrainConfig(), GPTConfig()
+    lrs = ", ".join(f"{k} {v.lr:g}" for k, v in tasks.OPTIMIZERS.items())
+    parser.add_argument(
+        "--optimizer",
+        choices=list(tasks.OPTIMIZERS),
+        default=d.optimizer,
+        help="adamw/adam: adamkit's; torch-adamw: torch.optim.AdamW; sgd: torch.optim.SGD, momentum 0.9 "
+        "(default: %(default)s)",
+    )
+    parser.add_argument("--steps", type=positive_int, default=d.steps, help="training steps (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="initialisation and data order (default: 0)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--lr", type=positive_float, default=None, help=f"peak learning rate (default: {lrs})")
+    parser.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="(default: %(default)s)")
+    parser.add_argument(
+        "--precision",
+        choices=list(tasks.PRECISIONS),
+        default=d.precision,
+        help="parameter precision recipe; bf16-* need adam/adamw (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--state",
+        choices=list(tasks.STATES),
+        default=d.state,
+        help="optimizer-state format for adam/adamw (default: %(default)s, the optimizer's own)",
+    )
+    g = parser.add_argument_group("model")
+    g.add_argument("--d-model", type=positive_int, default=m.d_model, help="width (default: %(default)s)")
+    g.add_argument("--layers", type=positive_int, default=m.n_layers, help="blocks (default: %(default)s)")
+    g.add_argument("--heads", type=positive_int, default=m.n_heads, help="attention heads (default: %(default)s)")
+    g.add_argument("--context", type=positive_int, default=m.context, help="characters (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = TrainConfig(
+            steps=args.steps,
+            seed=args.seed,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            precision=args.precision,
+            state=args.state,
+            model=GPTConfig(context=args.context, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads),
+            threads=args.threads,
+            progress=not args.no_progress,
+        )
+        tasks.optimizer_kwargs(config.optimizer, config.precision, config.state)  # fail before building
+    except ValueError as err:
+        print(f"adamkit train: error: {err}", file=sys.stderr)
+        return 2
+    label = tasks.OPTIMIZERS[config.optimizer].label
+    lr = config.lr if config.lr is not None else tasks.OPTIMIZERS[config.optimizer].lr
+    print(
+        f"training a {config.model.n_layers}-layer GPT (d_model {config.model.d_model}) on "
+        f"pydoc_data.topics with {label}, lr {lr:g} (warmup + cosine), {config.precision}, "
+        f"{config.steps} steps, seed {config.seed}, {config.threads or torch.get_num_threads()} threads"
+    )
+    try:
+        result = train(config)
+    except tasks.RecipeUnavailableError as err:
+        print(f"adamkit train: error: --precision {config.precision} --state {config.state}: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"{result.n_params:,} parameters; train loss {result.train_losses[0]:.3f} -> "
+        f"{result.final_train_loss():.3f} (mean of the last 10% of steps)"
+    )
+    print(
+        f"validation loss {result.initial_val_loss:.3f} -> {result.val_loss:.3f} "
+        f"(nats/char, mean over {tasks.VAL_BATCHES} fixed batches of held-out text)"
+    )
+    print(
+        f"{result.ms_per_step:.0f} ms/step (median); optimizer state "
+        f"{result.state_bytes_per_param:.2f} bytes/param; total time {result.total_s:.1f} s"
+    )
+    return 0
