@@ -24,16 +24,20 @@ import torch
 #   "full":      p <- p * (1 - (lr / max_lr) * wd)      (fully decoupled: decay independent of lr)
 # "none" is used when wd == 0 so that no backend multiplies by 1 or adds 0 * p (which would turn an
 # inf parameter into nan, unlike torch).
+# "runtime" applies both the L2 term and the decay multiplier with values taken from Scalars (l2 = 0
+# or decay = 1 make them exact no-ops for finite values): the fused backend uses it so that one
+# compiled kernel serves every mode and switching modes never recompiles.
 # --------------------------------------------------------------------------------------------------
-WD_MODES = ("none", "l2", "decoupled", "full")
+WD_MODES = ("none", "l2", "decoupled", "full", "runtime")
 
 
 class Flags(NamedTuple):
-    """Static choices: a change of any of them selects different code (and, fused, a recompile)."""
+    """Choices fixed per call. The fused backend compiles one kernel per distinct Flags, so it
+    passes ``wd_mode="runtime"`` and ``maximize=None`` (sign taken from ``Scalars.grad_sign``)."""
 
     wd_mode: str
     amsgrad: bool
-    maximize: bool
+    maximize: bool | None
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Scalars:
     eps: Any
     step_size: Any  # lr / (1 - beta1^t)
     bc2_sqrt: Any  # sqrt(1 - beta2^t)
+    grad_sign: Any = 1.0  # -1 when maximizing (used only with Flags.maximize=None)
 
     FIELDS = (
         "l2",
@@ -61,6 +66,7 @@ class Scalars:
         "eps",
         "step_size",
         "bc2_sqrt",
+        "grad_sign",
     )
 
     def as_list(self) -> list[float]:
@@ -77,6 +83,7 @@ def adam_scalars(
     wd_mode: str,
     max_lr: float | None,
     step: float,
+    maximize: bool = False,
 ) -> Scalars:
     """Scalars of step number ``step`` (1-based, already incremented)."""
     bc1 = 1.0 - beta1**step
@@ -85,6 +92,8 @@ def adam_scalars(
         decay = 1.0 - lr * weight_decay
     elif wd_mode == "full":
         decay = 1.0 - (lr / max_lr) * weight_decay  # type: ignore[operator]
+    elif wd_mode == "runtime":
+        raise ValueError("adam_scalars needs the group's own weight-decay mode, not 'runtime'")
     else:
         decay = 1.0
     return Scalars(
@@ -96,6 +105,7 @@ def adam_scalars(
         eps=eps,
         step_size=lr / bc1,
         bc2_sqrt=math.sqrt(bc2),
+        grad_sign=-1.0 if maximize else 1.0,
     )
 
 
@@ -106,9 +116,9 @@ def adam_scalars(
 
 def decay(p, g, s: Scalars, f: Flags):
     """Stage 1: weight decay. Returns (p, g)."""
-    if f.wd_mode == "l2":
+    if f.wd_mode in ("l2", "runtime"):
         g = g + p * s.l2
-    elif f.wd_mode in ("decoupled", "full"):
+    if f.wd_mode in ("decoupled", "full", "runtime"):
         p = p * s.decay
     return p, g
 
@@ -133,7 +143,9 @@ def precondition(m, v, vmax, s: Scalars, f: Flags):
 def adam_update(p, g, m, v, vmax, s: Scalars, f: Flags):
     """One Adam(W) step on compute-dtype values. Returns new (p, m, v, vmax); vmax is None
     unless amsgrad. Stage 5 (apply) is the last line."""
-    if f.maximize:
+    if f.maximize is None:
+        g = g * s.grad_sign
+    elif f.maximize:
         g = -g
     p, g = decay(p, g, s, f)
     m, v = moments(g, m, v, s)

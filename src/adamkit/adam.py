@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from . import _backends
+from . import _backends, _fused
 from ._math import Flags, adam_scalars
 
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -195,11 +195,17 @@ class Adam(Optimizer):
         )
         # Validate the defaults as a group would be validated (max_lr falls back to lr there).
         _check_group({**defaults, "max_lr": max_lr if max_lr is not None else _as_float("lr", lr) or 1.0})
+        self._layouts: dict[int, _fused.GroupLayout] = {}  # fused backend: flat layout per group
         super().__init__(params, defaults)
+        if any(g["backend"] == "fused" for g in self.param_groups):
+            reason = _fused.compiler_missing_reason()
+            if reason is not None:
+                raise RuntimeError(f"backend='fused' is unavailable: {reason}; use backend='foreach'")
 
     def __setstate__(self, state: dict) -> None:
         # Checkpoints pickled by older versions get defaults for options added later.
         super().__setstate__(state)
+        self._layouts = {}
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -257,6 +263,10 @@ class Adam(Optimizer):
     # Lazy state initialization
     # ------------------------------------------------------------------------------------------
 
+    def __getstate__(self) -> dict:
+        # The flat layout holds hooks and views; it is rebuilt on the next step after unpickling.
+        return {k: v for k, v in super().__getstate__().items() if k != "_layouts"}
+
     def _init_state(self, p: torch.Tensor, amsgrad: bool) -> dict:
         state = self.state[p]
         if len(state) == 0:
@@ -306,8 +316,50 @@ class Adam(Optimizer):
                 self._update_group(group, hp, params)
         return loss
 
+    def _backend_for(self, group: dict) -> str:
+        """The dispatcher: the only place that knows defaults and fallbacks."""
+        backend = group["backend"]
+        if backend in ("auto", "fused"):
+            reason = _fused.compiler_missing_reason()
+            if reason is None:
+                return "fused"
+            if backend == "fused":
+                raise RuntimeError(f"backend='fused' is unavailable: {reason}; use backend='foreach'")
+            # auto: foreach is the fastest backend that needs no compiler; say so once.
+            _fused.warn_fallback_once(reason)
+            return "foreach"
+        return backend
+
     def _update_group(self, group: dict, hp: dict, params: list[torch.Tensor]) -> None:
         flags = Flags(wd_mode=hp["wd_mode"], amsgrad=group["amsgrad"], maximize=group["maximize"])
+
+        def scalars_of(step: float):
+            return adam_scalars(
+                lr=hp["lr"],
+                beta1=hp["beta1"],
+                beta2=hp["beta2"],
+                eps=hp["eps"],
+                weight_decay=hp["weight_decay"],
+                wd_mode=hp["wd_mode"],
+                max_lr=hp["max_lr"],
+                step=step,
+                maximize=group["maximize"],
+            )
+
+        backend = self._backend_for(group)
+        if backend == "fused":
+            index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            _fused.fused_step(
+                self._layouts,
+                index,
+                params,
+                self.state,
+                lambda p: self._init_state(p, group["amsgrad"]),
+                scalars_of,
+                group["amsgrad"],
+                flags,
+            )
+            return
         items = []
         for p in params:
             state = self._init_state(p, group["amsgrad"])
@@ -322,24 +374,6 @@ class Adam(Optimizer):
                     step=float(state["step"]),
                 )
             )
-
-        def scalars_of(step: float):
-            return adam_scalars(
-                lr=hp["lr"],
-                beta1=hp["beta1"],
-                beta2=hp["beta2"],
-                eps=hp["eps"],
-                weight_decay=hp["weight_decay"],
-                wd_mode=hp["wd_mode"],
-                max_lr=hp["max_lr"],
-                step=step,
-            )
-
-        backend = group["backend"]
-        if backend == "auto":
-            backend = "foreach"
-        if backend == "fused":
-            raise NotImplementedError("the fused backend is not available yet; use backend='foreach'")
         _backends.RUNNERS[backend](items, scalars_of, flags)
 
     # ------------------------------------------------------------------------------------------
@@ -438,6 +472,9 @@ class Adam(Optimizer):
         # Everything checked: commit.
         from collections import defaultdict
 
+        for layout in self._layouts.values():
+            layout.release()
+        self._layouts = {}  # the loaded tensors are moved into fresh flat buffers on the next step
         self.state = defaultdict(dict, new_state)
         self.param_groups = new_groups
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():

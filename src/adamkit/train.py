@@ -12,6 +12,7 @@ cross-entropy (nats per character) over a fixed set of windows from the last 10%
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import math
@@ -90,10 +91,8 @@ class _PeakRSS:
 
     def __enter__(self) -> _PeakRSS:
         gc.collect()
-        try:
+        with contextlib.suppress(OSError, AttributeError):  # glibc only
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
         self.exact = _reset_hwm()
         self.start = _status_kib("VmRSS") if self.exact else _maxrss_kib()
         self.bytes: int | None = None
@@ -161,11 +160,12 @@ class TrainResult:
     total_s: float  # wall time of the whole run, model building and evaluations included
     state_bytes_per_param: float  # bytes in optimizer.state / number of parameters, after training
     peak_rss_bytes: int | None  # peak resident-memory growth during the run (see _PeakRSS)
-    extra: dict = field(default_factory=dict)
+    diverged_at: int | None = None  # the step whose loss was not finite; training stopped there
 
     @property
     def val_loss(self) -> float:
-        return self.curve[-1].val_loss
+        """The final validation loss (NaN if the run diverged)."""
+        return math.nan if self.diverged_at is not None else self.curve[-1].val_loss
 
     @property
     def initial_val_loss(self) -> float:
@@ -197,7 +197,8 @@ def fit(
     object with ``name``, ``build_model(seed)``, ``sampler(seed)``, ``val_batches()`` and
     ``loss(model, batch)``. The lr follows :func:`warmup_cosine`; ``lr=None`` takes the optimizer's
     default from :data:`~adamkit.tasks.OPTIMIZERS`. The validation loss is measured before training
-    and at ``evals`` evenly spaced steps (the last one included).
+    and at ``evals`` evenly spaced steps (the last one included). A non-finite training loss stops
+    the run; the result then says where (``diverged_at``) and holds what was measured until then.
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -214,6 +215,7 @@ def fit(
         eval_at = {round(steps * (i + 1) / evals) for i in range(evals)}
         curve = [EvalPoint(0, 0.0, evaluate(task, model, val))]
         losses: list[float] = []
+        diverged_at: int | None = None
         step_s: list[float] = []
         from tqdm.auto import tqdm
 
@@ -228,8 +230,8 @@ def fit(
             losses.append(loss.item())
             step_s.append(time.perf_counter() - t0)
             if not math.isfinite(losses[-1]):
-                bar.close()
-                raise FloatingPointError(f"{desc or optimizer}: the loss became {losses[-1]} at step {step}")
+                diverged_at = step  # stop: every later step would be NaN too
+                break
             if step in eval_at:
                 curve.append(EvalPoint(step, sum(step_s), evaluate(task, model, val)))
             if progress and (step % 10 == 0 or step == steps):
@@ -253,6 +255,7 @@ def fit(
         total_s=time.perf_counter() - t_start,
         state_bytes_per_param=sbytes / n_params,
         peak_rss_bytes=peak.bytes,
+        diverged_at=diverged_at,
     )
 
 
@@ -274,7 +277,7 @@ class TrainConfig:
 
 
 def train(config: TrainConfig | None = None) -> TrainResult:
-    """Train the character-level GPT with ``config`` (default: ``TrainConfig()``); returns what the run measured."""
+    """Train the character-level GPT with ``config`` (default ``TrainConfig()``); return the measurements."""
     config = TrainConfig() if config is None else config
     if config.threads is not None:
         if config.threads < 1:
@@ -330,11 +333,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="adamw/adam: adamkit's; torch-adamw: torch.optim.AdamW; sgd: torch.optim.SGD, momentum 0.9 "
         "(default: %(default)s)",
     )
-    parser.add_argument("--steps", type=positive_int, default=d.steps, help="training steps (default: %(default)s)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=d.steps, help="training steps (default: %(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=d.seed, help="initialisation and data order (default: 0)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--lr", type=positive_float, default=None, help=f"peak learning rate (default: {lrs})")
-    parser.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="(default: %(default)s)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--lr", type=positive_float, default=None, help=f"peak learning rate (default: {lrs})"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=d.batch_size, help="(default: %(default)s)"
+    )
     parser.add_argument(
         "--precision",
         choices=list(tasks.PRECISIONS),
@@ -350,8 +361,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--d-model", type=positive_int, default=m.d_model, help="width (default: %(default)s)")
     g.add_argument("--layers", type=positive_int, default=m.n_layers, help="blocks (default: %(default)s)")
-    g.add_argument("--heads", type=positive_int, default=m.n_heads, help="attention heads (default: %(default)s)")
-    g.add_argument("--context", type=positive_int, default=m.context, help="characters (default: %(default)s)")
+    g.add_argument(
+        "--heads", type=positive_int, default=m.n_heads, help="attention heads (default: %(default)s)"
+    )
+    g.add_argument(
+        "--context", type=positive_int, default=m.context, help="characters (default: %(default)s)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -365,7 +380,9 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             precision=args.precision,
             state=args.state,
-            model=GPTConfig(context=args.context, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads),
+            model=GPTConfig(
+                context=args.context, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads
+            ),
             threads=args.threads,
             progress=not args.no_progress,
         )
@@ -383,8 +400,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = train(config)
     except tasks.RecipeUnavailableError as err:
-        print(f"adamkit train: error: --precision {config.precision} --state {config.state}: {err}", file=sys.stderr)
+        print(
+            f"adamkit train: error: --precision {config.precision} --state {config.state}: {err}",
+            file=sys.stderr,
+        )
         return 2
+    if result.diverged_at is not None:
+        print(
+            f"adamkit train: the loss became non-finite at step {result.diverged_at}; try a lower --lr",
+            file=sys.stderr,
+        )
+        return 1
     print(
         f"{result.n_params:,} parameters; train loss {result.train_losses[0]:.3f} -> "
         f"{result.final_train_loss():.3f} (mean of the last 10% of steps)"

@@ -1,0 +1,331 @@
+"""The fused backend: one ``torch.compile``d kernel per flat buffer.
+
+Layout. For each parameter group, the parameters that can be flattened (dense, contiguous, plain
+``torch.Tensor``/``nn.Parameter``) are sorted into buckets sharing (device, dtype, step number).
+Each bucket owns flat buffers, and the parameters and their state become views of them:
+
+=================  ===============================  ============================================
+buffer             bytes per parameter (fp32)       what points into it
+=================  ===============================  ============================================
+``param``          4 (the parameter itself)         ``p.data`` (re-pointed; the model sees it)
+``grad``           4 (the gradient itself)          ``p.grad`` (set by a post-accumulate hook)
+``exp_avg``        4                                ``state["exp_avg"]``
+``exp_avg_sq``     4                                ``state["exp_avg_sq"]``
+``max_exp_avg_sq`` 4, amsgrad only                  ``state["max_exp_avg_sq"]``
+``steps``          4 per *tensor*                   ``state["step"]`` (0-D views)
+=================  ===============================  ============================================
+
+Nothing is duplicated: the flat buffers *are* the parameters, gradients and state.
+
+Gradients. A post-accumulate-grad hook on each flattened parameter moves the gradient autograd
+produced into the flat gradient buffer (while it is still hot in cache) and points ``p.grad`` at the
+view, so the step reads one flat buffer and copies nothing. Gradients that arrive another way
+(assigned by hand, or accumulated out of place) are copied in at the start of the step.
+
+Correctness before speed. Every step checks that each parameter still lives where the layout put it
+(``model.to()``, ``p.data = ...`` or ``load_state_dict`` invalidate the layout, which is then rebuilt
+from the current values) and that every parameter of a bucket has a gradient (otherwise that bucket
+runs per tensor on the views, so parameters without gradients are left untouched, as torch does).
+Parameters that cannot be flattened run through the foreach backend on their own tensors.
+
+Hyperparameters reach the kernel as one small tensor, so a changing lr never recompiles; the
+weight-decay mode and ``maximize`` are runtime values too (see ``Flags``). One kernel is compiled per
+(amsgrad, dtypes); dynamic shapes make it serve every buffer size.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import types
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from ._backends import Item, compute_dtype, run_foreach
+from ._math import Flags, Scalars, adam_update
+
+_FLAT_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+# --------------------------------------------------------------------------------------------------
+# Availability: torch.compile's CPU backend needs a C++ compiler at run time.
+# --------------------------------------------------------------------------------------------------
+
+_unavailable_reason: str | None = None
+_warned = False
+
+
+def compiler_missing_reason() -> str | None:
+    """Why the fused backend cannot run here, or None if it can (as far as we know so far)."""
+    if _unavailable_reason is not None:
+        return _unavailable_reason
+    import os
+
+    cxx = os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+    if cxx is None or not shutil.which(cxx.split()[0]):
+        return "no C++ compiler found (torch.compile's CPU backend needs g++ or clang++; set CXX)"
+    return None
+
+
+def mark_unavailable(reason: str) -> None:
+    global _unavailable_reason
+    _unavailable_reason = reason
+
+
+def warn_fallback_once(reason: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"adamkit: the fused backend is unavailable ({reason}); backend='auto' uses 'foreach'. "
+            "Install a C++ compiler to get the fused kernel.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# The kernel
+# --------------------------------------------------------------------------------------------------
+
+_FUSED_FLAGS = Flags(wd_mode="runtime", amsgrad=False, maximize=None)
+
+
+def _kernel_body(p, g, m, v, vmax, hp, amsgrad: bool):
+    cdt = hp.dtype
+    s = Scalars(*[hp[i] for i in range(len(Scalars.FIELDS))])
+    flags = _FUSED_FLAGS._replace(amsgrad=amsgrad)
+    vmax_c = vmax.to(cdt) if amsgrad else None
+    np_, nm, nv, nvmax = adam_update(p.to(cdt), g.to(cdt), m.to(cdt), v.to(cdt), vmax_c, s, flags)
+    # Writing back inside the compiled function lets inductor emit one loop that loads each input
+    # once and stores each output once: 28 bytes per fp32 parameter, nothing materialized between.
+    p.copy_(np_)
+    m.copy_(nm)
+    v.copy_(nv)
+    if amsgrad:
+        vmax.copy_(nvmax)
+
+
+@functools.cache
+def _compiled(amsgrad: bool):
+    # Dynamo keeps one cache per code object (with a small limit); a fresh code object per variant
+    # keeps variants from evicting each other.
+    code = _kernel_body.__code__.replace(co_name=f"adamkit_fused_adam_amsgrad{int(amsgrad)}")
+    fn = types.FunctionType(code, _kernel_body.__globals__, code.co_name)
+    fn = functools.partial(fn, amsgrad=amsgrad)
+    return torch.compile(fn, fullgraph=True, dynamic=True)
+
+
+def run_kernel(p, g, m, v, vmax, hp, amsgrad: bool) -> None:
+    try:
+        _compiled(amsgrad)(p, g, m, v, vmax, hp)
+    except Exception as e:  # a missing or broken compiler surfaces here, on first use
+        if "compil" in str(e).lower() or "cpp" in str(e).lower() or "cxx" in str(e).lower():
+            mark_unavailable(f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout
+# --------------------------------------------------------------------------------------------------
+
+
+def flattenable(p: torch.Tensor) -> bool:
+    """Plain dense contiguous tensors can live in a flat buffer; subclasses (DTensor, ...) cannot."""
+    return (
+        type(p) in (torch.Tensor, torch.nn.Parameter)
+        and p.layout == torch.strided
+        and p.is_contiguous()
+        and not p.is_complex()
+    )
+
+
+@dataclass
+class Bucket:
+    params: list[torch.Tensor]
+    shapes: list[torch.Size]
+    offsets: list[int]
+    flat: dict[str, torch.Tensor]
+    steps: torch.Tensor  # fp32, one per tensor; state["step"] are 0-D views of it
+    step: float
+    hp: torch.Tensor
+    param_ptrs: list[int] = field(default_factory=list)
+    grad_views: list[torch.Tensor] = field(default_factory=list)
+    grad_ptrs: list[int] = field(default_factory=list)
+    hooks: list = field(default_factory=list)
+
+    def view(self, name: str, i: int) -> torch.Tensor:
+        o, shape = self.offsets[i], self.shapes[i]
+        return self.flat[name][o : o + shape.numel()].view(shape)
+
+    def remove_hooks(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+
+
+def _grad_hook(bucket: Bucket, i: int):
+    def hook(p: torch.Tensor) -> None:
+        view = bucket.grad_views[i]
+        g = p.grad
+        if g is not None and g.data_ptr() != bucket.grad_ptrs[i]:
+            view.copy_(g)
+            p.grad = view
+
+    return hook
+
+
+def build_buckets(params: list[torch.Tensor], state: dict, amsgrad: bool) -> list[Bucket]:
+    """Move the given parameters and their (already initialized) state into flat buffers."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        st = state[p]
+        key = (p.device, p.dtype, st["exp_avg"].dtype, float(st["step"]))
+        groups.setdefault(key, []).append(p)
+    buckets = []
+    for (device, dtype, sdtype, step), ps in groups.items():
+        shapes = [p.shape for p in ps]
+        offsets, n = [], 0
+        for p in ps:
+            offsets.append(n)
+            n += p.numel()
+        names = ["param", "grad", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+        flat = {
+            name: torch.empty(n, device=device, dtype=dtype if name in ("param", "grad") else sdtype)
+            for name in names
+        }
+        cdt = compute_dtype(dtype)
+        b = Bucket(
+            params=ps,
+            shapes=shapes,
+            offsets=offsets,
+            flat=flat,
+            steps=torch.full((len(ps),), step, dtype=torch.float32),
+            step=step,
+            hp=torch.zeros(len(Scalars.FIELDS), dtype=cdt, device=device),
+        )
+        for i, p in enumerate(ps):
+            st = state[p]
+            b.view("param", i).copy_(p.detach())
+            g = p.grad
+            gv = b.view("grad", i)
+            if g is not None:
+                gv.copy_(g)
+            for name in names[2:]:
+                b.view(name, i).copy_(st[name])
+                st[name] = b.view(name, i)
+            st["step"] = b.steps[i]
+            p.data = b.view("param", i)
+            if g is not None:
+                p.grad = gv
+            b.grad_views.append(gv)
+            b.grad_ptrs.append(gv.data_ptr())
+            b.param_ptrs.append(p.data_ptr())
+            if p.requires_grad:
+                b.hooks.append(p.register_post_accumulate_grad_hook(_grad_hook(b, i)))
+        buckets.append(b)
+    return buckets
+
+
+class GroupLayout:
+    """The flat layout of one parameter group; rebuilt whenever it no longer matches reality."""
+
+    def __init__(self, buckets: list[Bucket]):
+        self.buckets = buckets
+        self.members = {id(p) for b in buckets for p in b.params}
+
+    def valid_for(self, params: list[torch.Tensor], state: dict) -> bool:
+        for b in self.buckets:
+            for i, p in enumerate(b.params):
+                if p.data_ptr() != b.param_ptrs[i] or state[p].get("exp_avg") is None:
+                    return False
+        return all(id(p) in self.members for p in params)
+
+    def release(self) -> None:
+        for b in self.buckets:
+            b.remove_hooks()
+
+
+def step_bucket(bucket: Bucket, scalars: Scalars, amsgrad: bool, has_grad: list[bool]) -> None:
+    """One step of a bucket: the fused kernel if every parameter has a gradient, else per tensor."""
+    if not all(has_grad):
+        # Some parameters have no gradient this step: torch leaves them (and their step) untouched.
+        items = []
+        for i, p in enumerate(bucket.params):
+            if has_grad[i]:
+                bucket.steps[i] += 1
+                items.append(
+                    Item(
+                        p,
+                        p.grad,
+                        bucket.view("exp_avg", i),
+                        bucket.view("exp_avg_sq", i),
+                        bucket.view("max_exp_avg_sq", i) if amsgrad else None,
+                        float(bucket.steps[i]),
+                    )
+                )
+        bucket.step = float("nan")  # steps diverged: the next step rebuilds the buckets
+        return items
+    copies_dst, copies_src = [], []
+    for i, p in enumerate(bucket.params):
+        g = p.grad
+        if g.data_ptr() != bucket.grad_ptrs[i]:
+            copies_dst.append(bucket.grad_views[i])
+            copies_src.append(g)
+            p.grad = bucket.grad_views[i]
+    if copies_dst:
+        torch._foreach_copy_(copies_dst, copies_src)
+    bucket.step += 1
+    bucket.steps.fill_(bucket.step)
+    bucket.hp.copy_(torch.tensor(scalars.as_list(), dtype=bucket.hp.dtype))
+    f = bucket.flat
+    run_kernel(
+        f["param"], f["grad"], f["exp_avg"], f["exp_avg_sq"], f.get("max_exp_avg_sq"), bucket.hp, amsgrad
+    )
+    return []
+
+
+def fused_step(
+    layouts: dict,
+    group_index: int,
+    params: list[torch.Tensor],
+    state: dict,
+    init_state,
+    scalars_of,
+    amsgrad: bool,
+    flags: Flags,
+) -> None:
+    """Step one group with the fused backend; ``params`` are the group's parameters with grads."""
+    flat_ps = [p for p in params if flattenable(p)]
+    loose = [p for p in params if not flattenable(p)]
+    layout: GroupLayout | None = layouts.get(group_index)
+    if layout is None or not layout.valid_for(flat_ps, state) or any(
+        b.step != b.step for b in layout.buckets
+    ):
+        if layout is not None:
+            layout.release()
+        members = list(flat_ps)
+        if layout is not None:  # keep parameters that were flattened before but lack a grad now
+            seen = {id(p) for p in members}
+            members += [p for b in layout.buckets for p in b.params if id(p) not in seen and flattenable(p)]
+        for p in members:
+            init_state(p)
+        layout = GroupLayout(build_buckets(members, state, amsgrad))
+        layouts[group_index] = layout
+
+    with_grad = {id(p) for p in flat_ps}
+    leftover: list[Item] = []
+    for b in layout.buckets:
+        has = [id(p) in with_grad for p in b.params]
+        if any(has):
+            leftover += step_bucket(b, scalars_of(b.step + 1), amsgrad, has)
+    for p in loose:
+        st = init_state(p)
+        st["step"] += 1
+        leftover.append(
+            Item(p, p.grad, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq"), float(st["step"]))
+        )
+    if leftover:
+        run_foreach(leftover, scalars_of, flags)

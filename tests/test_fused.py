@@ -1,0 +1,169 @@
+"""The fused backend: flat layout, zero-copy gradients, no recompiles, correctness when the layout
+no longer matches reality, and the compiler fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import clone_params, grad_stream, make_params
+
+import adamkit
+from adamkit import _fused
+
+TOL = dict(rtol=1e-5, atol=1e-6)  # fp32 rounding, see test_adam.FUSED_FP32_TOL
+
+
+def pair(params, **kw):
+    ref_params = clone_params(params)
+    return (
+        adamkit.AdamW(params, backend="fused", **kw),
+        adamkit.AdamW(ref_params, backend="reference", **kw),
+        ref_params,
+    )
+
+
+def assert_same(fused, ref, fps, rps):
+    for p, q in zip(fps, rps):
+        torch.testing.assert_close(p.detach(), q.detach(), **TOL)
+        for k, v in ref.state[q].items():
+            torch.testing.assert_close(fused.state[p][k], v, **TOL)
+
+
+def test_parameters_and_state_are_views_of_flat_buffers():
+    ps = [torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True)]
+    opt = adamkit.AdamW(ps, backend="fused")
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    (bucket,) = opt._layouts[0].buckets
+    for i, p in enumerate(ps):
+        for name, t in (("param", p), ("grad", p.grad), ("exp_avg", opt.state[p]["exp_avg"])):
+            assert t.untyped_storage().data_ptr() == bucket.flat[name].untyped_storage().data_ptr(), name
+    assert bucket.flat["param"].numel() == 17
+
+
+def test_backward_writes_gradients_into_the_flat_buffer():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    ref_model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    ref_model.load_state_dict(model.state_dict())
+    opt = adamkit.AdamW(model.parameters(), lr=1e-2, backend="fused")
+    ref = adamkit.AdamW(ref_model.parameters(), lr=1e-2, backend="reference")
+    x = torch.randn(32, 8)
+    for step in range(6):
+        for m, o in ((model, opt), (ref_model, ref)):
+            o.zero_grad(set_to_none=step % 2 == 0)  # both zero_grad flavours
+            m(x).square().mean().backward()
+            o.step()
+        if step >= 1:  # after the first step the hooks route gradients into the flat buffer
+            (bucket,) = opt._layouts[0].buckets
+            for i, p in enumerate(model.parameters()):
+                assert p.grad.data_ptr() == bucket.grad_ptrs[i]
+    assert_same(opt, ref, list(model.parameters()), list(ref_model.parameters()))
+
+
+def test_lr_schedule_never_recompiles():
+    ps = make_params(torch.float32)
+    grads = grad_stream(ps, 12)
+    opt = adamkit.AdamW(ps, lr=1e-2, backend="fused")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    for p, g in zip(ps, grads[0]):
+        p.grad = g
+    opt.step()  # compiles (or loads) the kernel
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i, gs in enumerate(grads[1:]):
+            for p, g in zip(ps, gs):
+                p.grad = g
+            # change every runtime hyperparameter, not only lr
+            opt.param_groups[0]["weight_decay"] = 0.01 * (i % 3)
+            opt.param_groups[0]["maximize"] = i % 2 == 1
+            opt.param_groups[0]["betas"] = (0.9 - 0.01 * i, 0.999)
+            opt.step()
+            sched.step()
+
+
+def test_params_without_grad_are_untouched_and_match_reference():
+    ps = make_params(torch.float32)
+    fused, ref, rps = pair(ps, lr=1e-2, weight_decay=0.1)
+    grads = grad_stream(ps, 8)
+    for t, gs in enumerate(grads):
+        for i, (p, q, g) in enumerate(zip(ps, rps, gs)):
+            keep = t < 2 or t > 5 or i % 2 == 0  # odd parameters have no gradient for 4 steps
+            p.grad = g.clone() if keep else None
+            q.grad = g.clone() if keep else None
+        fused.step()
+        ref.step()
+    assert_same(fused, ref, ps, rps)
+    assert [float(fused.state[p]["step"]) for p in ps] == [float(ref.state[q]["step"]) for q in rps]
+
+
+def test_layout_invalidated_by_model_to_and_data_assignment():
+    ps = [torch.randn(6, 4, requires_grad=True), torch.randn(3, requires_grad=True)]
+    fused, ref, rps = pair(ps, lr=1e-2)
+    grads = grad_stream(ps, 6)
+    for t, gs in enumerate(grads):
+        if t == 2:  # what model.to(dtype/device) does: new storage behind the same Parameter
+            for p, q in zip(ps, rps):
+                new = p.detach() * 0.5
+                p.data = new
+                q.data = q.detach() * 0.5
+        for p, q, g in zip(ps, rps, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        ref.step()
+    assert_same(fused, ref, ps, rps)
+
+
+def test_unflattenable_parameters_run_per_tensor():
+    base = torch.randn(5, 7)
+    ps = [base.t().requires_grad_(), torch.randn(4, requires_grad=True)]  # first: non-contiguous
+    assert not ps[0].is_contiguous()
+    fused, ref, rps = pair(ps, lr=1e-2)
+    for gs in grad_stream(ps, 4):
+        for p, q, g in zip(ps, rps, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        ref.step()
+    assert_same(fused, ref, ps, rps)
+    assert not ps[0].is_contiguous()  # the user's layout is kept
+    assert _fused.flattenable(ps[1]) and not _fused.flattenable(ps[0])
+
+
+def test_auto_falls_back_to_foreach_with_one_warning(monkeypatch):
+    monkeypatch.setattr(_fused, "compiler_missing_reason", lambda: "no C++ compiler found")
+    monkeypatch.setattr(_fused, "_warned", False)
+    p = torch.randn(3, requires_grad=True)
+    opt = adamkit.AdamW([p])
+    p.grad = torch.ones(3)
+    with pytest.warns(RuntimeWarning, match="fused backend is unavailable"):
+        opt.step()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # once only
+    assert opt._layouts == {}
+    with pytest.raises(RuntimeError, match="backend='fused' is unavailable"):
+        adamkit.AdamW([torch.zeros(1, requires_grad=True)], backend="fused")
+
+
+def test_fused_state_dict_roundtrip_into_other_backends():
+    ps = make_params(torch.float32)
+    fused, ref, rps = pair(ps, lr=1e-2, amsgrad=True)
+    grads = grad_stream(ps, 6)
+    for gs in grads[:3]:
+        for p, q, g in zip(ps, rps, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        ref.step()
+    sd = fused.state_dict()
+    # a fresh foreach optimizer continues from the fused one's state
+    cont = clone_params(ps)
+    other = adamkit.AdamW(cont, lr=1e-2, amsgrad=True, backend="foreach")
+    other.load_state_dict(sd)
+    for gs in grads[3:]:
+        for p, q, g in zip(cont, rps, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        other.step()
+        ref.step()
+    assert_same(other, ref, cont, rps)
