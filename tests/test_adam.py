@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from conftest import clone_params, config_params, grad_stream, make_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import adamkit
+from conftest import clone_params, config_params, grad_stream, make_params
 
 BACKENDS = ["reference", "foreach", "fused"]
 PARITY_TOL = 1e-12  # float64: both implementations round at ~1e-16 per op; 1e-12 leaves 1e4 ulps

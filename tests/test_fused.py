@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import clone_params, grad_stream, make_params
 
 import adamkit
 from adamkit import _fused
+from conftest import clone_params, grad_stream, make_params
 
 TOL = dict(rtol=1e-5, atol=1e-6)  # fp32 rounding, see test_adam.FUSED_FP32_TOL
 
@@ -36,7 +36,7 @@ def test_parameters_and_state_are_views_of_flat_buffers():
         p.grad = torch.randn_like(p)
     opt.step()
     (bucket,) = opt._layouts[0].buckets
-    for i, p in enumerate(ps):
+    for _i, p in enumerate(ps):
         for name, t in (("param", p), ("grad", p.grad), ("exp_avg", opt.state[p]["exp_avg"])):
             assert t.untyped_storage().data_ptr() == bucket.flat[name].untyped_storage().data_ptr(), name
     assert bucket.flat["param"].numel() == 17

@@ -73,7 +73,7 @@ def run_foreach(items: list[Item], scalars_of: Callable[[float], Scalars], flags
     for (_, pdt, _, _, step), its in buckets.items():
         cdt = compute_dtype(pdt)
 
-        def lst(ts: list[torch.Tensor]) -> TensorList:
+        def lst(ts: list[torch.Tensor], cdt: torch.dtype = cdt) -> TensorList:
             return TensorList([t.to(cdt) for t in ts])
 
         vmax = lst([it.max_exp_avg_sq for it in its]) if flags.amsgrad else None  # type: ignore[misc]

@@ -61,6 +61,11 @@ def compiler_missing_reason() -> str | None:
     """Why the fused backend cannot run here, or None if it can (as far as we know so far)."""
     if _unavailable_reason is not None:
         return _unavailable_reason
+    return _find_compiler_problem()
+
+
+@functools.cache
+def _find_compiler_problem() -> str | None:
     import os
 
     cxx = os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
@@ -232,25 +237,31 @@ def build_buckets(params: list[torch.Tensor], state: dict, amsgrad: bool) -> lis
 class GroupLayout:
     """The flat layout of one parameter group; rebuilt whenever it no longer matches reality."""
 
-    def __init__(self, buckets: list[Bucket]):
+    def __init__(self, buckets: list[Bucket], loose: list[torch.Tensor], key: tuple[int, ...] | None):
         self.buckets = buckets
+        self.loose = loose  # parameters that cannot be flattened: foreach on their own tensors
         self.members = {id(p) for b in buckets for p in b.params}
+        # ids of the parameters with gradients when the layout was built, if they were exactly its
+        # members: then a step with the same key needs no per-parameter membership checks
+        self.key = key
 
-    def valid_for(self, params: list[torch.Tensor], state: dict) -> bool:
+    def params_moved(self) -> bool:
+        """True if any parameter no longer lives in its flat buffer (model.to(), p.data = ...)."""
         for b in self.buckets:
-            for i, p in enumerate(b.params):
-                if p.data_ptr() != b.param_ptrs[i] or state[p].get("exp_avg") is None:
-                    return False
-        return all(id(p) in self.members for p in params)
+            for p, ptr in zip(b.params, b.param_ptrs):
+                if p.data_ptr() != ptr:
+                    return True
+        return False
 
     def release(self) -> None:
         for b in self.buckets:
             b.remove_hooks()
 
 
-def step_bucket(bucket: Bucket, scalars: Scalars, amsgrad: bool, has_grad: list[bool]) -> None:
-    """One step of a bucket: the fused kernel if every parameter has a gradient, else per tensor."""
-    if not all(has_grad):
+def step_bucket(bucket: Bucket, scalars: Scalars, amsgrad: bool, has_grad: list[bool] | None) -> list[Item]:
+    """One step of a bucket: the fused kernel if every parameter has a gradient (``has_grad`` is
+    None), else per tensor on the views (returned as items for the foreach backend)."""
+    if has_grad is not None and not all(has_grad):
         # Some parameters have no gradient this step: torch leaves them (and their step) untouched.
         items = []
         for i, p in enumerate(bucket.params):
@@ -269,12 +280,12 @@ def step_bucket(bucket: Bucket, scalars: Scalars, amsgrad: bool, has_grad: list[
         bucket.step = float("nan")  # steps diverged: the next step rebuilds the buckets
         return items
     copies_dst, copies_src = [], []
-    for i, p in enumerate(bucket.params):
+    for p, ptr, view in zip(bucket.params, bucket.grad_ptrs, bucket.grad_views):
         g = p.grad
-        if g.data_ptr() != bucket.grad_ptrs[i]:
-            copies_dst.append(bucket.grad_views[i])
+        if g.data_ptr() != ptr:  # not written by our hook: copy it in (counted in the step)
+            copies_dst.append(view)
             copies_src.append(g)
-            p.grad = bucket.grad_views[i]
+            p.grad = view
     if copies_dst:
         torch._foreach_copy_(copies_dst, copies_src)
     bucket.step += 1
@@ -298,29 +309,42 @@ def fused_step(
     flags: Flags,
 ) -> None:
     """Step one group with the fused backend; ``params`` are the group's parameters with grads."""
-    flat_ps = [p for p in params if flattenable(p)]
-    loose = [p for p in params if not flattenable(p)]
+    key = tuple(map(id, params))
     layout: GroupLayout | None = layouts.get(group_index)
-    if layout is None or not layout.valid_for(flat_ps, state) or any(
-        b.step != b.step for b in layout.buckets
+    # Fast path: the same parameters have gradients as when the layout was built, none has moved
+    # and every bucket's parameters share one step. Otherwise rebuild from the current values.
+    if (
+        layout is None
+        or layout.key != key
+        and not all(id(p) in layout.members or not flattenable(p) for p in params)
+        or layout.params_moved()
+        or any(b.step != b.step for b in layout.buckets)
     ):
-        if layout is not None:
-            layout.release()
-        members = list(flat_ps)
+        members = [p for p in params if flattenable(p)]
         if layout is not None:  # keep parameters that were flattened before but lack a grad now
+            layout.release()
             seen = {id(p) for p in members}
             members += [p for b in layout.buckets for p in b.params if id(p) not in seen and flattenable(p)]
         for p in members:
             init_state(p)
-        layout = GroupLayout(build_buckets(members, state, amsgrad))
+        loose = [p for p in params if not flattenable(p)]
+        # The fast path needs every flattened parameter to have a gradient; otherwise no key.
+        exact = len(members) + len(loose) == len(params)
+        layout = GroupLayout(build_buckets(members, state, amsgrad), loose, key if exact else None)
         layouts[group_index] = layout
 
-    with_grad = {id(p) for p in flat_ps}
     leftover: list[Item] = []
-    for b in layout.buckets:
-        has = [id(p) in with_grad for p in b.params]
-        if any(has):
-            leftover += step_bucket(b, scalars_of(b.step + 1), amsgrad, has)
+    if layout.key == key:
+        for b in layout.buckets:
+            leftover += step_bucket(b, scalars_of(b.step + 1), amsgrad, None)
+        loose = layout.loose
+    else:
+        with_grad = set(key)
+        for b in layout.buckets:
+            has = [id(p) in with_grad for p in b.params]
+            if any(has):
+                leftover += step_bucket(b, scalars_of(b.step + 1), amsgrad, has)
+        loose = [p for p in params if id(p) not in layout.members]
     for p in loose:
         st = init_state(p)
         st["step"] += 1

@@ -295,19 +295,15 @@ class Adam(Optimizer):
         work = []
         for group in self.param_groups:
             hp = _check_group(group)
-            params = []
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse:
+            params = [p for p in group["params"] if p.grad is not None]
+            # Parameters cannot be complex (rejected in add_param_group) and autograd gives a
+            # gradient its parameter's dtype, so only the layout needs checking here.
+            for p in params:
+                if p.grad.is_sparse:
                     raise RuntimeError(
                         "adamkit.Adam does not support sparse gradients; use torch.optim.SparseAdam "
                         "or a dense embedding (sparse=False)"
                     )
-                if g.is_complex():
-                    raise TypeError("complex gradients are not supported")
-                params.append(p)
             work.append((group, hp, params))
 
         # Pass 2: update.

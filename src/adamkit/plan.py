@@ -28,7 +28,7 @@ mixed-precision Adam (:math:`K = 12`): :math:`(2+2+K)\Psi`, :math:`(2+2)\Psi + K
 
 Activations (optional; per device, separate from model states) for a transformer of :math:`L` layers,
 hidden size :math:`h`, :math:`a` heads, micro-batch :math:`b` and sequence length :math:`s`, following
-Korthikanti et al. (2023), eq. (2): :math:`sbh(34 + 5as/h)` bytes per layer with 16-bit activations.
+Korthikanti et al. (2023): :math:`sbh(34 + 5as/h)` bytes per layer with 16-bit activations.
 Its terms: 16 tensors of :math:`sbh` elements and 2 one-byte dropout masks of :math:`sbh`, plus 2
 tensors of :math:`as^2b` elements (softmax output, its dropout) and one 1-byte mask of :math:`as^2b`.
 With element size :math:`e` (2 for 16-bit, 4 for fp32 recipes) that is

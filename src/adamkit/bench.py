@@ -1,0 +1,281 @@
+"""Benchmarks: optimizer steps against torch's own implementations, in one process.
+
+Reports the machine's streaming bandwidth, then for each case and implementation the median step
+time (after warm-up), the effective bandwidth (bytes per parameter stated), the share of the
+streaming limit and the ratio to torch's fused AdamW. Writes a JSON file next to the table.
+
+Gradients: each timed step starts from gradients as ``backward()`` leaves them. For torch that is
+one tensor per parameter. For adamkit's fused backend it is the flat gradient buffer its
+post-accumulate hooks fill during ``backward()``; the row "adamkit fused (fresh grads)" instead
+assigns new gradient tensors before every step, so the copy into the flat buffer is inside the timed
+step (what happens when gradients do not come from ``backward()``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+GB = 1e9
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------------------------------
+
+
+def transformer_shapes(d: int = 400, layers: int = 16, vocab: int = 3000, ctx: int = 1024) -> list[tuple]:
+    """Tensor shapes of a GPT-style model: 12 tensors per block plus embeddings and final norm."""
+    shapes: list[tuple] = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,)]  # ln1, attention qkv + proj
+        shapes += [(d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]  # ln2, mlp
+    shapes += [(d,), (d,)]
+    return shapes
+
+
+CASES: dict[str, Callable[[float], list[tuple]]] = {
+    # scale multiplies the parameter count (tests use a tiny scale)
+    "a: 32M in 4 tensors": lambda s: [(int(8_000_000 * s),)] * 4,
+    "b: 32M in 200 tensors (transformer)": lambda s: transformer_shapes(
+        d=max(8, int(400 * math.sqrt(s))), layers=16
+    ),
+    "c: 2000 tensors of 1K": lambda s: [(1024,)] * 2000,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Implementations: each returns a step function; grads are set up the way that implementation
+# receives them in training.
+# --------------------------------------------------------------------------------------------------
+
+
+def _torch_impl(kind: str):
+    def make(params):
+        kw = {"foreach": False} if kind == "for-loop" else {"foreach": True} if kind == "foreach" else {}
+        if kind == "fused":
+            kw = {"fused": True}
+        return torch.optim.AdamW(params, lr=1e-3, **kw)
+
+    return make
+
+
+def _adamkit_impl(backend: str, **extra):
+    def make(params):
+        import adamkit
+
+        return adamkit.AdamW(params, lr=1e-3, backend=backend, **extra)
+
+    return make
+
+
+def implementations() -> dict[str, tuple[Callable, bool]]:
+    """name -> (constructor, fresh_grads). Peers appear only if installed."""
+    impls: dict[str, tuple[Callable, bool]] = {
+        "torch for-loop": (_torch_impl("for-loop"), False),
+        "torch foreach": (_torch_impl("foreach"), False),
+        "torch fused": (_torch_impl("fused"), False),
+        "adamkit reference": (_adamkit_impl("reference"), False),
+        "adamkit foreach": (_adamkit_impl("foreach"), False),
+        "adamkit fused": (_adamkit_impl("fused"), False),
+        "adamkit fused (fresh grads)": (_adamkit_impl("fused"), True),
+    }
+    try:
+        import optimi  # type: ignore[import-not-found]
+
+        impls["optimi AdamW"] = (lambda ps: optimi.AdamW(ps, lr=1e-3), False)
+    except ImportError:
+        pass
+    return impls
+
+
+@dataclass
+class Row:
+    case: str
+    impl: str
+    params: int
+    tensors: int
+    ms: float
+    bytes_per_param: int
+    gbps: float
+    pct_stream: float
+    vs_torch_fused: float | None
+
+
+def stream_bandwidth(n: int = 32_000_000, repeats: int = 9) -> float:
+    """Streaming limit in GB/s of payload: best median of copy (8 B/elem) and triad (12 B/elem)."""
+    a, b, c = torch.rand(n), torch.rand(n), torch.empty(n)
+    best = 0.0
+    for _name, fn, nbytes in (
+        ("copy", lambda: c.copy_(a), 8),
+        ("triad", lambda: torch.add(a, b, alpha=0.5, out=c), 12),
+    ):
+        for _ in range(3):
+            fn()
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        best = max(best, n * nbytes / statistics.median(ts) / GB)
+    return best
+
+
+def time_steps(make, shapes, fresh_grads: bool, warmup: int, repeats: int) -> float:
+    """Median step time in seconds."""
+    params = [torch.randn(s).requires_grad_() for s in shapes]
+    grads = [torch.randn(s) for s in shapes]
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt = make(params)
+    ts = []
+    for i in range(warmup + repeats):
+        if fresh_grads:
+            for p, g in zip(params, grads):
+                p.grad = g.clone()  # a new tensor, as backward() without hooks would leave
+        t = time.perf_counter()
+        opt.step()
+        dt = time.perf_counter() - t
+        if i >= warmup:
+            ts.append(dt)
+    del opt, params, grads
+    gc.collect()
+    return statistics.median(ts)
+
+
+def bench(
+    cases: list[str] | None = None,
+    impls: list[str] | None = None,
+    scale: float = 1.0,
+    warmup: int = 3,
+    repeats: int = 9,
+    threads: int | None = None,
+    progress: Callable[[str], None] = lambda s: None,
+) -> dict:
+    """Run the benchmark; returns a dict with ``stream_gbps`` and ``rows`` (JSON-ready)."""
+    torch.set_flush_denormal(True)  # denormals slow fp32 CPU math ~20x
+    if threads:
+        torch.set_num_threads(threads)
+    all_impls = implementations()
+    chosen = impls or list(all_impls)
+    unknown = [i for i in chosen if i not in all_impls]
+    if unknown:
+        raise ValueError(f"unknown implementations {unknown}; available: {list(all_impls)}")
+    stream = stream_bandwidth(max(1_000_000, int(32_000_000 * scale)))
+    progress(f"streaming bandwidth: {stream:.1f} GB/s")
+    rows = []
+    for case in cases or list(CASES):
+        if case not in CASES:
+            raise ValueError(f"unknown case {case!r}; available: {list(CASES)}")
+        shapes = CASES[case](scale)
+        n = sum(math.prod(s) for s in shapes)
+        case_rows = []
+        for name in chosen:
+            make, fresh = all_impls[name]
+            bpp = 28  # read p, g, m, v; write p, m, v (fp32)
+            sec = time_steps(make, shapes, fresh, warmup, repeats)
+            gbps = n * bpp / sec / GB
+            case_rows.append(Row(case, name, n, len(shapes), sec * 1e3, bpp, gbps, 100 * gbps / stream, None))
+            progress(f"{case:38s} {name:28s} {sec * 1e3:8.2f} ms")
+        ref = next((r.ms for r in case_rows if r.impl == "torch fused"), None)
+        for r in case_rows:
+            r.vs_torch_fused = ref / r.ms if ref else None
+        rows += case_rows
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "stream_gbps": stream,
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+_OVERHEAD_SCRIPT = r"""
+import json, time, torch, adamkit
+torch.set_flush_denormal(True)
+ps = [torch.randn(1_000_000).requires_grad_() for _ in range(4)]
+for p in ps: p.grad = torch.randn_like(p)
+opt = adamkit.AdamW(ps, backend="fused")
+t = time.perf_counter(); opt.step(); first = time.perf_counter() - t
+ts = []
+for _ in range(9):
+    t = time.perf_counter(); opt.step(); ts.append(time.perf_counter() - t)
+ts.sort()
+print(json.dumps({"first": first, "steady": ts[4]}))
+"""
+
+
+def compile_overhead(cache_dir: str) -> dict:
+    """First-step overhead of the fused kernel in fresh processes: cold (empty inductor cache at
+    ``cache_dir``), then warm (same cache, populated by the cold run)."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
+    out = {}
+    for label in ("cold", "warm"):
+        res = subprocess.run(
+            [sys.executable, "-c", _OVERHEAD_SCRIPT], env=env, capture_output=True, text=True, check=True
+        )
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        out[label] = r["first"] - r["steady"]
+    return out
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        f"torch {result['torch']}, {result['threads']} threads, "
+        f"streaming limit {result['stream_gbps']:.1f} GB/s; fp32 AdamW moves 28 B/param",
+        "",
+        "| case | implementation | ms (median) | GB/s | % of stream | vs torch fused |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        ratio = f"{r['vs_torch_fused']:.2f}x" if r["vs_torch_fused"] else "-"
+        lines.append(
+            f"| {r['case']} | {r['impl']} | {r['ms']:.2f} | {r['gbps']:.1f} "
+            f"| {r['pct_stream']:.0f}% | {ratio} |"
+        )
+    if "compile_overhead_s" in result:
+        c = result["compile_overhead_s"]
+        lines += [
+            "",
+            f"fused first-step overhead: cold {c['cold']:.2f} s, warm (on-disk cache) {c['warm']:.2f} s",
+        ]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cases", default="a,b,c", help="subset of cases a,b,c")
+    parser.add_argument("--impls", default=None, help="comma-separated implementation names")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply parameter counts")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default="bench.json", help="where to write the JSON results")
+    parser.add_argument("--compile-overhead", action="store_true", help="also time cold/warm compile")
+
+
+def run(args: argparse.Namespace) -> int:
+    letters = [c.strip() for c in args.cases.split(",") if c.strip()]
+    cases = [next((k for k in CASES if k.startswith(f"{c}:")), c) for c in letters]
+    impls = [i.strip() for i in args.impls.split(",")] if args.impls else None
+    result = bench(cases, impls, args.scale, args.warmup, args.repeats, args.threads, progress=print)
+    if args.compile_overhead:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            result["compile_overhead_s"] = compile_overhead(d)
+    print()
+    print(format_table(result))
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nwrote {args.json}")
+    return 0
