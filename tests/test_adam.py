@@ -211,7 +211,7 @@ def test_maximize_ascends():
     opt = adamkit.Adam([x], lr=0.05, maximize=True)
     for _ in range(400):
         opt.zero_grad()
-        (-(x - 2.0) ** 2).sum().backward()
+        (-((x - 2.0) ** 2)).sum().backward()
         opt.step()
     assert torch.allclose(x.detach(), torch.full((3,), 2.0), atol=0.05)
 

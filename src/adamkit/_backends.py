@@ -1,9 +1,12 @@
-"""How the composed update runs: reference (per tensor), foreach (multi-tensor) and the dispatcher.
+"""How the composed update runs: reference (per tensor) and foreach (multi-tensor).
 
-All backends share one signature, ``run(items, scalars_of, flags)``, where ``items`` is a list of
-:class:`Item` (one parameter with its gradient and state) whose step counters have already been
-incremented, and ``scalars_of(step)`` gives the :class:`~adamkit._math.Scalars` of a step number.
-The fused backend lives in ``_fused.py`` and keeps flat buffers of its own.
+Composition: ``decode`` (storage -> compute dtype), the math of ``_math.py``, ``encode`` (compute
+dtype -> storage). ``decode_all``/``encode_all`` are the one place that composes them; the fused
+backend (``_fused.py``) calls the same two functions inside its compiled kernel.
+
+Both runners share one signature, ``run(items, scalars_of, flags)``, where ``items`` are
+:class:`Item` (one parameter with its gradient and stored state; step counters already incremented)
+and ``scalars_of(step)`` gives the :class:`~adamkit._math.Scalars` of a step number.
 """
 
 from __future__ import annotations
@@ -14,26 +17,93 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _quant
 from ._math import Flags, Scalars, TensorList, adam_update
+from ._storage import (
+    Formats,
+    compute_dtype,
+    decode_param,
+    decode_state,
+    encode_param,
+    encode_state,
+    mix_seed,
+    param_aux_key,
+)
 
 BACKENDS = ("auto", "reference", "foreach", "fused")
+MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 @dataclass
 class Item:
-    """One parameter's share of a step: everything a backend reads or writes for it."""
+    """One parameter's share of a step: what a backend reads and writes for it.
 
-    param: torch.Tensor
-    grad: torch.Tensor
-    exp_avg: torch.Tensor
-    exp_avg_sq: torch.Tensor
-    max_exp_avg_sq: torch.Tensor | None
+    ``t`` maps names to stored tensors: ``param``, ``grad``, each moment (``exp_avg``, ...), their
+    8-bit scales (``exp_avg_scale``, ...) and the parameter's ``kahan_comp``/``master_weight``.
+    """
+
+    t: dict[str, torch.Tensor]
+    fmt: Formats
     step: float  # the step number of this update (1-based)
+    uid: int  # a stable id of the parameter in its optimizer: seeds stochastic rounding
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The math runs in fp32, or fp64 for fp64 parameters (so fp64 runs match torch to ~1e-12)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def moment_names(amsgrad: bool) -> tuple[str, ...]:
+    return MOMENTS if amsgrad else MOMENTS[:2]
+
+
+def decode_all(fmt: Formats, t: dict, amsgrad: bool, cdt: torch.dtype):
+    """Stored tensors -> compute-dtype (p, g, m, v, vmax)."""
+    p = t["param"]
+    aux = param_aux_key(fmt.param)
+    out = [decode_param(fmt.param, p, t.get(aux), cdt), t["grad"].to(cdt)]
+    for name in moment_names(amsgrad):
+        if fmt.state == "8bit":
+            out.append(_quant.decode(name, t[name], t[name + "_scale"], p.shape, cdt))
+        else:
+            out.append(decode_state(fmt.state, t[name], cdt))
+    if not amsgrad:
+        out.append(None)
+    return out
+
+
+def encode_all(fmt: Formats, t: dict, new, amsgrad: bool, index, seed: int | torch.Tensor):
+    """Compute-dtype (p, m, v, vmax) -> {name: new stored value} for every tensor that changes.
+
+    ``index`` is each element's position (for stochastic rounding's hash), ``seed`` a 32-bit seed of
+    this tensor/bucket and step; streams that round stochastically get distinct derived seeds.
+    """
+    p, *moments = new
+    out: dict[str, torch.Tensor] = {}
+    out["param"], aux = encode_param(fmt.param, p, t["param"].dtype, index, seed)
+    if aux is not None:
+        out[param_aux_key(fmt.param)] = aux
+    for k, (name, x) in enumerate(zip(moment_names(amsgrad), moments)):
+        if fmt.state == "8bit":
+            out[name], out[name + "_scale"] = _quant.encode(name, x)
+        else:
+            out[name] = encode_state(fmt.state, x, index, seed ^ (0x9E3779B9 * (k + 1) & 0xFFFFFFFF))
+    return out
+
+
+def needs_index(fmt: Formats) -> bool:
+    return fmt.param == "sr" or fmt.state == "bf16"
+
+
+def _index_and_seed(it: Item):
+    index = torch.arange(it.t["param"].numel(), device=it.t["param"].device).view(it.t["param"].shape)
+    return (index if needs_index(it.fmt) else None), mix_seed(it.step, it.uid)
+
+
+def _write_back(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy new values into storage, one multi-tensor copy per (device, dtype) pair."""
+    by_kind: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
+    for dst, src in pairs:
+        d, s = by_kind[(dst.device, dst.dtype, src.dtype)]
+        d.append(dst)
+        s.append(src)
+    for d, s in by_kind.values():
+        torch._foreach_copy_(d, s)
 
 
 def run_reference(items: list[Item], scalars_of: Callable[[float], Scalars], flags: Flags) -> None:
@@ -43,54 +113,37 @@ def run_reference(items: list[Item], scalars_of: Callable[[float], Scalars], fla
     differ from the parameter's are updated element by element correctly.
     """
     for it in items:
-        cdt = compute_dtype(it.param.dtype)
-        vmax = it.max_exp_avg_sq.to(cdt) if flags.amsgrad else None
-        p, m, v, vmax = adam_update(
-            it.param.to(cdt),
-            it.grad.to(cdt),
-            it.exp_avg.to(cdt),
-            it.exp_avg_sq.to(cdt),
-            vmax,
-            scalars_of(it.step),
-            flags,
-        )
-        it.param.copy_(p)
-        it.exp_avg.copy_(m)
-        it.exp_avg_sq.copy_(v)
-        if flags.amsgrad:
-            it.max_exp_avg_sq.copy_(vmax)  # type: ignore[union-attr]
+        cdt = compute_dtype(it.t["param"].dtype)
+        p, g, m, v, vmax = decode_all(it.fmt, it.t, flags.amsgrad, cdt)
+        new = adam_update(p, g, m, v, vmax, scalars_of(it.step), flags)
+        index, seed = _index_and_seed(it)
+        out = encode_all(it.fmt, it.t, [new[0], *new[1 : 3 + flags.amsgrad]], flags.amsgrad, index, seed)
+        for name, value in out.items():
+            it.t[name].copy_(value)
 
 
 def run_foreach(items: list[Item], scalars_of: Callable[[float], Scalars], flags: Flags) -> None:
-    """The same math over lists: one ``torch._foreach_*`` kernel per operator per bucket.
+    """The same math over lists: one ``torch._foreach_*`` kernel per operator per bucket; decode
+    and encode run per tensor (they are no-ops for fp32 storage).
 
-    Buckets share device, dtypes and step number, so every scalar is one Python float.
+    Buckets share device, dtypes, formats and step number, so every scalar is one Python float.
     """
     buckets: dict[tuple, list[Item]] = defaultdict(list)
     for it in items:
-        key = (it.param.device, it.param.dtype, it.grad.dtype, it.exp_avg.dtype, it.step)
+        key = (it.t["param"].device, it.t["param"].dtype, it.t["exp_avg"].dtype, it.fmt, it.step)
         buckets[key].append(it)
-    for (_, pdt, _, _, step), its in buckets.items():
+    for (_, pdt, _, fmt, step), its in buckets.items():
         cdt = compute_dtype(pdt)
-
-        def lst(ts: list[torch.Tensor], cdt: torch.dtype = cdt) -> TensorList:
-            return TensorList([t.to(cdt) for t in ts])
-
-        vmax = lst([it.max_exp_avg_sq for it in its]) if flags.amsgrad else None  # type: ignore[misc]
-        p, m, v, vmax = adam_update(
-            lst([it.param for it in its]),
-            lst([it.grad for it in its]),
-            lst([it.exp_avg for it in its]),
-            lst([it.exp_avg_sq for it in its]),
-            vmax,
-            scalars_of(step),
-            flags,
-        )
-        torch._foreach_copy_([it.param for it in its], p.ts)
-        torch._foreach_copy_([it.exp_avg for it in its], m.ts)
-        torch._foreach_copy_([it.exp_avg_sq for it in its], v.ts)
-        if flags.amsgrad:
-            torch._foreach_copy_([it.max_exp_avg_sq for it in its], vmax.ts)  # type: ignore[misc]
+        cols = list(zip(*(decode_all(fmt, it.t, flags.amsgrad, cdt) for it in its)))
+        vals = [TensorList(list(c)) if c[0] is not None else None for c in cols]
+        p, m, v, vmax = adam_update(*vals, scalars_of(step), flags)
+        news = [p.ts, m.ts, v.ts] + ([vmax.ts] if flags.amsgrad else [])
+        pairs = []
+        for i, it in enumerate(its):
+            index, seed = _index_and_seed(it)
+            out = encode_all(fmt, it.t, [n[i] for n in news], flags.amsgrad, index, seed)
+            pairs += [(it.t[name], value) for name, value in out.items()]
+        _write_back(pairs)
 
 
 RUNNERS = {"reference": run_reference, "foreach": run_foreach}

@@ -43,11 +43,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._backends import Item, compute_dtype, run_foreach
+from . import _quant
+from ._backends import MOMENTS, Item, decode_all, encode_all, needs_index, run_foreach
 from ._math import Flags, Scalars, adam_update
-
-_FLAT_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-
+from ._storage import Formats, compute_dtype, mix_seed
 
 # --------------------------------------------------------------------------------------------------
 # Availability: torch.compile's CPU backend needs a C++ compiler at run time.
@@ -95,39 +94,38 @@ def warn_fallback_once(reason: str) -> None:
 # The kernel
 # --------------------------------------------------------------------------------------------------
 
-_FUSED_FLAGS = Flags(wd_mode="runtime", amsgrad=False, maximize=None)
 
-
-def _kernel_body(p, g, m, v, vmax, hp, amsgrad: bool):
+def _kernel_body(t: dict, hp, seed, fmt: Formats, amsgrad: bool, skip_nonfinite: bool):
     cdt = hp.dtype
     s = Scalars(*[hp[i] for i in range(len(Scalars.FIELDS))])
-    flags = _FUSED_FLAGS._replace(amsgrad=amsgrad)
-    vmax_c = vmax.to(cdt) if amsgrad else None
-    np_, nm, nv, nvmax = adam_update(p.to(cdt), g.to(cdt), m.to(cdt), v.to(cdt), vmax_c, s, flags)
+    flags = Flags(wd_mode="runtime", amsgrad=amsgrad, maximize=None, skip_nonfinite=skip_nonfinite)
+    p, g, m, v, vmax = decode_all(fmt, t, amsgrad, cdt)
+    np_, nm, nv, nvmax = adam_update(p, g, m, v, vmax, s, flags)
+    index = torch.arange(t["param"].numel(), device=t["param"].device) if needs_index(fmt) else None
+    new = [np_, nm, nv] + ([nvmax] if amsgrad else [])
     # Writing back inside the compiled function lets inductor emit one loop that loads each input
-    # once and stores each output once: 28 bytes per fp32 parameter, nothing materialized between.
-    p.copy_(np_)
-    m.copy_(nm)
-    v.copy_(nv)
-    if amsgrad:
-        vmax.copy_(nvmax)
+    # once and stores each output once (fp32: 28 bytes per parameter), nothing materialized between.
+    for name, value in encode_all(fmt, t, new, amsgrad, index, seed).items():
+        t[name].copy_(value)
 
 
 @functools.cache
-def _compiled(amsgrad: bool):
+def _compiled(fmt: Formats, amsgrad: bool, skip_nonfinite: bool):
     # Dynamo keeps one cache per code object (with a small limit); a fresh code object per variant
-    # keeps variants from evicting each other.
-    code = _kernel_body.__code__.replace(co_name=f"adamkit_fused_adam_amsgrad{int(amsgrad)}")
-    fn = types.FunctionType(code, _kernel_body.__globals__, code.co_name)
-    fn = functools.partial(fn, amsgrad=amsgrad)
+    # keeps variants from evicting each other. Dtypes are guarded within a variant.
+    name = f"adamkit_fused_adam_{fmt.param}_{fmt.state}_ams{int(amsgrad)}_skip{int(skip_nonfinite)}"
+    code = _kernel_body.__code__.replace(co_name=name)
+    fn = types.FunctionType(code, _kernel_body.__globals__, name)
+    fn = functools.partial(fn, fmt=fmt, amsgrad=amsgrad, skip_nonfinite=skip_nonfinite)
     return torch.compile(fn, fullgraph=True, dynamic=True)
 
 
-def run_kernel(p, g, m, v, vmax, hp, amsgrad: bool) -> None:
+def run_kernel(t: dict, hp, seed, fmt: Formats, flags: Flags) -> None:
     try:
-        _compiled(amsgrad)(p, g, m, v, vmax, hp)
+        _compiled(fmt, flags.amsgrad, flags.skip_nonfinite)(t, hp, seed)
     except Exception as e:  # a missing or broken compiler surfaces here, on first use
-        if "compil" in str(e).lower() or "cpp" in str(e).lower() or "cxx" in str(e).lower():
+        msg = str(e).lower()
+        if "compil" in msg or "cpp" in msg or "cxx" in msg:
             mark_unavailable(f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         raise
 
@@ -150,20 +148,29 @@ def flattenable(p: torch.Tensor) -> bool:
 @dataclass
 class Bucket:
     params: list[torch.Tensor]
+    fmt: Formats
+    uid: int  # seeds stochastic rounding; stable for a given layout
     shapes: list[torch.Size]
     offsets: list[int]
+    padded: list[int]  # per-parameter length in the flat buffers (8-bit: a multiple of 256)
     flat: dict[str, torch.Tensor]
     steps: torch.Tensor  # fp32, one per tensor; state["step"] are 0-D views of it
     step: float
     hp: torch.Tensor
+    seed: torch.Tensor
     param_ptrs: list[int] = field(default_factory=list)
     grad_views: list[torch.Tensor] = field(default_factory=list)
     grad_ptrs: list[int] = field(default_factory=list)
     hooks: list = field(default_factory=list)
 
     def view(self, name: str, i: int) -> torch.Tensor:
-        o, shape = self.offsets[i], self.shapes[i]
-        return self.flat[name][o : o + shape.numel()].view(shape)
+        """Parameter i's slice of a flat buffer, in the shape its state entry has."""
+        o, n = self.offsets[i], self.shapes[i].numel()
+        if name.endswith("_scale"):
+            return self.flat[name][o // _quant.BLOCK : (o + self.padded[i]) // _quant.BLOCK]
+        if self.fmt.state == "8bit" and name in MOMENTS:
+            return self.flat[name][o : o + self.padded[i]]
+        return self.flat[name][o : o + n].view(self.shapes[i])
 
     def remove_hooks(self) -> None:
         for h in self.hooks:
@@ -182,34 +189,51 @@ def _grad_hook(bucket: Bucket, i: int):
     return hook
 
 
-def build_buckets(params: list[torch.Tensor], state: dict, amsgrad: bool) -> list[Bucket]:
-    """Move the given parameters and their (already initialized) state into flat buffers."""
+def build_buckets(
+    params: list[torch.Tensor], state: dict, formats_of, amsgrad: bool, uid0: int
+) -> list[Bucket]:
+    """Move the given parameters and their (already initialized) state into flat buffers.
+
+    Buffers are zero-filled, so alignment gaps hold zeros that the update keeps at zero."""
     groups: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
         st = state[p]
-        key = (p.device, p.dtype, st["exp_avg"].dtype, float(st["step"]))
+        key = (p.device, p.dtype, formats_of(p), st["exp_avg"].dtype, float(st["step"]))
         groups.setdefault(key, []).append(p)
     buckets = []
-    for (device, dtype, sdtype, step), ps in groups.items():
+    for j, ((device, dtype, fmt, _, step), ps) in enumerate(groups.items()):
+        # 8-bit: every tensor starts on a block boundary so blocks never straddle two tensors.
+        # Otherwise 16 elements (64 B for fp32): each tensor starts on a cache line / vector boundary.
+        align = _quant.BLOCK if fmt.state == "8bit" else 16
         shapes = [p.shape for p in ps]
-        offsets, n = [], 0
+        offsets, padded, n = [], [], 0
         for p in ps:
             offsets.append(n)
-            n += p.numel()
-        names = ["param", "grad", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+            padded.append(-(-p.numel() // align) * align)
+            n += padded[-1]
+        st0 = state[ps[0]]
+        names = [k for k in st0 if k != "step"]
         flat = {
-            name: torch.empty(n, device=device, dtype=dtype if name in ("param", "grad") else sdtype)
-            for name in names
+            "param": torch.zeros(n, device=device, dtype=dtype),
+            "grad": torch.zeros(n, device=device, dtype=dtype),
         }
-        cdt = compute_dtype(dtype)
+        for k in names:
+            length = n // _quant.BLOCK if k.endswith("_scale") else n
+            flat[k] = torch.zeros(length, device=device, dtype=st0[k].dtype)
+            if fmt.state == "8bit" and k in MOMENTS and _quant.SIGNED[k]:
+                flat[k].fill_(128)  # the code of zero for m (alignment gaps included)
         b = Bucket(
             params=ps,
+            fmt=fmt,
+            uid=uid0 + j,
             shapes=shapes,
             offsets=offsets,
+            padded=padded,
             flat=flat,
             steps=torch.full((len(ps),), step, dtype=torch.float32),
             step=step,
-            hp=torch.zeros(len(Scalars.FIELDS), dtype=cdt, device=device),
+            hp=torch.zeros(len(Scalars.FIELDS), dtype=compute_dtype(dtype), device=device),
+            seed=torch.zeros((), dtype=torch.int64, device=device),
         )
         for i, p in enumerate(ps):
             st = state[p]
@@ -218,9 +242,9 @@ def build_buckets(params: list[torch.Tensor], state: dict, amsgrad: bool) -> lis
             gv = b.view("grad", i)
             if g is not None:
                 gv.copy_(g)
-            for name in names[2:]:
-                b.view(name, i).copy_(st[name])
-                st[name] = b.view(name, i)
+            for k in names:
+                b.view(k, i).copy_(st[k])
+                st[k] = b.view(k, i)
             st["step"] = b.steps[i]
             p.data = b.view("param", i)
             if g is not None:
@@ -258,7 +282,7 @@ class GroupLayout:
             b.remove_hooks()
 
 
-def step_bucket(bucket: Bucket, scalars: Scalars, amsgrad: bool, has_grad: list[bool] | None) -> list[Item]:
+def step_bucket(bucket: Bucket, scalars: Scalars, flags: Flags, has_grad: list[bool] | None) -> list[Item]:
     """One step of a bucket: the fused kernel if every parameter has a gradient (``has_grad`` is
     None), else per tensor on the views (returned as items for the foreach backend)."""
     if has_grad is not None and not all(has_grad):
@@ -267,16 +291,9 @@ def step_bucket(bucket: Bucket, scalars: Scalars, amsgrad: bool, has_grad: list[
         for i, p in enumerate(bucket.params):
             if has_grad[i]:
                 bucket.steps[i] += 1
-                items.append(
-                    Item(
-                        p,
-                        p.grad,
-                        bucket.view("exp_avg", i),
-                        bucket.view("exp_avg_sq", i),
-                        bucket.view("max_exp_avg_sq", i) if amsgrad else None,
-                        float(bucket.steps[i]),
-                    )
-                )
+                t = {k: bucket.view(k, i) for k in bucket.flat if k not in ("param", "grad")}
+                t["param"], t["grad"] = p, p.grad
+                items.append(Item(t, bucket.fmt, float(bucket.steps[i]), bucket.uid * 100_003 + i))
         bucket.step = float("nan")  # steps diverged: the next step rebuilds the buckets
         return items
     copies_dst, copies_src = [], []
@@ -291,10 +308,8 @@ def step_bucket(bucket: Bucket, scalars: Scalars, amsgrad: bool, has_grad: list[
     bucket.step += 1
     bucket.steps.fill_(bucket.step)
     bucket.hp.copy_(torch.tensor(scalars.as_list(), dtype=bucket.hp.dtype))
-    f = bucket.flat
-    run_kernel(
-        f["param"], f["grad"], f["exp_avg"], f["exp_avg_sq"], f.get("max_exp_avg_sq"), bucket.hp, amsgrad
-    )
+    bucket.seed.fill_(mix_seed(bucket.step, bucket.uid))
+    run_kernel(bucket.flat, bucket.hp, bucket.seed, bucket.fmt, flags)
     return []
 
 
@@ -304,8 +319,8 @@ def fused_step(
     params: list[torch.Tensor],
     state: dict,
     init_state,
+    formats_of,
     scalars_of,
-    amsgrad: bool,
     flags: Flags,
 ) -> None:
     """Step one group with the fused backend; ``params`` are the group's parameters with grads."""
@@ -330,26 +345,27 @@ def fused_step(
         loose = [p for p in params if not flattenable(p)]
         # The fast path needs every flattened parameter to have a gradient; otherwise no key.
         exact = len(members) + len(loose) == len(params)
-        layout = GroupLayout(build_buckets(members, state, amsgrad), loose, key if exact else None)
+        buckets = build_buckets(members, state, formats_of, flags.amsgrad, uid0=1000 * (group_index + 1))
+        layout = GroupLayout(buckets, loose, key if exact else None)
         layouts[group_index] = layout
 
     leftover: list[Item] = []
     if layout.key == key:
         for b in layout.buckets:
-            leftover += step_bucket(b, scalars_of(b.step + 1), amsgrad, None)
+            leftover += step_bucket(b, scalars_of(b.step + 1), flags, None)
         loose = layout.loose
     else:
         with_grad = set(key)
         for b in layout.buckets:
             has = [id(p) in with_grad for p in b.params]
             if any(has):
-                leftover += step_bucket(b, scalars_of(b.step + 1), amsgrad, has)
+                leftover += step_bucket(b, scalars_of(b.step + 1), flags, has)
         loose = [p for p in params if id(p) not in layout.members]
-    for p in loose:
+    for i, p in enumerate(loose):
         st = init_state(p)
         st["step"] += 1
-        leftover.append(
-            Item(p, p.grad, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq"), float(st["step"]))
-        )
+        t = {k: v for k, v in st.items() if k != "step"}
+        t["param"], t["grad"] = p, p.grad
+        leftover.append(Item(t, formats_of(p), float(st["step"]), 7919 * (group_index + 1) + i))
     if leftover:
         run_foreach(leftover, scalars_of, flags)

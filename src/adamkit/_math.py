@@ -38,6 +38,7 @@ class Flags(NamedTuple):
     wd_mode: str
     amsgrad: bool
     maximize: bool | None
+    skip_nonfinite: bool = False  # elements with a non-finite gradient keep every old value
 
 
 @dataclass
@@ -140,9 +141,23 @@ def precondition(m, v, vmax, s: Scalars, f: Flags):
     return m / denom, vmax
 
 
+def select(cond, a, b):
+    """Elementwise ``cond ? a : b`` for tensors and TensorLists."""
+    if isinstance(cond, TensorList):
+        bs = b.ts if isinstance(b, TensorList) else [b] * len(cond.ts)
+        return TensorList([torch.where(c, x, y) for c, x, y in zip(cond.ts, a.ts, bs)])
+    return torch.where(cond, a, b)
+
+
 def adam_update(p, g, m, v, vmax, s: Scalars, f: Flags):
     """One Adam(W) step on compute-dtype values. Returns new (p, m, v, vmax); vmax is None
-    unless amsgrad. Stage 5 (apply) is the last line."""
+    unless amsgrad. With ``skip_nonfinite`` an element whose gradient is inf/nan keeps its old
+    parameter and moments (the rest of its tensor and block steps normally)."""
+    if f.skip_nonfinite:
+        ok = g.isfinite()
+        new = adam_update(p, select(ok, g, 0.0), m, v, vmax, s, f._replace(skip_nonfinite=False))
+        olds = (p, m, v, vmax)
+        return tuple(None if o is None else select(ok, n, o) for n, o in zip(new, olds))
     if f.maximize is None:
         g = g * s.grad_sign
     elif f.maximize:
@@ -204,3 +219,6 @@ class TensorList:
 
     def maximum(self, o):
         return TensorList(torch._foreach_maximum(self.ts, o.ts))
+
+    def isfinite(self):
+        return TensorList([t.isfinite() for t in self.ts])

@@ -15,10 +15,13 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from . import _backends, _fused
+from . import _backends, _fused, _quant
+from ._backends import MOMENTS, Item, moment_names
 from ._math import Flags, adam_scalars
+from ._storage import LOW_PRECISION, STATE_FORMATS, Formats, choose_formats, init_param_aux, param_aux_key
 
-_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_AUX_KEYS = ("kahan_comp", "master_weight")
+_STATE_KEYS = ("step", *MOMENTS, *(m + "_scale" for m in MOMENTS), *_AUX_KEYS)
 
 # Group keys torch.optim.Adam/AdamW read in step(); kept in our groups (with torch-compatible
 # values) so that our state dicts load into torch's optimizers and theirs into ours.
@@ -71,6 +74,24 @@ def _check_group(group: dict) -> dict:
                 f"{key}=True is not supported by adamkit; pass {key}=False (adamkit's fused "
                 "backend is compiled and needs no CUDA-graph capture)"
             )
+    for key in ("stochastic_rounding", "master_weights", "skip_nonfinite"):
+        if not isinstance(group.get(key, False), bool):
+            raise TypeError(f"{key} must be a bool, got {group[key]!r}")
+    kahan = group.get("kahan_sum")
+    if kahan is not None and not isinstance(kahan, bool):
+        raise TypeError(f"kahan_sum must be None or a bool, got {kahan!r}")
+    n_modes = bool(kahan) + group.get("stochastic_rounding", False) + group.get("master_weights", False)
+    if n_modes > 1:
+        raise ValueError(
+            "choose at most one of kahan_sum=True, stochastic_rounding=True, master_weights=True: "
+            "each is a complete recipe for low-precision parameters"
+        )
+    sf = group.get("state_format")
+    if sf is not None and sf not in STATE_FORMATS:
+        raise ValueError(f"Invalid state_format: {sf!r}; choose None or one of {STATE_FORMATS}")
+    m8 = group.get("min_8bit_size", 4096)
+    if isinstance(m8, bool) or not isinstance(m8, int) or m8 < 0:
+        raise ValueError(f"Invalid min_8bit_size: {m8!r}; it must be an int >= 0")
     backend = group.get("backend", "auto")
     if backend not in _backends.BACKENDS:
         raise ValueError(f"Invalid backend: {backend!r}; choose one of {_backends.BACKENDS}")
@@ -99,6 +120,12 @@ def _resolve_backend(backend: str, foreach: bool | None, fused: bool | None) -> 
     if backend not in ("auto", wanted):
         raise ValueError(f"backend={backend!r} conflicts with foreach={foreach}, fused={fused}")
     return wanted
+
+
+def _storage_dtype(fmt: str) -> torch.dtype:
+    from ._storage import state_dtype
+
+    return state_dtype(fmt)
 
 
 class Adam(Optimizer):
@@ -171,6 +198,12 @@ class Adam(Optimizer):
         decoupled_weight_decay: bool = False,
         decouple_lr: bool = False,
         max_lr: float | None = None,
+        kahan_sum: bool | None = None,
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
+        state_format: str | None = None,
+        min_8bit_size: int = 4096,
+        skip_nonfinite: bool = False,
         backend: str = "auto",
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -187,6 +220,12 @@ class Adam(Optimizer):
             decoupled_weight_decay=decoupled_weight_decay or decouple_lr,
             decouple_lr=decouple_lr,
             max_lr=max_lr,
+            kahan_sum=kahan_sum,
+            stochastic_rounding=stochastic_rounding,
+            master_weights=master_weights,
+            state_format=state_format,
+            min_8bit_size=min_8bit_size,
+            skip_nonfinite=skip_nonfinite,
             backend=_resolve_backend(backend, foreach, fused),
             foreach=foreach,
             fused=fused,
@@ -267,17 +306,47 @@ class Adam(Optimizer):
         # The flat layout holds hooks and views; it is rebuilt on the next step after unpickling.
         return {k: v for k, v in super().__getstate__().items() if k != "_layouts"}
 
-    def _init_state(self, p: torch.Tensor, amsgrad: bool) -> dict:
+    def _formats(self, group: dict, p: torch.Tensor) -> Formats:
+        fmt = choose_formats(
+            p.dtype,
+            group["kahan_sum"],
+            group["stochastic_rounding"],
+            group["master_weights"],
+            group["state_format"],
+        )
+        if fmt.state == "8bit" and p.numel() < group["min_8bit_size"]:
+            # Small tensors (norms, biases) keep fp32 moments: their 8-bit saving is a few bytes and
+            # a 256-block would be mostly padding.
+            fmt = fmt._replace(state="fp32")
+        return fmt
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        """Create missing state of ``p``: step, moments in their format, Kahan/master buffers."""
         state = self.state[p]
-        if len(state) == 0:
+        fmt = self._formats(group, p)
+        if "step" not in state:
             # step: a 0-D fp32 CPU tensor, as torch's non-fused Adam keeps it (state dicts interchange)
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # m: 4 B/param
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # v: 4 B/param
-        if amsgrad and "max_exp_avg_sq" not in state:
-            # running max of v: 4 B/param, amsgrad only
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for name in moment_names(group["amsgrad"]):
+            if name in state:
+                continue
+            if fmt.state == "8bit":
+                # 1 B/param of codes (padded to a 256-block) + 4 B per block of scale
+                state[name], state[name + "_scale"] = _quant.zeros(p.numel(), _quant.SIGNED[name], p.device)
+            else:
+                # m, v, max v: 4 B/param in fp32, 2 in bf16/fp16 (the param's dtype by default)
+                dt = _storage_dtype(fmt.state)
+                state[name] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        aux = param_aux_key(fmt.param)
+        if aux is not None and aux not in state:
+            state[aux] = init_param_aux(fmt.param, p)  # kahan_comp 2 B/param, master_weight 4 B/param
         return state
+
+    def _item(self, p: torch.Tensor, group: dict, uid: int) -> Item:
+        state = self.state[p]
+        t = {k: v for k, v in state.items() if k != "step"}
+        t["param"], t["grad"] = p, p.grad
+        return Item(t, self._formats(group, p), float(state["step"]), uid)
 
     # ------------------------------------------------------------------------------------------
     # step
@@ -327,7 +396,12 @@ class Adam(Optimizer):
         return backend
 
     def _update_group(self, group: dict, hp: dict, params: list[torch.Tensor]) -> None:
-        flags = Flags(wd_mode=hp["wd_mode"], amsgrad=group["amsgrad"], maximize=group["maximize"])
+        flags = Flags(
+            wd_mode=hp["wd_mode"],
+            amsgrad=group["amsgrad"],
+            maximize=group["maximize"],
+            skip_nonfinite=group["skip_nonfinite"],
+        )
 
         def scalars_of(step: float):
             return adam_scalars(
@@ -342,35 +416,74 @@ class Adam(Optimizer):
                 maximize=group["maximize"],
             )
 
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
         backend = self._backend_for(group)
         if backend == "fused":
-            index = next(i for i, g in enumerate(self.param_groups) if g is group)
             _fused.fused_step(
                 self._layouts,
                 index,
                 params,
                 self.state,
-                lambda p: self._init_state(p, group["amsgrad"]),
+                lambda p: self._init_state(p, group),
+                lambda p: self._formats(group, p),
                 scalars_of,
-                group["amsgrad"],
                 flags,
             )
             return
+        # uid: the parameter's position in the optimizer, stable across save/load (seeds rounding)
+        base = sum(len(g["params"]) for g in self.param_groups[:index]) + 1
+        uids = {id(p): base + i for i, p in enumerate(group["params"])}
         items = []
         for p in params:
-            state = self._init_state(p, group["amsgrad"])
+            state = self._init_state(p, group)
             state["step"] += 1
-            items.append(
-                _backends.Item(
-                    param=p,
-                    grad=p.grad,
-                    exp_avg=state["exp_avg"],
-                    exp_avg_sq=state["exp_avg_sq"],
-                    max_exp_avg_sq=state.get("max_exp_avg_sq"),
-                    step=float(state["step"]),
-                )
-            )
+            items.append(self._item(p, group, uids[id(p)]))
         _backends.RUNNERS[backend](items, scalars_of, flags)
+
+    # ------------------------------------------------------------------------------------------
+    # full-precision values of low-precision parameters
+    # ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def full_precision_params(self) -> list[torch.Tensor]:
+        """fp32 values of every parameter, in group order: the master weight, or p + kahan_comp,
+        or the parameter itself. Save these to keep what the low-precision copy rounds away."""
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if "master_weight" in st:
+                    out.append(st["master_weight"].clone())
+                elif "kahan_comp" in st:
+                    out.append(p.detach().float() + st["kahan_comp"].float())
+                else:
+                    out.append(p.detach().clone())
+        return out
+
+    @torch.no_grad()
+    def load_full_precision_params(self, values: Iterable[torch.Tensor]) -> None:
+        """Set every parameter from full-precision values (e.g. an fp32 checkpoint), in group order.
+
+        A bf16/fp16 parameter gets the rounded value; with Kahan summation its compensation buffer
+        is seeded with the rounding remainder, with master weights the master copy gets the value,
+        so nothing of the fp32 weights is lost."""
+        values = list(values)
+        params = [(g, p) for g in self.param_groups for p in g["params"]]
+        if len(values) != len(params):
+            raise ValueError(f"got {len(values)} values for {len(params)} parameters")
+        for (_, p), v in zip(params, values):
+            if v.shape != p.shape:
+                raise ValueError(f"value of shape {tuple(v.shape)} for a parameter of shape {tuple(p.shape)}")
+        for (group, p), v in zip(params, values):
+            v = v.to(device=p.device, dtype=torch.float32 if p.dtype in LOW_PRECISION else p.dtype)
+            fmt = self._formats(group, p)
+            p.copy_(v)
+            if fmt.param in ("kahan", "master"):
+                st = self._init_state(p, group)
+                if fmt.param == "kahan":
+                    st["kahan_comp"].copy_(v - p.float())
+                else:
+                    st["master_weight"].copy_(v)
 
     # ------------------------------------------------------------------------------------------
     # state dicts
@@ -397,6 +510,7 @@ class Adam(Optimizer):
                 f"{len(self.param_groups)}; build the optimizer with the same groups"
             )
         id_map: dict[Any, torch.Tensor] = {}
+        group_of: dict[int, dict] = {}
         new_groups = []
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(group["params"]) != len(saved["params"]):
@@ -421,9 +535,14 @@ class Adam(Optimizer):
             new_group["backend"] = group["backend"]  # the backend is this process's choice
             for k, v in _TORCH_GROUP_DEFAULTS.items():
                 new_group[k] = new_group.get(k) or v
+            # How state is stored is this process's choice, like the backend: a state dict saved
+            # in fp32 loads into an 8-bit optimizer (converted) and the other way round.
+            for k in ("kahan_sum", "stochastic_rounding", "master_weights", "state_format", "min_8bit_size"):
+                new_group[k] = group[k]
             _check_group(new_group)
             new_groups.append(new_group)
             id_map.update(zip(saved["params"], group["params"]))
+            group_of.update({id(p): new_group for p in group["params"]})
 
         new_state: dict[torch.Tensor, dict] = {}
         for key, saved_state in state_dict["state"].items():
@@ -439,24 +558,7 @@ class Adam(Optimizer):
             for k in ("step", "exp_avg", "exp_avg_sq"):
                 if k not in saved_state:
                     raise ValueError(f"state of parameter {key!r} lacks {k!r}")
-            out: dict[str, torch.Tensor] = {}
-            for k, v in saved_state.items():
-                if not isinstance(v, torch.Tensor):
-                    v = torch.tensor(float(v))
-                if k == "step":
-                    if v.numel() != 1:
-                        raise ValueError(f"state[{key!r}]['step'] must be a scalar")
-                    out[k] = v.detach().to(device="cpu", dtype=torch.float32).reshape(()).clone()
-                    continue
-                if v.shape != p.shape:
-                    raise ValueError(
-                        f"state[{key!r}][{k!r}] has shape {tuple(v.shape)} but its parameter has "
-                        f"shape {tuple(p.shape)}; the state dict belongs to another model"
-                    )
-                if not v.is_floating_point():
-                    raise TypeError(f"state[{key!r}][{k!r}] must be floating point, got {v.dtype}")
-                out[k] = v.detach().to(device=p.device, copy=True)
-            new_state[p] = out
+            new_state[p] = self._convert_loaded_state(key, p, saved_state, group_of[id(p)])
         for group, p_list in zip(new_groups, (g["params"] for g in new_groups)):
             if group["amsgrad"]:
                 for p in p_list:
@@ -475,6 +577,80 @@ class Adam(Optimizer):
         self.param_groups = new_groups
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _convert_loaded_state(self, key, p: torch.Tensor, saved: dict, group: dict) -> dict:
+        """Check one parameter's saved state and convert it to this optimizer's formats.
+
+        Same format: tensors are copied bit for bit (resuming is bit-identical). Another format:
+        moments are decoded to fp32 and encoded again; Kahan/master buffers are derived from each
+        other (comp = master - round(master)) where one is saved and the other wanted."""
+
+        def bad(msg: str) -> ValueError:
+            return ValueError(f"state of parameter {key!r}: {msg}")
+
+        fmt = self._formats(group, p)
+        n = p.numel()
+        out: dict[str, torch.Tensor] = {}
+        step = saved["step"]
+        if not isinstance(step, torch.Tensor):
+            step = torch.tensor(float(step))
+        if step.numel() != 1:
+            raise bad("'step' must be a scalar")
+        out["step"] = step.detach().to(device="cpu", dtype=torch.float32).reshape(()).clone()
+        for name in MOMENTS:
+            if name not in saved:
+                continue
+            v = saved[name]
+            scale = saved.get(name + "_scale")
+            if scale is not None:  # 8-bit codes + block scales
+                if v.dtype != torch.uint8 or tuple(v.shape) != (_quant.padded(n),):
+                    raise bad(
+                        f"{name!r} holds 8-bit codes of shape {tuple(v.shape)}, expected "
+                        f"({_quant.padded(n)},) uint8 for a parameter of {n} elements"
+                    )
+                if tuple(scale.shape) != (_quant.blocks(n),):
+                    raise bad(
+                        f"{name + '_scale'!r} has shape {tuple(scale.shape)}, expected ({_quant.blocks(n)},)"
+                    )
+                if fmt.state == "8bit":
+                    out[name] = v.detach().to(p.device, copy=True)
+                    out[name + "_scale"] = scale.detach().to(p.device, dtype=torch.float32, copy=True)
+                    continue
+                value = _quant.decode(name, v.to(p.device), scale.to(p.device), p.shape, torch.float32)
+            else:
+                if v.shape != p.shape:
+                    raise bad(
+                        f"{name!r} has shape {tuple(v.shape)} but its parameter has shape "
+                        f"{tuple(p.shape)}; the state dict belongs to another model"
+                    )
+                if not v.is_floating_point():
+                    raise TypeError(f"state[{key!r}][{name!r}] must be floating point, got {v.dtype}")
+                value = v.detach().to(p.device)
+            if fmt.state == "8bit":
+                out[name], out[name + "_scale"] = _quant.encode(name, value.float())
+            else:
+                out[name] = value.to(_storage_dtype(fmt.state), copy=True)
+        comp, master = saved.get("kahan_comp"), saved.get("master_weight")
+        for name, t in (("kahan_comp", comp), ("master_weight", master)):
+            if t is not None and t.shape != p.shape:
+                raise bad(f"{name!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+        if fmt.param == "kahan":
+            if comp is not None:
+                out["kahan_comp"] = comp.detach().to(p.device, p.dtype, copy=True)
+            elif master is not None:  # the fp32 value's rounding remainder: nothing is lost
+                out["kahan_comp"] = (master.to(p.device, torch.float32) - p.detach().float()).to(p.dtype)
+        elif fmt.param == "master":
+            if master is not None:
+                out["master_weight"] = master.detach().to(p.device, torch.float32, copy=True)
+            elif comp is not None:
+                out["master_weight"] = p.detach().float() + comp.to(p.device).float()
+        elif comp is not None or master is not None:
+            raise bad(
+                f"it has {'kahan_comp' if comp is not None else 'master_weight'}, but this optimizer "
+                f"keeps the parameter as {fmt.param!r} ({p.dtype}); build it with the same "
+                "kahan_sum/master_weights options, or use load_full_precision_params()"
+            )
+        return out
 
 
 class AdamW(Adam):

@@ -1,0 +1,112 @@
+"""8-bit blockwise moments with closed-form companding: no lookup table in the hot loop.
+
+Each block of ``BLOCK`` = 256 consecutive elements keeps one fp32 scale ``a`` (its largest finite
+magnitude) and one byte per element. Bytes per parameter per moment: 1 + 4/256 = 1.016.
+
+Codes (power-law companding, so small values keep relative precision that a linear code loses):
+
+- ``exp_avg`` m, signed:   x = a * c|c| / 127^2,  c in [-127, 127], stored as c + 128.
+  Smallest non-zero magnitude a/16129 (6e-5 a); relative step 2/|c|.
+- ``exp_avg_sq`` v (and max v), unsigned:  x = a * (c / 254)^4,  c in [0, 254].
+  Smallest non-zero a/4.2e9; relative step 4/c (2/c on sqrt(v), which is what the update uses).
+
+Decoding is multiplies only; encoding needs one (m) or two (v) square roots. Why not a codebook:
+gathers through a 256-entry table are what make existing 8-bit optimizers slow on CPU.
+
+Exactness where it matters:
+
+- Zero is code 0 (stored 128 for m): a block of zero gradients stays exactly zero, and a parameter
+  whose gradient is always zero never moves.
+- Rounding is stochastic in the companded domain (16 hash bits, as in ``_storage``): with
+  beta2 = 0.999 the per-step change of v is far below a code step, so round-to-nearest would freeze v.
+  Per element, |decode(encode(x)) - x| <= a * ((c+1)^k - c^k) / Q^k with c = floor(Q (|x|/a)^(1/k)),
+  (k, Q) = (2, 127) for m and (4, 254) for v. ``error_bound`` computes it; tests check it in fp64.
+- A non-finite value is stored as its own marker (m: stored 0, v: 254 + 1) and decodes to nan; the
+  block scale is the largest *finite* magnitude, so one bad gradient element never spoils its block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._storage import hash_bits
+
+BLOCK = 256
+SIGNED = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
+_QM, _QV = 127.0, 254.0
+_NAN_M, _NAN_V = 0, 255
+
+
+def padded(n: int) -> int:
+    return math.ceil(n / BLOCK) * BLOCK
+
+
+def blocks(n: int) -> int:
+    return math.ceil(n / BLOCK)
+
+
+def zeros(n: int, signed: bool, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and scales of n zeros: (n padded to a block) bytes + 4 bytes per block."""
+    codes = torch.full((padded(n),), 128 if signed else 0, dtype=torch.uint8, device=device)
+    return codes, torch.zeros(blocks(n), dtype=torch.float32, device=device)
+
+
+def decode(name: str, codes: torch.Tensor, scales: torch.Tensor, shape, cdt: torch.dtype) -> torch.Tensor:
+    """Codes (padded, 1-D) and block scales -> values of ``shape`` in ``cdt``."""
+    c = codes.view(-1, BLOCK).to(torch.float32)
+    a = scales.view(-1, 1)
+    if SIGNED[name]:
+        c = c - 128.0
+        x = (c * c.abs()) * (a * (1.0 / (_QM * _QM)))
+        x = torch.where(codes.view(-1, BLOCK) == _NAN_M, float("nan"), x)
+    else:
+        c2 = c * c
+        x = (c2 * c2) * (a * (1.0 / _QV**4))
+        x = torch.where(codes.view(-1, BLOCK) == _NAN_V, float("nan"), x)
+    n = math.prod(shape)
+    x = x.reshape(-1)
+    if x.numel() != n:
+        x = x[:n]
+    return x.view(shape).to(cdt)
+
+
+def encode(name: str, x: torch.Tensor, index: torch.Tensor | None = None, seed=0):
+    """Values -> (codes uint8 of the padded length, fp32 block scales). ``index`` gives each
+    element's position (padded, 1-D) for the stochastic rounding hash; default 0..n-1."""
+    x = x.reshape(-1).to(torch.float32)
+    n = x.numel()
+    if n % BLOCK:
+        x = F.pad(x, (0, padded(n) - n))
+    xb = x.view(-1, BLOCK)
+    finite = torch.isfinite(xb)
+    mag = torch.where(finite, xb.abs(), 0.0)
+    a = mag.amax(dim=1, keepdim=True)
+    if index is None:
+        index = torch.arange(xb.numel(), device=x.device)
+    u = hash_bits(index.view(-1, BLOCK), seed).to(torch.float32) * (1.0 / 65536.0)
+    safe_a = torch.where(a > 0, a, 1.0)
+    if SIGNED[name]:
+        y = torch.sqrt(mag / safe_a) * _QM
+        c = torch.clamp(torch.floor(y + u), max=_QM)
+        stored = torch.where(xb < 0, 128.0 - c, 128.0 + c)
+        stored = torch.where(finite, stored, float(_NAN_M))
+    else:
+        y = torch.sqrt(torch.sqrt(mag / safe_a)) * _QV
+        c = torch.clamp(torch.floor(y + u), max=_QV)
+        stored = torch.where(finite, c, float(_NAN_V))
+    return stored.to(torch.uint8).view(-1), a.view(-1)
+
+
+def error_bound(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The largest |decode(encode(x)) - x| per element allowed by the format (see module doc)."""
+    x = x.reshape(-1).double()
+    n = x.numel()
+    xb = F.pad(x, (0, padded(n) - n)).view(-1, BLOCK)
+    a = xb.abs().amax(dim=1, keepdim=True)
+    k, q = (2, _QM) if SIGNED[name] else (4, _QV)
+    c = torch.floor(q * (xb.abs() / torch.where(a > 0, a, 1.0)) ** (1.0 / k))
+    bound = a * ((c + 1) ** k - c**k) / q**k
+    return bound.reshape(-1)[:n] * (1 + 1e-6) + 1e-30  # fp32 arithmetic inside encode/decode

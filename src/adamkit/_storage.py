@@ -1,0 +1,175 @@
+"""How values live in memory. The math (``_math.py``) always sees compute-dtype values; these small
+pure functions turn stored values into them (decode) and back (encode). Every backend composes them
+with the math the same way: the reference backend per tensor, the fused one inside its kernel.
+
+Parameter modes (bytes per parameter beyond the parameter itself):
+
+- ``native``  fp32/fp64 parameters: the math runs in their dtype, nothing extra (0 B).
+- ``plain``   bf16/fp16 parameters rounded to nearest after each step (0 B). Updates smaller than
+  half an ulp (bf16: 2^-9 relative) are lost: with lr=1e-3 most of them.
+- ``kahan``   bf16/fp16 parameter plus a compensation buffer ``kahan_comp`` in the same dtype (2 B):
+  the pair (p, c) holds the fp32 result as p = round(x), c = round(x - p), so what rounding drops
+  is carried to the next step. The *whole* update, weight decay included, goes through it.
+- ``sr``      bf16 parameters with stochastic rounding (0 B): round up with probability equal to the
+  dropped fraction, so the expected parameter equals the fp32 result.
+- ``master``  an fp32 ``master_weight`` (4 B); the bf16/fp16 parameter is its rounded copy, the one
+  the forward pass uses (the classic mixed-precision recipe).
+
+State formats (per moment, bytes per parameter): ``fp32`` (4), ``fp64`` (8), ``bf16`` (2, with
+stochastic rounding: with beta2=0.999 the change of v per step is below bf16's half-ulp, so
+round-to-nearest would freeze v), ``fp16`` (2), and ``8bit`` (see ``_quant.py``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+PARAM_MODES = ("native", "plain", "kahan", "sr", "master")
+STATE_FORMATS = ("fp32", "bf16", "fp16", "fp64", "8bit")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+STATE_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class Formats(NamedTuple):
+    """How one parameter and its moments are stored."""
+
+    param: str  # one of PARAM_MODES
+    state: str  # one of STATE_FORMATS
+
+
+def choose_formats(
+    dtype: torch.dtype, kahan_sum: bool | None, stochastic_rounding: bool, master_weights: bool, state_format
+) -> Formats:
+    """The formats of a parameter of ``dtype`` under a group's options."""
+    if dtype in LOW_PRECISION:
+        if master_weights:
+            mode = "master"
+        elif stochastic_rounding:
+            if dtype != torch.bfloat16:
+                raise ValueError(
+                    "stochastic_rounding supports bfloat16 parameters only; use kahan_sum=True or "
+                    "master_weights=True for float16 parameters"
+                )
+            mode = "sr"
+        elif kahan_sum or kahan_sum is None:
+            mode = "kahan"
+        else:
+            mode = "plain"
+    else:
+        mode = "native"
+    if state_format is None:
+        # torch keeps moments in the parameter's dtype; fp16 cannot hold g^2 of typical gradients
+        # (its smallest normal is 6e-5), so fp16 parameters get fp32 moments.
+        state = "fp32" if dtype == torch.float16 else STATE_DTYPE_NAMES.get(dtype, "fp32")
+    else:
+        state = state_format
+    return Formats(mode, state)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The math runs in fp32, or fp64 for fp64 parameters (so fp64 runs match torch to ~1e-12)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# Stochastic rounding to bf16 with a counter-based hash (no RNG state: resuming is bit-identical,
+# and no extra memory stream: the random bits come from the element index, a seed and the step).
+# --------------------------------------------------------------------------------------------------
+
+_MASK = 0xFFFFFFFF
+
+
+def mix_seed(*keys: int) -> int:
+    """A 32-bit seed from integers (step number, tensor or bucket id, stream id), on the host."""
+    h = 0x811C9DC5
+    for k in keys:
+        h = ((h ^ (int(k) & _MASK)) * 0x01000193) & _MASK
+        h ^= h >> 13
+    return h
+
+
+def hash_bits(index: torch.Tensor, seed) -> torch.Tensor:
+    """16 pseudo-random bits per element from (element index, 32-bit seed), as int64 in [0, 65536).
+
+    Every multiplier is below 2^31 and every operand is masked to 32 bits first, so no product
+    leaves int64 (indices below 2^31, i.e. buffers of up to 2G elements)."""
+    x = (index * 0x5BD1E995) & _MASK
+    x = x ^ seed
+    x = x ^ (x >> 16)
+    x = (x * 0x2C1B3C6D) & _MASK
+    x = x ^ (x >> 15)
+    x = (x * 0x297A2D39) & _MASK
+    x = x ^ (x >> 16)
+    return x & 0xFFFF
+
+
+def round_bf16_stochastic(x: torch.Tensor, index: torch.Tensor, seed) -> torch.Tensor:
+    """fp32 -> bf16, rounding the magnitude up with probability (dropped bits) / 2^16, so the
+    expected result is ``x``. Adding 16 random bits below bf16's last kept bit and truncating does
+    exactly that; non-finite values are truncated without the addition (keeps inf and nan)."""
+    bits = x.view(torch.int32).to(torch.int64)
+    r = hash_bits(index, seed)
+    rounded = (bits + r) & ~0xFFFF
+    finite = torch.isfinite(x)
+    out = torch.where(finite, rounded, bits & ~0xFFFF).to(torch.int32).view(torch.float32)
+    return out.to(torch.bfloat16)  # exact: the low 16 bits are zero
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters
+# --------------------------------------------------------------------------------------------------
+
+
+def decode_param(mode: str, p: torch.Tensor, aux: torch.Tensor | None, cdt: torch.dtype) -> torch.Tensor:
+    """The compute-dtype value of a parameter (``aux`` is kahan_comp or master_weight)."""
+    if mode == "kahan":
+        return p.to(cdt) + aux.to(cdt)
+    if mode == "master":
+        return aux.to(cdt)
+    return p.to(cdt)
+
+
+def encode_param(mode: str, x: torch.Tensor, dtype: torch.dtype, index, seed):
+    """Stored (param, aux) for the compute-dtype value ``x``; aux is None where unused."""
+    if mode == "kahan":
+        hi = x.to(dtype)
+        return hi, (x - hi.to(x.dtype)).to(dtype)  # x - hi is exact in fp32 (Sterbenz)
+    if mode == "master":
+        return x.to(dtype), x.to(torch.float32)
+    if mode == "sr":
+        return round_bf16_stochastic(x, index, seed), None
+    return x.to(dtype), None
+
+
+def param_aux_key(mode: str) -> str | None:
+    return {"kahan": "kahan_comp", "master": "master_weight"}.get(mode)
+
+
+def init_param_aux(mode: str, p: torch.Tensor) -> torch.Tensor | None:
+    if mode == "kahan":
+        return torch.zeros_like(p, memory_format=torch.preserve_format)  # 2 B/param (bf16/fp16)
+    if mode == "master":
+        return p.detach().to(torch.float32, copy=True)  # 4 B/param
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Moments (floating formats; 8-bit lives in _quant.py and plugs in through the same two functions)
+# --------------------------------------------------------------------------------------------------
+
+
+def state_dtype(fmt: str) -> torch.dtype:
+    return _DTYPES[fmt]
+
+
+def decode_state(fmt: str, t: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+    return t.to(cdt)
+
+
+def encode_state(fmt: str, x: torch.Tensor, index, seed) -> torch.Tensor:
+    if fmt == "bf16":
+        return round_bf16_stochastic(x.to(torch.float32), index, seed)
+    return x.to(_DTYPES[fmt])
