@@ -79,15 +79,18 @@ def encode_all(fmt: Formats, t: dict, new, amsgrad: bool, index, seed: int | tor
     if aux is not None:
         out[param_aux_key(fmt.param)] = aux
     for k, (name, x) in enumerate(zip(moment_names(amsgrad), moments)):
+        moment_seed = seed ^ (0x9E3779B9 * (k + 1) & 0xFFFFFFFF)  # independent bits per stream
         if fmt.state == "8bit":
-            out[name], out[name + "_scale"] = _quant.encode(name, x)
+            # the flat index of a padded buffer where x is one (fused); else encode makes its own
+            idx = index.view(-1) if index is not None and index.numel() % _quant.BLOCK == 0 else None
+            out[name], out[name + "_scale"] = _quant.encode(name, x, idx, moment_seed)
         else:
-            out[name] = encode_state(fmt.state, x, index, seed ^ (0x9E3779B9 * (k + 1) & 0xFFFFFFFF))
+            out[name] = encode_state(fmt.state, x, index, moment_seed)
     return out
 
 
 def needs_index(fmt: Formats) -> bool:
-    return fmt.param == "sr" or fmt.state == "bf16"
+    return fmt.param == "sr" or fmt.state in ("bf16", "8bit")
 
 
 def _index_and_seed(it: Item):

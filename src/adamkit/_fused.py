@@ -117,7 +117,9 @@ def _compiled(fmt: Formats, amsgrad: bool, skip_nonfinite: bool):
     code = _kernel_body.__code__.replace(co_name=name)
     fn = types.FunctionType(code, _kernel_body.__globals__, name)
     fn = functools.partial(fn, fmt=fmt, amsgrad=amsgrad, skip_nonfinite=skip_nonfinite)
-    return torch.compile(fn, fullgraph=True, dynamic=True)
+    # emulate_precision_casts: inductor would otherwise elide x.to(bf16).to(fp32) pairs, and the
+    # Kahan remainder x - round(x) would silently become 0.
+    return torch.compile(fn, fullgraph=True, dynamic=True, options={"emulate_precision_casts": True})
 
 
 def run_kernel(t: dict, hp, seed, fmt: Formats, flags: Flags) -> None:

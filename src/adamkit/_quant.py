@@ -17,8 +17,9 @@ Exactness where it matters:
 
 - Zero is code 0 (stored 128 for m): a block of zero gradients stays exactly zero, and a parameter
   whose gradient is always zero never moves.
-- Rounding is stochastic in the companded domain (16 hash bits, as in ``_storage``): with
-  beta2 = 0.999 the per-step change of v is far below a code step, so round-to-nearest would freeze v.
+- Rounding is stochastic (16 hash bits, as in ``_storage``) and unbiased in the linear domain:
+  with beta2 = 0.999 the per-step change of v is far below a code step, so round-to-nearest would
+  freeze v, and dithering the companded value would bias v upwards.
   Per element, |decode(encode(x)) - x| <= a * ((c+1)^k - c^k) / Q^k with c = floor(Q (|x|/a)^(1/k)),
   (k, Q) = (2, 127) for m and (4, 254) for v. ``error_bound`` computes it; tests check it in fp64.
 - A non-finite value is stored as its own marker (m: stored 0, v: 254 + 1) and decodes to nan; the
@@ -88,14 +89,22 @@ def encode(name: str, x: torch.Tensor, index: torch.Tensor | None = None, seed=0
         index = torch.arange(xb.numel(), device=x.device)
     u = hash_bits(index.view(-1, BLOCK), seed).to(torch.float32) * (1.0 / 65536.0)
     safe_a = torch.where(a > 0, a, 1.0)
+    r = mag / safe_a  # in [0, 1]
     if SIGNED[name]:
-        y = torch.sqrt(mag / safe_a) * _QM
-        c = torch.clamp(torch.floor(y + u), max=_QM)
+        c = torch.clamp(torch.floor(torch.sqrt(r) * _QM), max=_QM - 1)
+        lo, hi = c * c * (1.0 / _QM**2), (c + 1) * (c + 1) * (1.0 / _QM**2)
+    else:
+        c = torch.clamp(torch.floor(torch.sqrt(torch.sqrt(r)) * _QV), max=_QV - 1)
+        c2, d2 = c * c, (c + 1) * (c + 1)
+        lo, hi = c2 * c2 * (1.0 / _QV**4), d2 * d2 * (1.0 / _QV**4)
+    # Round up with probability (r - lo) / (hi - lo): unbiased in the *linear* domain. (Uniform
+    # dither in the companded domain would be biased by ~1/c^2 per step, and v's EMA with
+    # beta2 = 0.999 integrates that bias a thousandfold.)
+    c = c + (u * (hi - lo) < r - lo).to(torch.float32)
+    if SIGNED[name]:
         stored = torch.where(xb < 0, 128.0 - c, 128.0 + c)
         stored = torch.where(finite, stored, float(_NAN_M))
     else:
-        y = torch.sqrt(torch.sqrt(mag / safe_a)) * _QV
-        c = torch.clamp(torch.floor(y + u), max=_QV)
         stored = torch.where(finite, c, float(_NAN_V))
     return stored.to(torch.uint8).view(-1), a.view(-1)
 
