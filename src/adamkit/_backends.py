@@ -90,7 +90,7 @@ def encode_all(fmt: Formats, t: dict, new, amsgrad: bool, index, seed: int | tor
 
 
 def needs_index(fmt: Formats) -> bool:
-    return fmt.param == "sr" or fmt.state in ("bf16", "8bit")
+    return fmt.param in ("sr", "kahan") or fmt.state in ("bf16", "8bit")
 
 
 def _index_and_seed(it: Item):

@@ -95,7 +95,7 @@ def warn_fallback_once(reason: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _kernel_body(t: dict, hp, seed, fmt: Formats, amsgrad: bool, skip_nonfinite: bool):
+def _kernel_body(t: dict, hp, seed, *, fmt: Formats, amsgrad: bool, skip_nonfinite: bool):
     cdt = hp.dtype
     s = Scalars(*[hp[i] for i in range(len(Scalars.FIELDS))])
     flags = Flags(wd_mode="runtime", amsgrad=amsgrad, maximize=None, skip_nonfinite=skip_nonfinite)
@@ -111,12 +111,13 @@ def _kernel_body(t: dict, hp, seed, fmt: Formats, amsgrad: bool, skip_nonfinite:
 
 @functools.cache
 def _compiled(fmt: Formats, amsgrad: bool, skip_nonfinite: bool):
-    # Dynamo keeps one cache per code object (with a small limit); a fresh code object per variant
-    # keeps variants from evicting each other. Dtypes are guarded within a variant.
+    # Dynamo keeps one cache per code object (with a small limit); a fresh code object per variant,
+    # with the variant bound as keyword defaults (not a partial, whose wrapper code would be shared),
+    # keeps variants from evicting each other. Dtypes and sizes are guarded within a variant.
     name = f"adamkit_fused_adam_{fmt.param}_{fmt.state}_ams{int(amsgrad)}_skip{int(skip_nonfinite)}"
     code = _kernel_body.__code__.replace(co_name=name)
     fn = types.FunctionType(code, _kernel_body.__globals__, name)
-    fn = functools.partial(fn, fmt=fmt, amsgrad=amsgrad, skip_nonfinite=skip_nonfinite)
+    fn.__kwdefaults__ = {"fmt": fmt, "amsgrad": amsgrad, "skip_nonfinite": skip_nonfinite}
     # emulate_precision_casts: inductor would otherwise elide x.to(bf16).to(fp32) pairs, and the
     # Kahan remainder x - round(x) would silently become 0.
     return torch.compile(fn, fullgraph=True, dynamic=True, options={"emulate_precision_casts": True})

@@ -9,7 +9,8 @@ Parameter modes (bytes per parameter beyond the parameter itself):
   half an ulp (bf16: 2^-9 relative) are lost: with lr=1e-3 most of them.
 - ``kahan``   bf16/fp16 parameter plus a compensation buffer ``kahan_comp`` in the same dtype (2 B):
   the pair (p, c) holds the fp32 result as p = round(x), c = round(x - p), so what rounding drops
-  is carried to the next step. The *whole* update, weight decay included, goes through it.
+  is carried to the next step (~17 significant bits for bf16). The *whole* update, weight decay
+  included, goes through it. For bf16, c is rounded stochastically (unbiased).
 - ``sr``      bf16 parameters with stochastic rounding (0 B): round up with probability equal to the
   dropped fraction, so the expected parameter equals the fp32 result.
 - ``master``  an fp32 ``master_weight`` (4 B); the bf16/fp16 parameter is its rounded copy, the one
@@ -136,7 +137,12 @@ def encode_param(mode: str, x: torch.Tensor, dtype: torch.dtype, index, seed):
     """Stored (param, aux) for the compute-dtype value ``x``; aux is None where unused."""
     if mode == "kahan":
         hi = x.to(dtype)
-        return hi, (x - hi.to(x.dtype)).to(dtype)  # x - hi is exact in fp32 (Sterbenz)
+        lo = x - hi.to(x.dtype)  # exact in fp32 (Sterbenz)
+        if dtype == torch.bfloat16:
+            # Rounding lo to bf16 drops up to 2^-18 of the weight per step, as much as a typical
+            # decay step (lr * wd = 1e-5); rounding it stochastically keeps that loss unbiased.
+            return hi, round_bf16_stochastic(lo.to(torch.float32), index, seed)
+        return hi, lo.to(dtype)
     if mode == "master":
         return x.to(dtype), x.to(torch.float32)
     if mode == "sr":

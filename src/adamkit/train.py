@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import tasks
 from .tasks import GPTConfig
@@ -36,12 +37,17 @@ DEFAULT_STEPS = 600  # ~90 ms/step on 2 cores: about a minute of training
 # --------------------------------------------------------------------------------------------------
 
 
+def warmup_steps(steps: int) -> int:
+    """The default warmup of :func:`warmup_cosine`: 5% of the steps, at least 1."""
+    return max(1, round(0.05 * steps))
+
+
 def warmup_cosine(steps: int, warmup: int | None = None, final: float = 0.1) -> Callable[[int], float]:
     """lr multiplier for ``LambdaLR``: linear warmup to 1, then cosine decay to ``final`` at ``steps``.
 
-    ``warmup`` defaults to 5% of the steps (at least 1).
+    ``warmup`` defaults to :func:`warmup_steps`.
     """
-    warmup = max(1, round(0.05 * steps)) if warmup is None else warmup
+    warmup = warmup_steps(steps) if warmup is None else warmup
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -161,6 +167,7 @@ class TrainResult:
     state_bytes_per_param: float  # bytes in optimizer.state / number of parameters, after training
     peak_rss_bytes: int | None  # peak resident-memory growth during the run (see _PeakRSS)
     diverged_at: int | None = None  # the step whose loss was not finite; training stopped there
+    untimed_s: float = 0.0  # untimed warm-up before this run, if any (``adamkit race`` does one)
 
     @property
     def val_loss(self) -> float:
@@ -217,8 +224,6 @@ def fit(
         losses: list[float] = []
         diverged_at: int | None = None
         step_s: list[float] = []
-        from tqdm.auto import tqdm
-
         bar = tqdm(range(1, steps + 1), desc=desc or optimizer, disable=not progress, leave=True, unit="step")
         for step in bar:
             t0 = time.perf_counter()
@@ -235,7 +240,8 @@ def fit(
             if step in eval_at:
                 curve.append(EvalPoint(step, sum(step_s), evaluate(task, model, val)))
             if progress and (step % 10 == 0 or step == steps):
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", ms_step=f"{1000 * step_s[-1]:.0f}", refresh=False)
+                recent = step_s[-10:]
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", ms_step=f"{1000 * sum(recent) / len(recent):.0f}")
         bar.close()
         n_params = sum(p.numel() for p in model.parameters())
         sbytes = state_bytes(opt)
@@ -271,7 +277,7 @@ class TrainConfig:
     precision: str = "fp32"
     state: str = "default"
     model: GPTConfig = field(default_factory=GPTConfig)
-    threads: int | None = None  # torch.set_num_threads; None leaves torch's default
+    threads: int | None = None  # torch.set_num_threads for the run; None leaves torch's default
     evals: int = 10
     progress: bool = True
 
@@ -279,23 +285,27 @@ class TrainConfig:
 def train(config: TrainConfig | None = None) -> TrainResult:
     """Train the character-level GPT with ``config`` (default ``TrainConfig()``); return the measurements."""
     config = TrainConfig() if config is None else config
-    if config.threads is not None:
-        if config.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {config.threads}")
-        torch.set_num_threads(config.threads)
+    if config.threads is not None and config.threads < 1:
+        raise ValueError(f"threads must be >= 1, got {config.threads}")
     torch.set_flush_denormal(True)  # denormals slow fp32 CPU math ~20x
     task = tasks.CharTask(config.model, batch_size=config.batch_size)
-    return fit(
-        task,
-        config.optimizer,
-        steps=config.steps,
-        seed=config.seed,
-        lr=config.lr,
-        precision=config.precision,
-        state=config.state,
-        evals=config.evals,
-        progress=config.progress,
-    )
+    before = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return fit(
+            task,
+            config.optimizer,
+            steps=config.steps,
+            seed=config.seed,
+            lr=config.lr,
+            precision=config.precision,
+            state=config.state,
+            evals=config.evals,
+            progress=config.progress,
+        )
+    finally:
+        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,292 @@
+"""Low-precision parameters (bf16 + Kahan / stochastic rounding / master weights) and bf16/fp32
+state formats, judged against a float64 oracle of the same math."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import adamkit
+from adamkit.plan import adamkit_state_bytes
+
+BACKENDS = ["reference", "foreach", "fused"]
+LR, WD = 1e-3, 1e-2
+
+
+def bf16_stream(n, steps, seed=0, scale=0.1):
+    """Parameters and gradients exactly representable in bf16, so that every recipe and the
+    float64 oracle see the same numbers and only the optimizer's storage differs."""
+    g = torch.Generator().manual_seed(seed)
+    p0 = torch.randn(n, generator=g).to(torch.bfloat16)
+    grads = [(torch.randn(n, generator=g) * scale).to(torch.bfloat16) for _ in range(steps)]
+    return p0, grads
+
+
+def oracle(p0, grads, **kw):
+    p = p0.double().requires_grad_()
+    opt = torch.optim.AdamW([p], lr=LR, weight_decay=WD, foreach=False, **kw)
+    for g in grads:
+        p.grad = g.double()
+        opt.step()
+    return p.detach()
+
+
+def run(p0, grads, dtype=torch.bfloat16, **kw):
+    p = p0.to(dtype, copy=True).requires_grad_()
+    opt = adamkit.AdamW([p], lr=LR, weight_decay=WD, **kw)
+    for g in grads:
+        p.grad = g.to(dtype, copy=True)
+        opt.step()
+    return p, opt
+
+
+def rel(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def stream_1000():
+    p0, grads = bf16_stream(4096, 1000)
+    return p0, grads, oracle(p0, grads)
+
+
+# ------------------------------------------------------------------------------------------------
+# bf16 + Kahan: 1000 steps, lr 1e-3, wd 1e-2, within 1% of float64 (and plain bf16 is not)
+# ------------------------------------------------------------------------------------------------
+
+KAHAN_BOUND = 1e-2  # the issue's bound: ||p - p64|| / ||p64|| after 1000 steps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kahan_1000_steps_within_1_percent(stream_1000, backend):
+    p0, grads, ref = stream_1000
+    p, opt = run(p0, grads, kahan_sum=True, state_format="fp32", backend=backend)
+    full = opt.full_precision_params()[0]
+    # measured: 7.8e-5 (the pair p + comp); the bf16 copy itself is within half a bf16 ulp of it
+    assert rel(full, ref) < KAHAN_BOUND / 10
+    assert rel(p.detach(), ref) < KAHAN_BOUND
+    assert opt.state[p]["kahan_comp"].dtype == torch.bfloat16
+
+
+def test_plain_bf16_fails_the_same_bound(stream_1000):
+    p0, grads, ref = stream_1000
+    p, _ = run(p0, grads, kahan_sum=False, state_format="fp32", backend="reference")
+    assert rel(p.detach(), ref) > KAHAN_BOUND  # measured 3.1e-2: the test above can fail
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_decay_inside_the_compensation(backend):
+    """Zero gradients: only decay acts, 1e-5 of the weight per step, far below bf16's half-ulp.
+    Decay outside the compensation (or plain bf16) never moves the weights; ours decays as fp64."""
+    p0 = torch.randn(512).to(torch.bfloat16)
+    zeros = [torch.zeros(512, dtype=torch.bfloat16)] * 1000
+    expect = p0.double() * (1 - LR * WD) ** 1000  # 0.99 of the start
+    plain, _ = run(p0, zeros, kahan_sum=False, backend=backend)
+    assert torch.equal(plain.detach(), p0)  # the failure mode: not decayed at all
+    p, opt = run(p0, zeros, kahan_sum=True, backend=backend)
+    decayed = opt.full_precision_params()[0].double()
+    # the 1% decay is tracked element by element to 5% of its size (measured 2%; the bf16
+    # compensation holds ~17 bits, and each step's 1e-5 decay sits at bit 17)
+    assert ((decayed - expect).abs().max() / (p0.double() - expect).abs().max()).item() < 5e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# Every recipe on every backend against the float64 oracle
+# ------------------------------------------------------------------------------------------------
+
+# (id, parameter dtype, options, bound on ||p - p64|| / ||p64 - p0|| after 200 steps, measured)
+RECIPES = [
+    ("bf16-kahan", torch.bfloat16, {"kahan_sum": True}, 0.05),  # measured ~0.013 (bf16 state)
+    ("bf16-kahan-fp32state", torch.bfloat16, {"kahan_sum": True, "state_format": "fp32"}, 0.01),
+    ("bf16-master", torch.bfloat16, {"master_weights": True, "state_format": "fp32"}, 0.01),
+    ("fp32-bf16state", torch.float32, {"state_format": "bf16"}, 0.05),
+    ("fp16-kahan", torch.float16, {"kahan_sum": True}, 0.02),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,kw,bound", [pytest.param(*r[1:], id=r[0]) for r in RECIPES])
+def test_recipe_tracks_float64(dtype, kw, bound, backend):
+    p0, grads = bf16_stream(4096, 200, seed=3)
+    ref = oracle(p0, grads)
+    p, opt = run(p0, grads, dtype=dtype, backend=backend, **kw)
+    full = opt.full_precision_params()[0].double()
+    assert ((full - ref).norm() / (ref - p0.double()).norm()).item() < bound
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stochastic_rounding_is_unbiased(backend):
+    """SR keeps no buffer; each element is noisy, but the mean over many parameters follows the
+    float64 trajectory (plain rounding would keep the mean where it started)."""
+    p0 = torch.full((8192,), 1.0, dtype=torch.bfloat16)
+    zeros = [torch.zeros(8192, dtype=torch.bfloat16)] * 300
+    p, _ = run(p0, zeros, stochastic_rounding=True, backend=backend)
+    expect = (1 - LR * WD) ** 300  # 0.997: 0.75 of a bf16 ulp below 1.0
+    mean = p.detach().double().mean().item()
+    # the std of the mean of 8192 values, each within one ulp (2^-8) of the truth: ~4e-5
+    assert abs(mean - expect) < 3e-4
+    assert p.dtype == torch.bfloat16
+
+
+def test_master_weights_bit_identical_to_fp32_run():
+    p0, grads = bf16_stream(1000, 50, seed=5)
+    for backend in BACKENDS:
+        p32, o32 = run(p0, grads, dtype=torch.float32, backend=backend)
+        pbf, obf = run(p0, grads, master_weights=True, state_format="fp32", backend=backend)
+        assert torch.equal(obf.state[pbf]["master_weight"], p32.detach()), backend
+        assert torch.equal(obf.state[pbf]["exp_avg_sq"], o32.state[p32]["exp_avg_sq"]), backend
+        assert torch.equal(pbf.detach(), p32.detach().to(torch.bfloat16))
+
+
+def test_state_formats_and_dtypes():
+    p = torch.randn(10, dtype=torch.bfloat16, requires_grad=True)
+    q = torch.randn(10, requires_grad=True)
+    opt = adamkit.AdamW([{"params": [p]}, {"params": [q], "state_format": "bf16"}])
+    p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+    opt.step()
+    assert opt.state[p]["exp_avg"].dtype == torch.bfloat16  # default: the parameter's dtype
+    assert opt.state[p]["kahan_comp"].dtype == torch.bfloat16  # Kahan on by default for bf16
+    assert opt.state[q]["exp_avg_sq"].dtype == torch.bfloat16 and "kahan_comp" not in opt.state[q]
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"kahan_sum": True, "stochastic_rounding": True}, "at most one"),
+        ({"master_weights": True, "kahan_sum": True}, "at most one"),
+        ({"state_format": "int4"}, "state_format"),
+        ({"kahan_sum": "yes"}, "kahan_sum"),
+        ({"min_8bit_size": -1}, "min_8bit_size"),
+    ],
+)
+def test_invalid_precision_options(kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        adamkit.AdamW([torch.zeros(2, requires_grad=True)], **kw)
+
+
+def test_fp16_stochastic_rounding_rejected_before_change():
+    p = torch.randn(4, dtype=torch.float16, requires_grad=True)
+    opt = adamkit.AdamW([p], stochastic_rounding=True)
+    p.grad = torch.ones_like(p)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="bfloat16"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+# ------------------------------------------------------------------------------------------------
+# State dicts keep dtypes; resuming is bit-identical; fp32 checkpoints seed Kahan/master
+# ------------------------------------------------------------------------------------------------
+
+
+def roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+RESUME = [
+    ("bf16-kahan", torch.bfloat16, {"kahan_sum": True}),
+    ("bf16-sr", torch.bfloat16, {"stochastic_rounding": True}),
+    ("bf16-master", torch.bfloat16, {"master_weights": True, "state_format": "fp32"}),
+    ("fp32-bf16state", torch.float32, {"state_format": "bf16"}),
+    ("fp32-8bit", torch.float32, {"state_format": "8bit", "min_8bit_size": 0}),
+    ("bf16-kahan-8bit", torch.bfloat16, {"state_format": "8bit", "amsgrad": True, "min_8bit_size": 0}),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,kw", [pytest.param(*r[1:], id=r[0]) for r in RESUME])
+def test_resume_bit_identical(dtype, kw, backend):
+    p0, grads = bf16_stream(700, 12, seed=9)
+    full, full_opt = run(p0, grads, dtype=dtype, backend=backend, **kw)
+    part, part_opt = run(p0, grads[:5], dtype=dtype, backend=backend, **kw)
+    saved_p, saved_o = roundtrip(part.detach()), roundtrip(part_opt.state_dict())
+    dtypes = {k: v.dtype for k, v in part_opt.state[part].items()}
+    resumed = saved_p.clone().requires_grad_()
+    opt = adamkit.AdamW([resumed], lr=LR, weight_decay=WD, backend=backend, **kw)
+    opt.load_state_dict(saved_o)
+    assert {k: v.dtype for k, v in opt.state[resumed].items()} == dtypes  # nothing cast
+    for g in grads[5:]:
+        resumed.grad = g.to(dtype)
+        opt.step()
+    assert torch.equal(resumed.detach(), full.detach())
+    for k, v in full_opt.state[full].items():
+        assert torch.equal(opt.state[resumed][k], v), k
+
+
+def test_fp32_checkpoint_into_bf16_kahan_keeps_everything():
+    w32 = torch.randn(300)
+    p = torch.zeros(300, dtype=torch.bfloat16, requires_grad=True)
+    opt = adamkit.AdamW([p], kahan_sum=True)
+    opt.load_full_precision_params([w32])
+    assert torch.equal(p.detach(), w32.to(torch.bfloat16))
+    # p + comp reproduces the fp32 weights to bf16(remainder) precision: 2^-17 relative
+    torch.testing.assert_close(opt.full_precision_params()[0], w32, rtol=2**-16, atol=0)
+    # the same through a state dict that carries master weights (from a master-weights run)
+    src_p = w32.to(torch.bfloat16).requires_grad_()
+    src = adamkit.AdamW([src_p], master_weights=True)
+    src.load_full_precision_params([w32])
+    src_p.grad = torch.zeros_like(src_p)
+    src.step()
+    q = src_p.detach().clone().requires_grad_()
+    dst = adamkit.AdamW([q], kahan_sum=True)
+    dst.load_state_dict(roundtrip(src.state_dict()))
+    torch.testing.assert_close(
+        dst.full_precision_params()[0], src.state[src_p]["master_weight"], rtol=2**-16, atol=0
+    )
+
+
+def test_kahan_state_into_non_kahan_optimizer_is_refused():
+    p = torch.randn(8, dtype=torch.bfloat16, requires_grad=True)
+    src = adamkit.AdamW([p], kahan_sum=True)
+    p.grad = torch.ones_like(p)
+    src.step()
+    dst = adamkit.AdamW([p], kahan_sum=False)
+    with pytest.raises(ValueError, match="kahan_comp"):
+        dst.load_state_dict(src.state_dict())
+
+
+# ------------------------------------------------------------------------------------------------
+# Bytes per parameter of optimizer state, measured from live tensors = the documented figure
+# ------------------------------------------------------------------------------------------------
+
+# recipe -> (param dtype, options, documented optimizer-state bytes/param excluding `step`)
+BYTES = [
+    ("fp32", torch.float32, {}, 8),
+    ("fp32-amsgrad", torch.float32, {"amsgrad": True}, 12),
+    ("fp32-bf16state", torch.float32, {"state_format": "bf16"}, 4),
+    ("bf16-kahan", torch.bfloat16, {}, 4 + 2),
+    ("bf16-kahan-fp32state", torch.bfloat16, {"state_format": "fp32"}, 8 + 2),
+    ("bf16-sr", torch.bfloat16, {"stochastic_rounding": True}, 4),
+    ("bf16-master", torch.bfloat16, {"master_weights": True, "state_format": "fp32"}, 8 + 4),
+    ("fp32-8bit", torch.float32, {"state_format": "8bit"}, 2 + 8 / 256),
+    ("bf16-kahan-8bit", torch.bfloat16, {"state_format": "8bit"}, 2 + 8 / 256 + 2),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("dtype,kw,bpp", [pytest.param(*r[1:], id=r[0]) for r in BYTES])
+def test_state_bytes_per_param(dtype, kw, bpp, backend):
+    shapes = [(64, 256), (256, 64), (32, 128)]  # multiples of the 8-bit block: no padding
+    ps = [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
+    opt = adamkit.AdamW(ps, backend=backend, **kw)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    n = sum(p.numel() for p in ps)
+    live = sum(t.nbytes for p in ps for k, t in opt.state[p].items() if k != "step")
+    assert live / n == pytest.approx(bpp, abs=1e-12)
+    # and the planner's figure for the same tensors is exact to the byte, step counters included
+    planned = adamkit_state_bytes(
+        shapes,
+        state_format=kw.get("state_format"),
+        amsgrad=kw.get("amsgrad", False),
+        param_dtype=dtype,
+        kahan=dtype == torch.bfloat16 and not kw.get("stochastic_rounding") and not kw.get("master_weights"),
+        master=kw.get("master_weights", False),
+    )
+    assert sum(planned.values()) == sum(t.nbytes for p in ps for t in opt.state[p].values())

@@ -1,0 +1,187 @@
+"""``adamkit race``: the quick race writes its files, every adamkit recipe learns, recipes are honest."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from adamkit import cli, race, tasks
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine two threads stall."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def quick_race(tmp_path_factory):
+    """One ``adamkit race --quick`` for the whole module (its output directory and stdout)."""
+    out = tmp_path_factory.mktemp("race")
+    capture = pytest.MonkeyPatch()
+    lines: list[str] = []
+    capture.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
+    try:
+        code = cli.main(["race", "--quick", "--no-progress", "--out", str(out)])
+    finally:
+        capture.undo()
+    assert code == 0
+    return out, "\n".join(lines)
+
+
+def test_quick_race_writes_json_with_a_curve_per_recipe(quick_race):
+    out, _ = quick_race
+    data = json.loads((out / "race.json").read_text())
+    ran, skipped = data["recipes"], data["skipped"]
+    # Every registered recipe either ran or was skipped with a reason; the fp32 ones always run.
+    assert set(ran) | set(skipped) == set(race.RECIPES)
+    assert not set(ran) & set(skipped)
+    assert {"sgd-momentum", "torch-adamw", "adamkit-adam", "adamkit-adamw"} <= set(ran)
+    assert all(reason for reason in skipped.values())
+    for name, run in ran.items():
+        curve = run["curve"]
+        assert len(curve) == 11, name  # step 0 and 10 evaluations
+        assert [p["step"] for p in curve] == sorted(p["step"] for p in curve)
+        assert curve[-1]["step"] == data["steps"]
+        assert len(run["train_losses"]) == data["steps"]
+        assert run["state_bytes_per_param"] > 0
+
+
+def test_quick_race_every_adamkit_recipe_learns(quick_race):
+    out, _ = quick_race
+    ran = json.loads((out / "race.json").read_text())["recipes"]
+    adamkit_runs = {n: r for n, r in ran.items() if r["optimizer"].startswith("adamkit.")}
+    assert len(adamkit_runs) >= 2
+    for name, run in adamkit_runs.items():
+        assert run["diverged_at"] is None, name
+        assert run["val_loss"] < run["initial_val_loss"] - 0.5, name
+        assert run["final_train_loss"] < run["train_losses"][0] - 0.5, name
+
+
+def test_quick_race_is_fair(quick_race):
+    out, _ = quick_race
+    ran = json.loads((out / "race.json").read_text())["recipes"]
+    # Same seed: every recipe starts from the same weights, so the step-0 validation loss agrees
+    # (exactly for fp32 parameters; bf16 recipes start from the same weights rounded to bf16).
+    assert len({run["initial_val_loss"] for run in ran.values() if run["precision"] == "fp32"}) == 1
+    first = ran["adamkit-adamw"]["initial_val_loss"]
+    assert all(run["initial_val_loss"] == pytest.approx(first, abs=0.01) for run in ran.values())
+    # adamkit.AdamW is a drop-in for torch.optim.AdamW: the same curve up to rounding.
+    ours, theirs = ran["adamkit-adamw"]["curve"], ran["torch-adamw"]["curve"]
+    assert [p["val_loss"] for p in ours] == pytest.approx([p["val_loss"] for p in theirs], abs=1e-3)
+    assert ran["sgd-momentum"]["lr"] > ran["adamkit-adamw"]["lr"]
+
+
+def test_quick_race_table_and_output(quick_race):
+    out, stdout = quick_race
+    md = (out / "race.md").read_text()
+    ran = json.loads((out / "race.json").read_text())["recipes"]
+    for name in ran:
+        assert f"| {name} |" in md and f"| {name} |" in stdout
+    assert "peak RSS" in md and "ms/step" in md and "state B/param" in md
+    assert "torch.optim.SGD" in stdout and "peak lr 0.05" in stdout  # the per-recipe lr is stated
+
+
+def test_quick_race_png(quick_race):
+    pytest.importorskip("matplotlib")
+    out, _ = quick_race
+    assert (out / "race.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_matplotlib_the_png_is_skipped(monkeypatch, tmp_path):
+    result = race.race(
+        "gpt", ["adamkit-adamw"], quick=True, steps=3, evals=1, untimed_steps=0, progress=False
+    )
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    notes: list[str] = []
+    files = race.write(result, tmp_path, log=notes.append)
+    assert [f.name for f in files] == ["race.json", "race.md"]
+    assert not (tmp_path / "race.png").exists()
+    assert "adamkit[plot]" in notes[0]
+
+
+def test_unavailable_recipe_is_skipped_with_a_note(monkeypatch):
+    monkeypatch.setitem(tasks.STATES, "fake", {"no_such_option": True})
+    monkeypatch.setitem(race.RECIPES, "fake-state", race.Recipe("fake-state", "adamw", state="fake"))
+    assert "no_such_option" in race.unavailable(race.RECIPES["fake-state"])
+    assert race.unavailable(race.RECIPES["adamkit-adamw"]) is None
+    notes: list[str] = []
+    result = race.race(
+        "gpt", ["fake-state", "adamkit-adam"], quick=True, steps=3, evals=1, progress=False, log=notes.append
+    )
+    assert list(result.runs) == ["adamkit-adam"]
+    assert "no_such_option" in result.skipped["fake-state"]
+    assert any(n.startswith("skipping fake-state") for n in notes)
+    assert "skipped fake-state" in race.markdown(result)
+
+
+def test_recipe_table_covers_the_precision_recipes():
+    for name in ("bf16-kahan", "bf16-sr", "bf16-master", "bf16-state", "8bit-state"):
+        recipe = race.RECIPES[name]
+        assert tasks.OPTIMIZERS[recipe.optimizer].adamkit
+        assert tasks.optimizer_kwargs(recipe.optimizer, recipe.precision, recipe.state)  # passes options
+
+
+def test_digits_race():
+    pytest.importorskip("sklearn")
+    result = race.race("digits", ["sgd-momentum", "adamkit-adamw"], quick=True, evals=2, progress=False)
+    assert result.task == "digits" and list(result.runs) == ["sgd-momentum", "adamkit-adamw"]
+    run = result.runs["adamkit-adamw"]
+    assert math.isfinite(run.val_loss) and run.val_loss < run.initial_val_loss
+
+
+def test_race_leaves_global_state_alone():
+    state, threads = torch.get_rng_state(), torch.get_num_threads()
+    result = race.race(
+        "gpt", ["adamkit-adamw"], quick=True, steps=2, evals=1, untimed_steps=0, threads=2, progress=False
+    )
+    assert result.threads == 2
+    assert torch.equal(state, torch.get_rng_state()) and torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--recipes", "adamkit-adamw,lion"], "unknown recipe(s) lion"),
+        (["--recipes", ","], "unknown recipe"),
+    ],
+)
+def test_cli_bad_recipes(capsys, args, message):
+    assert cli.main(["race", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("adamkit race: error:") and message in err and "adamkit-adamw" in err
+
+
+@pytest.mark.parametrize("args", [["--task", "mnist"], ["--steps", "0"], ["--evals", "-1"]])
+def test_cli_bad_arguments(capsys, args):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["race", *args])
+    assert exc.value.code == 2
+    assert "error: argument" in capsys.readouterr().err
+
+
+class _Broken(torch.optim.SGD):
+    def step(self, closure=None):
+        raise RuntimeError("boom")
+
+
+def test_a_failing_recipe_does_not_stop_the_race(monkeypatch, tmp_path):
+    monkeypatch.setitem(tasks.OPTIMIZERS, "broken", tasks.OptimizerSpec("Broken", _Broken, lr=0.1))
+    monkeypatch.setitem(race.RECIPES, "broken", race.Recipe("broken", "broken"))
+    notes: list[str] = []
+    result = race.race(
+        "gpt", ["broken", "sgd-momentum"], quick=True, steps=3, evals=1, progress=False, log=notes.append
+    )
+    assert list(result.runs) == ["sgd-momentum"]
+    assert result.failed["broken"].startswith("RuntimeError: boom (at test_race.py:")
+    assert notes == [f"broken failed: {result.failed['broken']}"]
+    assert "failed broken" in race.markdown(result)
+    assert race.to_json(result)["failed"] == result.failed
