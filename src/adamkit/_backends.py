@@ -67,26 +67,30 @@ def decode_all(fmt: Formats, t: dict, amsgrad: bool, cdt: torch.dtype):
     return out
 
 
-def encode_all(fmt: Formats, t: dict, new, amsgrad: bool, index, seed: int | torch.Tensor):
+def encode_all(fmt: Formats, t: dict, new, amsgrad: bool, index, seeds):
     """Compute-dtype (p, m, v, vmax) -> {name: new stored value} for every tensor that changes.
 
-    ``index`` is each element's position (for stochastic rounding's hash), ``seed`` a 32-bit seed of
-    this tensor/bucket and step; streams that round stochastically get distinct derived seeds.
+    ``index`` is each element's position (for stochastic rounding), ``seeds`` four independent
+    32-bit seeds (the parameter, then each moment) of this tensor or bucket and step.
     """
     p, *moments = new
     out: dict[str, torch.Tensor] = {}
-    out["param"], aux = encode_param(fmt.param, p, t["param"].dtype, index, seed)
+    out["param"], aux = encode_param(fmt.param, p, t["param"].dtype, index, seeds[0])
     if aux is not None:
         out[param_aux_key(fmt.param)] = aux
     for k, (name, x) in enumerate(zip(moment_names(amsgrad), moments)):
-        moment_seed = seed ^ (0x9E3779B9 * (k + 1) & 0xFFFFFFFF)  # independent bits per stream
         if fmt.state == "8bit":
             # the flat index of a padded buffer where x is one (fused); else encode makes its own
             idx = index.view(-1) if index is not None and index.numel() % _quant.BLOCK == 0 else None
-            out[name], out[name + "_scale"] = _quant.encode(name, x, idx, moment_seed)
+            out[name], out[name + "_scale"] = _quant.encode(name, x, idx, seeds[k + 1])
         else:
-            out[name] = encode_state(fmt.state, x, index, moment_seed)
+            out[name] = encode_state(fmt.state, x, index, seeds[k + 1])
     return out
+
+
+def step_seeds(step: float, uid: int) -> list[int]:
+    """Seeds of the four rounding streams of one tensor (or bucket) at one step."""
+    return [mix_seed(step, uid, k) for k in range(4)]
 
 
 def needs_index(fmt: Formats) -> bool:
@@ -95,7 +99,7 @@ def needs_index(fmt: Formats) -> bool:
 
 def _index_and_seed(it: Item):
     index = torch.arange(it.t["param"].numel(), device=it.t["param"].device).view(it.t["param"].shape)
-    return (index if needs_index(it.fmt) else None), mix_seed(it.step, it.uid)
+    return (index if needs_index(it.fmt) else None), step_seeds(it.step, it.uid)
 
 
 def _write_back(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -119,8 +123,8 @@ def run_reference(items: list[Item], scalars_of: Callable[[float], Scalars], fla
         cdt = compute_dtype(it.t["param"].dtype)
         p, g, m, v, vmax = decode_all(it.fmt, it.t, flags.amsgrad, cdt)
         new = adam_update(p, g, m, v, vmax, scalars_of(it.step), flags)
-        index, seed = _index_and_seed(it)
-        out = encode_all(it.fmt, it.t, [new[0], *new[1 : 3 + flags.amsgrad]], flags.amsgrad, index, seed)
+        index, seeds = _index_and_seed(it)
+        out = encode_all(it.fmt, it.t, [new[0], *new[1 : 3 + flags.amsgrad]], flags.amsgrad, index, seeds)
         for name, value in out.items():
             it.t[name].copy_(value)
 
@@ -143,8 +147,8 @@ def run_foreach(items: list[Item], scalars_of: Callable[[float], Scalars], flags
         news = [p.ts, m.ts, v.ts] + ([vmax.ts] if flags.amsgrad else [])
         pairs = []
         for i, it in enumerate(its):
-            index, seed = _index_and_seed(it)
-            out = encode_all(fmt, it.t, [n[i] for n in news], flags.amsgrad, index, seed)
+            index, seeds = _index_and_seed(it)
+            out = encode_all(fmt, it.t, [n[i] for n in news], flags.amsgrad, index, seeds)
             pairs += [(it.t[name], value) for name, value in out.items()]
         _write_back(pairs)
 

@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _quant
-from ._backends import MOMENTS, Item, decode_all, encode_all, needs_index, run_foreach
+from ._backends import MOMENTS, Item, decode_all, encode_all, needs_index, run_foreach, step_seeds
 from ._math import Flags, Scalars, adam_update
-from ._storage import Formats, compute_dtype, mix_seed
+from ._storage import Formats, compute_dtype
 
 # --------------------------------------------------------------------------------------------------
 # Availability: torch.compile's CPU backend needs a C++ compiler at run time.
@@ -95,18 +95,35 @@ def warn_fallback_once(reason: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _kernel_body(t: dict, hp, seed, *, fmt: Formats, amsgrad: bool, skip_nonfinite: bool):
+def _kernel_body(t: dict, hp, seeds, *, fmt: Formats, amsgrad: bool, skip_nonfinite: bool):
     cdt = hp.dtype
+    if fmt.state == "8bit":
+        # One (blocks, 256) iteration space for every tensor lets inductor put each block's
+        # reductions (the new scales) and its element-wise work in one loop nest: one pass over
+        # memory instead of one per reduction.
+        t = {k: v if k.endswith("_scale") else v.view(-1, _quant.BLOCK) for k, v in t.items()}
     s = Scalars(*[hp[i] for i in range(len(Scalars.FIELDS))])
     flags = Flags(wd_mode="runtime", amsgrad=amsgrad, maximize=None, skip_nonfinite=skip_nonfinite)
     p, g, m, v, vmax = decode_all(fmt, t, amsgrad, cdt)
     np_, nm, nv, nvmax = adam_update(p, g, m, v, vmax, s, flags)
-    index = torch.arange(t["param"].numel(), device=t["param"].device) if needs_index(fmt) else None
+    param = t["param"]
+    index = torch.arange(param.numel(), device=param.device).view(param.shape) if needs_index(fmt) else None
     new = [np_, nm, nv] + ([nvmax] if amsgrad else [])
     # Writing back inside the compiled function lets inductor emit one loop that loads each input
     # once and stores each output once (fp32: 28 bytes per parameter), nothing materialized between.
-    for name, value in encode_all(fmt, t, new, amsgrad, index, seed).items():
-        t[name].copy_(value)
+    for name, value in encode_all(fmt, t, new, amsgrad, index, seeds).items():
+        t[name].copy_(value.view_as(t[name]))
+
+
+_INDUCTOR_OPTIONS = {
+    # inductor would otherwise elide x.to(bf16).to(fp32) pairs, and the Kahan remainder
+    # x - round(x) would silently become 0
+    "emulate_precision_casts": True,
+    # with dynamic shapes (and its on-disk cache) the decision to run the loop on all cores would be
+    # made from the size seen at the first compile ever, possibly a tiny test tensor; let OpenMP
+    # decide at run time instead
+    "cpp.dynamic_threads": True,
+}
 
 
 @functools.cache
@@ -118,14 +135,12 @@ def _compiled(fmt: Formats, amsgrad: bool, skip_nonfinite: bool):
     code = _kernel_body.__code__.replace(co_name=name)
     fn = types.FunctionType(code, _kernel_body.__globals__, name)
     fn.__kwdefaults__ = {"fmt": fmt, "amsgrad": amsgrad, "skip_nonfinite": skip_nonfinite}
-    # emulate_precision_casts: inductor would otherwise elide x.to(bf16).to(fp32) pairs, and the
-    # Kahan remainder x - round(x) would silently become 0.
-    return torch.compile(fn, fullgraph=True, dynamic=True, options={"emulate_precision_casts": True})
+    return torch.compile(fn, fullgraph=True, dynamic=True, options=_INDUCTOR_OPTIONS)
 
 
-def run_kernel(t: dict, hp, seed, fmt: Formats, flags: Flags) -> None:
+def run_kernel(t: dict, hp, seeds, fmt: Formats, flags: Flags) -> None:
     try:
-        _compiled(fmt, flags.amsgrad, flags.skip_nonfinite)(t, hp, seed)
+        _compiled(fmt, flags.amsgrad, flags.skip_nonfinite)(t, hp, seeds)
     except Exception as e:  # a missing or broken compiler surfaces here, on first use
         msg = str(e).lower()
         if "compil" in msg or "cpp" in msg or "cxx" in msg:
@@ -160,7 +175,7 @@ class Bucket:
     steps: torch.Tensor  # fp32, one per tensor; state["step"] are 0-D views of it
     step: float
     hp: torch.Tensor
-    seed: torch.Tensor
+    seeds: torch.Tensor  # four rounding streams, see _backends.step_seeds
     param_ptrs: list[int] = field(default_factory=list)
     grad_views: list[torch.Tensor] = field(default_factory=list)
     grad_ptrs: list[int] = field(default_factory=list)
@@ -236,7 +251,7 @@ def build_buckets(
             steps=torch.full((len(ps),), step, dtype=torch.float32),
             step=step,
             hp=torch.zeros(len(Scalars.FIELDS), dtype=compute_dtype(dtype), device=device),
-            seed=torch.zeros((), dtype=torch.int64, device=device),
+            seeds=torch.zeros(4, dtype=torch.int64, device=device),
         )
         for i, p in enumerate(ps):
             st = state[p]
@@ -311,8 +326,8 @@ def step_bucket(bucket: Bucket, scalars: Scalars, flags: Flags, has_grad: list[b
     bucket.step += 1
     bucket.steps.fill_(bucket.step)
     bucket.hp.copy_(torch.tensor(scalars.as_list(), dtype=bucket.hp.dtype))
-    bucket.seed.fill_(mix_seed(bucket.step, bucket.uid))
-    run_kernel(bucket.flat, bucket.hp, bucket.seed, bucket.fmt, flags)
+    bucket.seeds.copy_(torch.tensor(step_seeds(bucket.step, bucket.uid)))
+    run_kernel(bucket.flat, bucket.hp, bucket.seeds, bucket.fmt, flags)
     return []
 
 

@@ -83,39 +83,44 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 _MASK = 0xFFFFFFFF
 
 
+def _fmix32(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK
+    return h ^ (h >> 16)
+
+
 def mix_seed(*keys: int) -> int:
-    """A 32-bit seed from integers (step number, tensor or bucket id, stream id), on the host."""
-    h = 0x811C9DC5
+    """A well-mixed 32-bit seed from integers (step number, tensor or bucket id, stream), computed
+    on the host: every output bit depends on every input bit (murmur3's finalizer), so the seeds of
+    consecutive steps are unrelated even in their top bits, which ``hash_bits`` uses."""
+    h = 0x9E3779B9
     for k in keys:
-        h = ((h ^ (int(k) & _MASK)) * 0x01000193) & _MASK
-        h ^= h >> 13
+        h = _fmix32((h ^ (int(k) & _MASK)) + 0x7F4A7C15 & _MASK)
     return h
 
 
 def hash_bits(index: torch.Tensor, seed) -> torch.Tensor:
-    """16 pseudo-random bits per element from (element index, 32-bit seed), as int64 in [0, 65536).
+    """16 pseudo-random bits per element, as int64 in [0, 65536): the top half of a 32-bit Weyl
+    sequence, frac(index * phi + seed / 2^32).
 
-    Every multiplier is below 2^31 and every operand is masked to 32 bits first, so no product
-    leaves int64 (indices below 2^31, i.e. buffers of up to 2G elements)."""
-    x = (index * 0x5BD1E995) & _MASK
-    x = x ^ seed
-    x = x ^ (x >> 16)
-    x = (x * 0x2C1B3C6D) & _MASK
-    x = x ^ (x >> 15)
-    x = (x * 0x297A2D39) & _MASK
-    x = x ^ (x >> 16)
-    return x & 0xFFFF
+    One multiply-add per element, so it costs nothing next to the memory traffic of a step.
+    Consecutive elements get evenly spread values (better than independent draws for dithering),
+    and the per-step seed (``mix_seed``, a full hash) decorrelates one step from the next. Indices
+    stay below 2^31 and the multiplier below 2^32, so the product fits int64."""
+    return ((index * 0x9E3779B1 + seed) & _MASK) >> 16
 
 
 def round_bf16_stochastic(x: torch.Tensor, index: torch.Tensor, seed) -> torch.Tensor:
     """fp32 -> bf16, rounding the magnitude up with probability (dropped bits) / 2^16, so the
     expected result is ``x``. Adding 16 random bits below bf16's last kept bit and truncating does
     exactly that; non-finite values are truncated without the addition (keeps inf and nan)."""
-    bits = x.view(torch.int32).to(torch.int64)
-    r = hash_bits(index, seed)
-    rounded = (bits + r) & ~0xFFFF
+    # int32 throughout: bits + r cannot overflow (the largest finite pattern is 0x7F7FFFFF)
+    bits = x.view(torch.int32)
+    r = hash_bits(index, seed).to(torch.int32)
     finite = torch.isfinite(x)
-    out = torch.where(finite, rounded, bits & ~0xFFFF).to(torch.int32).view(torch.float32)
+    out = (torch.where(finite, bits + r, bits) & ~0xFFFF).view(torch.float32)
     return out.to(torch.bfloat16)  # exact: the low 16 bits are zero
 
 
