@@ -80,9 +80,12 @@ def encode_all(fmt: Formats, t: dict, new, amsgrad: bool, index, seeds):
         out[param_aux_key(fmt.param)] = aux
     for k, (name, x) in enumerate(zip(moment_names(amsgrad), moments)):
         if fmt.state == "8bit":
-            # the flat index of a padded buffer where x is one (fused); else encode makes its own
-            idx = index.view(-1) if index is not None and index.numel() % _quant.BLOCK == 0 else None
-            out[name], out[name + "_scale"] = _quant.encode(name, x, idx, seeds[k + 1])
+            blocked = x.dim() == 2 and x.shape[1] == _quant.BLOCK  # the fused kernel's layout
+            idx = index if blocked and index is not None and index.shape == x.shape else None
+            if idx is None:  # per tensor: pad to whole blocks, index the padded elements
+                idx = torch.arange(_quant.padded(x.numel()), device=x.device).view(-1, _quant.BLOCK)
+            codes, out[name + "_scale"] = _quant.encode_blocks(name, _quant.blockify(x), idx, seeds[k + 1])
+            out[name] = codes.view(t[name].shape)
         else:
             out[name] = encode_state(fmt.state, x, index, seeds[k + 1])
     return out

@@ -97,11 +97,6 @@ def warn_fallback_once(reason: str) -> None:
 
 def _kernel_body(t: dict, hp, seeds, *, fmt: Formats, amsgrad: bool, skip_nonfinite: bool):
     cdt = hp.dtype
-    if fmt.state == "8bit":
-        # One (blocks, 256) iteration space for every tensor lets inductor put each block's
-        # reductions (the new scales) and its element-wise work in one loop nest: one pass over
-        # memory instead of one per reduction.
-        t = {k: v if k.endswith("_scale") else v.view(-1, _quant.BLOCK) for k, v in t.items()}
     s = Scalars(*[hp[i] for i in range(len(Scalars.FIELDS))])
     flags = Flags(wd_mode="runtime", amsgrad=amsgrad, maximize=None, skip_nonfinite=skip_nonfinite)
     p, g, m, v, vmax = decode_all(fmt, t, amsgrad, cdt)
@@ -124,6 +119,16 @@ _INDUCTOR_OPTIONS = {
     # decide at run time instead
     "cpp.dynamic_threads": True,
 }
+# 8-bit kernels: every block's new moments feed both its scale (a reduction) and its codes; letting
+# inductor recompute them (a few flops on cache-resident data) instead of writing them to temporary
+# fp32 buffers keeps the step at one pass over memory.
+_INDUCTOR_OPTIONS_8BIT = {
+    **_INDUCTOR_OPTIONS,
+    "realize_reads_threshold": 1000,
+    "realize_cpu_opcount_threshold": 100000,
+    "realize_cpu_acc_reads_threshold": 1000,
+    "aggressive_fusion": True,
+}
 
 
 @functools.cache
@@ -135,7 +140,8 @@ def _compiled(fmt: Formats, amsgrad: bool, skip_nonfinite: bool):
     code = _kernel_body.__code__.replace(co_name=name)
     fn = types.FunctionType(code, _kernel_body.__globals__, name)
     fn.__kwdefaults__ = {"fmt": fmt, "amsgrad": amsgrad, "skip_nonfinite": skip_nonfinite}
-    return torch.compile(fn, fullgraph=True, dynamic=True, options=_INDUCTOR_OPTIONS)
+    options = _INDUCTOR_OPTIONS_8BIT if fmt.state == "8bit" else _INDUCTOR_OPTIONS
+    return torch.compile(fn, fullgraph=True, dynamic=True, options=options)
 
 
 def run_kernel(t: dict, hp, seeds, fmt: Formats, flags: Flags) -> None:
@@ -184,11 +190,12 @@ class Bucket:
     def view(self, name: str, i: int) -> torch.Tensor:
         """Parameter i's slice of a flat buffer, in the shape its state entry has."""
         o, n = self.offsets[i], self.shapes[i].numel()
+        flat = self.flat[name].view(-1)
         if name.endswith("_scale"):
-            return self.flat[name][o // _quant.BLOCK : (o + self.padded[i]) // _quant.BLOCK]
+            return flat[o // _quant.BLOCK : (o + self.padded[i]) // _quant.BLOCK]
         if self.fmt.state == "8bit" and name in MOMENTS:
-            return self.flat[name][o : o + self.padded[i]]
-        return self.flat[name][o : o + n].view(self.shapes[i])
+            return flat[o : o + self.padded[i]]
+        return flat[o : o + n].view(self.shapes[i])
 
     def remove_hooks(self) -> None:
         for h in self.hooks:
@@ -231,12 +238,13 @@ def build_buckets(
             n += padded[-1]
         st0 = state[ps[0]]
         names = [k for k in st0 if k != "step"]
-        flat = {
-            "param": torch.zeros(n, device=device, dtype=dtype),
-            "grad": torch.zeros(n, device=device, dtype=dtype),
-        }
+        # 8-bit buffers are (blocks, 256) tensors: one iteration space for every tensor lets
+        # inductor fuse each block's reductions (the new scales) with its element-wise work, and
+        # updating the kernel's inputs in place (not views of them) spares copies back.
+        shape = (n // _quant.BLOCK, _quant.BLOCK) if fmt.state == "8bit" else (n,)
+        flat = {k: torch.zeros(shape, device=device, dtype=dtype) for k in ("param", "grad")}
         for k in names:
-            length = n // _quant.BLOCK if k.endswith("_scale") else n
+            length = (n // _quant.BLOCK,) if k.endswith("_scale") else shape
             flat[k] = torch.zeros(length, device=device, dtype=st0[k].dtype)
             if fmt.state == "8bit" and k in MOMENTS and _quant.SIGNED[k]:
                 flat[k].fill_(128)  # the code of zero for m (alignment gaps included)

@@ -37,7 +37,9 @@ from ._storage import hash_bits
 
 BLOCK = 256
 SIGNED = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
-_QM, _QV = 127.0, 254.0
+# ints, not floats: dynamo turns global floats into run-time inputs, which would cost a scalar pow
+# and divisions per vector in the compiled loop; ints are folded as constants.
+_QM, _QV = 127, 254
 _NAN_M, _NAN_V = 0, 255
 
 
@@ -55,41 +57,41 @@ def zeros(n: int, signed: bool, device=None) -> tuple[torch.Tensor, torch.Tensor
     return codes, torch.zeros(blocks(n), dtype=torch.float32, device=device)
 
 
-def decode(name: str, codes: torch.Tensor, scales: torch.Tensor, shape, cdt: torch.dtype) -> torch.Tensor:
-    """Codes (padded, 1-D) and block scales -> values of ``shape`` in ``cdt``."""
-    c = codes.view(-1, BLOCK).to(torch.float32)
+def decode_blocks(name: str, codes: torch.Tensor, scales: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+    """(blocks, 256) codes and (blocks,) scales -> (blocks, 256) values in ``cdt``."""
+    c = codes.to(torch.float32)
     a = scales.view(-1, 1)
     if SIGNED[name]:
         c = c - 128.0
         x = (c * c.abs()) * (a * (1.0 / (_QM * _QM)))
-        x = torch.where(codes.view(-1, BLOCK) == _NAN_M, float("nan"), x)
+        x = torch.where(codes == _NAN_M, float("nan"), x)
     else:
         c2 = c * c
         x = (c2 * c2) * (a * (1.0 / _QV**4))
-        x = torch.where(codes.view(-1, BLOCK) == _NAN_V, float("nan"), x)
-    n = math.prod(shape)
+        x = torch.where(codes == _NAN_V, float("nan"), x)
+    return x.to(cdt)
+
+
+def blockify(x: torch.Tensor) -> torch.Tensor:
+    """Any tensor -> (blocks, 256), zero-padded (a no-op for a (blocks, 256) tensor)."""
+    if x.dim() == 2 and x.shape[1] == BLOCK:
+        return x
     x = x.reshape(-1)
-    if x.numel() != n:
-        x = x[:n]
-    return x.view(shape).to(cdt)
+    if x.numel() % BLOCK:
+        x = F.pad(x, (0, padded(x.numel()) - x.numel()))
+    return x.view(-1, BLOCK)
 
 
-def encode(name: str, x: torch.Tensor, index: torch.Tensor | None = None, seed=0):
-    """Values -> (codes uint8 of the padded length, fp32 block scales). ``index`` gives each
-    element's position (padded, 1-D) for the stochastic rounding hash; default 0..n-1."""
-    x = x.reshape(-1).to(torch.float32)
-    n = x.numel()
-    if n % BLOCK:
-        x = F.pad(x, (0, padded(n) - n))
-    xb = x.view(-1, BLOCK)
+def encode_blocks(name: str, xb: torch.Tensor, index: torch.Tensor, seed):
+    """(blocks, 256) values -> (blocks, 256) uint8 codes and (blocks,) fp32 scales, each block's
+    scale being its largest finite magnitude."""
+    xb = xb.to(torch.float32)
     finite = torch.isfinite(xb)
     mag = torch.where(finite, xb.abs(), 0.0)
     a = mag.amax(dim=1, keepdim=True)
-    if index is None:
-        index = torch.arange(xb.numel(), device=x.device)
-    u = hash_bits(index.view(-1, BLOCK), seed).to(torch.float32) * (1.0 / 65536.0)
-    safe_a = torch.where(a > 0, a, 1.0)
-    r = mag / safe_a  # in [0, 1]
+    u = hash_bits(index, seed).to(torch.float32) * (1.0 / 65536.0)
+    inv_a = torch.where(a > 0, 1.0 / a, 0.0)  # one division per block, not per element
+    r = mag * inv_a  # in [0, 1]
     if SIGNED[name]:
         c = torch.clamp(torch.floor(torch.sqrt(r) * _QM), max=_QM - 1)
         lo, hi = c * c * (1.0 / _QM**2), (c + 1) * (c + 1) * (1.0 / _QM**2)
@@ -106,7 +108,34 @@ def encode(name: str, x: torch.Tensor, index: torch.Tensor | None = None, seed=0
         stored = torch.where(finite, stored, float(_NAN_M))
     else:
         stored = torch.where(finite, c, float(_NAN_V))
-    return stored.to(torch.uint8).view(-1), a.view(-1)
+    return stored.to(torch.uint8), a.view(-1)
+
+
+def decode(name: str, codes: torch.Tensor, scales: torch.Tensor, shape, cdt: torch.dtype) -> torch.Tensor:
+    """Codes (any shape holding the padded length) and block scales -> values of ``shape``."""
+    x = decode_blocks(name, codes.view(-1, BLOCK), scales, cdt)
+    if tuple(x.shape) == tuple(shape):  # the fused kernel works on (blocks, 256) directly
+        return x
+    n = math.prod(shape)
+    return x.reshape(-1)[:n].view(shape)
+
+
+def encode(name: str, x: torch.Tensor, index: torch.Tensor | None = None, seed=0):
+    """Values (any shape) -> (codes, fp32 block scales); codes keep x's shape if it is (blocks,
+    256), else they are 1-D of the padded length. ``index`` gives each element's position for the
+    rounding bits (default: 0..n-1)."""
+    if x.dim() == 2 and x.shape[1] == BLOCK:
+        if index is None:
+            index = torch.arange(x.numel(), device=x.device).view(x.shape)
+        return encode_blocks(name, x, index.view(x.shape), seed)
+    x = x.reshape(-1)
+    n = x.numel()
+    if n % BLOCK:
+        x = F.pad(x, (0, padded(n) - n))
+    if index is None:
+        index = torch.arange(x.numel(), device=x.device)
+    codes, scales = encode_blocks(name, x.view(-1, BLOCK), index.view(-1, BLOCK), seed)
+    return codes.view(-1), scales
 
 
 def error_bound(name: str, x: torch.Tensor) -> torch.Tensor:

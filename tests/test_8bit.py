@@ -1,0 +1,255 @@
+"""8-bit optimizer state: quantization error bounds against float64, exact zeros, non-finite
+isolation, the size threshold, state dicts and accuracy against a float64 oracle."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import adamkit
+from adamkit import _quant
+
+BACKENDS = ["reference", "foreach", "fused"]
+
+
+def roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The format itself
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["exp_avg", "exp_avg_sq"])
+@pytest.mark.parametrize("spread", [1.0, 1e3, 1e8])
+def test_quantization_error_within_the_stated_bound(name, spread):
+    """Per element, |decode(encode(x)) - x| <= a((c+1)^k - c^k)/Q^k (module doc of _quant), for
+    blocks whose magnitudes span 1x to 1e8x, checked in float64."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256 * 64 + 77, generator=g, dtype=torch.float64)
+    x = x * torch.exp(torch.rand(x.shape, generator=g, dtype=torch.float64) * torch.log(torch.tensor(spread)))
+    if name == "exp_avg_sq":
+        x = x * x
+    x = x.float().double()  # the values an fp32 optimizer would hold
+    for seed in range(5):
+        codes, scales = _quant.encode(name, x.float(), seed=seed)
+        y = _quant.decode(name, codes, scales, x.shape, torch.float64)
+        assert ((y - x).abs() <= _quant.error_bound(name, x)).all()
+    assert codes.dtype == torch.uint8 and codes.numel() == _quant.padded(x.numel())
+    assert scales.numel() == _quant.blocks(x.numel())
+
+
+@pytest.mark.parametrize("name", ["exp_avg", "exp_avg_sq"])
+def test_rounding_is_unbiased(name):
+    """Averaged over many independent rounding seeds the decoded value converges to x (the bias
+    that dithering in the companded domain would leave is ~1/c^2, here ~1e-2 for small codes)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(256 * 8, generator=g) * (1 if name == "exp_avg_sq" else 2) - (0 if name == "exp_avg_sq" else 1)
+    x[::7] *= 1e-3  # small values: few codes, where bias would show
+    acc = torch.zeros(x.shape, dtype=torch.float64)
+    for seed in range(400):
+        from adamkit._storage import mix_seed
+
+        codes, scales = _quant.encode(name, x, seed=mix_seed(seed))
+        acc += _quant.decode(name, codes, scales, x.shape, torch.float64)
+    mean = acc / 400
+    # the standard error of a 400-sample mean of a one-code-step rounding is <= step/40
+    step = _quant.error_bound(name, x.double())
+    assert ((mean - x.double()).abs() <= step / 10 + 1e-12).float().mean() > 0.99
+
+
+def test_zero_and_non_finite_codes():
+    x = torch.zeros(512)
+    x[3], x[300] = float("nan"), float("inf")
+    x[4], x[301] = 1.0, -2.0
+    for name in ("exp_avg", "exp_avg_sq"):
+        v = x.abs() if name == "exp_avg_sq" else x
+        codes, scales = _quant.encode(name, v)
+        y = _quant.decode(name, codes, scales, x.shape, torch.float32)
+        assert torch.isnan(y[3]) and torch.isnan(y[300])  # the marker, element-local
+        finite = torch.isfinite(v)
+        assert torch.equal(y[finite & (v == 0)], torch.zeros(int((finite & (v == 0)).sum())))
+        assert scales.tolist() == [v[:256][torch.isfinite(v[:256])].abs().max().item(), 2.0]  # finite max
+        torch.testing.assert_close(y[4], v[4])  # the block's largest value is exact
+
+
+# ------------------------------------------------------------------------------------------------
+# The optimizer with 8-bit state
+# ------------------------------------------------------------------------------------------------
+
+
+def stream(n, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g), [torch.randn(n, generator=g) * 0.1 for _ in range(steps)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_gradient_never_moves(backend):
+    p0, grads = stream(4096, 20)
+    frozen = torch.arange(4096) % 5 == 0  # every fifth element, inside busy blocks
+    p = p0.clone().requires_grad_()
+    opt = adamkit.AdamW([p], weight_decay=0.0, state_format="8bit", backend=backend)
+    for g in grads:
+        p.grad = torch.where(frozen, 0.0, g)
+        opt.step()
+    assert torch.equal(p.detach()[frozen], p0[frozen])
+    assert not torch.equal(p.detach()[~frozen], p0[~frozen])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("skip", [False, True])
+def test_nonfinite_gradient_stays_in_its_element(backend, skip):
+    p0, grads = stream(4096, 6, seed=2)
+    bad = [torch.ones(4096, dtype=torch.bool) for _ in grads]
+    runs = {}
+    for kind in ("nan", "clean"):
+        p = p0.clone().requires_grad_()
+        opt = adamkit.AdamW([p], state_format="8bit", backend=backend, skip_nonfinite=skip)
+        for t, g in enumerate(grads):
+            g = g.clone()
+            if t == 3:
+                g[10] = float("nan") if kind == "nan" else 0.0
+                bad[t][10] = False
+            p.grad = g
+            opt.step()
+        runs[kind] = (p.detach(), opt)
+    p_nan, p_clean = runs["nan"][0], runs["clean"][0]
+    others = torch.arange(4096) != 10
+    # every other element, its block-mates included, is unaffected
+    torch.testing.assert_close(p_nan[others], p_clean[others], rtol=0, atol=0)
+    if skip:
+        assert torch.isfinite(p_nan[10])  # protected: the bad element kept its old value
+    else:
+        assert torch.isnan(p_nan[10])  # unprotected: only the element itself is lost
+
+
+def test_skip_nonfinite_keeps_the_element_exactly_fp32():
+    p = torch.randn(8, requires_grad=True)
+    opt = adamkit.AdamW([p], skip_nonfinite=True, backend="reference")
+    p.grad = torch.randn(8)
+    opt.step()
+    before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    g = torch.randn(8)
+    g[2] = float("inf")
+    p.grad = g
+    opt.step()
+    assert p[2].item() == before[0][2].item()
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert opt.state[p][k][2].item() == before[1][k][2].item()
+    assert p[0].item() != before[0][0].item()
+
+
+def test_small_tensors_keep_fp32_state_threshold_is_an_argument():
+    big, small = torch.randn(5000, requires_grad=True), torch.randn(100, requires_grad=True)
+    opt = adamkit.AdamW([big, small], state_format="8bit")
+    big.grad, small.grad = torch.randn(5000), torch.randn(100)
+    opt.step()
+    assert opt.state[big]["exp_avg"].dtype == torch.uint8
+    assert opt.state[small]["exp_avg"].dtype == torch.float32
+    opt2 = adamkit.AdamW([torch.randn(100, requires_grad=True)], state_format="8bit", min_8bit_size=0)
+    q = opt2.param_groups[0]["params"][0]
+    q.grad = torch.randn(100)
+    opt2.step()
+    assert opt2.state[q]["exp_avg"].dtype == torch.uint8 and opt2.state[q]["exp_avg"].numel() == 256
+
+
+# (id, options, bound on ||p - p64|| / ||p64 - p0|| after 300 steps of a random-gradient stream;
+# the 8-bit moments carry ~1-2% rounding noise per step, which the trajectory integrates)
+ORACLE = [
+    ("adamw", {}, {}, 0.06),
+    ("adamw-amsgrad", {"amsgrad": True}, {"amsgrad": True}, 0.06),
+    ("adam-l2", {"decoupled_weight_decay": False, "weight_decay": 0.1}, {"weight_decay": 0.1}, 0.06),
+    ("adamw-full-decay", {"decouple_lr": True, "weight_decay": 1e-3, "max_lr": 1e-3}, {"weight_decay": 1.0}, 0.06),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kw,torch_kw,bound", [pytest.param(*r[1:], id=r[0]) for r in ORACLE])
+def test_tracks_float64_oracle(kw, torch_kw, bound, backend):
+    p0, grads = stream(8192, 300, seed=4)
+    ref = p0.double().requires_grad_()
+    decoupled = kw.get("decoupled_weight_decay", True)
+    topt = (torch.optim.AdamW if decoupled else torch.optim.Adam)([ref], lr=1e-3, **torch_kw)
+    p = p0.clone().requires_grad_()
+    cls = adamkit.AdamW if decoupled else adamkit.Adam
+    opt = cls([p], lr=1e-3, state_format="8bit", backend=backend, **{k: v for k, v in kw.items() if k != "decoupled_weight_decay"})
+    for g in grads:
+        ref.grad, p.grad = g.double(), g.clone()
+        topt.step()
+        opt.step()
+    err = (p.detach().double() - ref.detach()).norm() / (ref.detach() - p0.double()).norm()
+    assert err.item() < bound
+
+
+def test_param_groups_and_bf16_kahan():
+    p0, grads = stream(8192, 100, seed=6)
+    a = p0[:4096].to(torch.bfloat16).requires_grad_()
+    b = p0[4096:].clone().requires_grad_()
+    opt = adamkit.AdamW([{"params": [a], "lr": 2e-3}, {"params": [b], "weight_decay": 0.0}], state_format="8bit")
+    for g in grads:
+        a.grad, b.grad = g[:4096].to(torch.bfloat16), g[4096:].clone()
+        opt.step()
+    st = opt.state[a]
+    assert st["exp_avg"].dtype == torch.uint8 and st["kahan_comp"].dtype == torch.bfloat16
+    assert opt.state[b]["exp_avg_sq"].dtype == torch.uint8
+    assert (a.detach().float() - p0[:4096]).abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_state_dict_converts_both_ways(backend):
+    p0, grads = stream(4096, 10, seed=8)
+    p = p0.clone().requires_grad_()
+    fp32 = adamkit.AdamW([p], backend=backend)
+    for g in grads[:5]:
+        p.grad = g.clone()
+        fp32.step()
+    q = p.detach().clone().requires_grad_()
+    eight = adamkit.AdamW([q], state_format="8bit", backend=backend)
+    eight.load_state_dict(roundtrip(fp32.state_dict()))
+    m8 = _quant.decode("exp_avg", eight.state[q]["exp_avg"], eight.state[q]["exp_avg_scale"], q.shape, torch.float64)
+    m32 = fp32.state[p]["exp_avg"].double()
+    assert ((m8 - m32).abs() <= _quant.error_bound("exp_avg", m32)).all()
+    # and back: the 8-bit state decodes into an fp32 optimizer
+    r = q.detach().clone().requires_grad_()
+    back = adamkit.AdamW([r], backend=backend)
+    back.load_state_dict(roundtrip(eight.state_dict()))
+    assert back.state[r]["exp_avg"].dtype == torch.float32
+    torch.testing.assert_close(back.state[r]["exp_avg"].double(), m8, rtol=0, atol=0)
+    for g in grads[5:]:
+        r.grad = g.clone()
+        back.step()  # continues
+
+
+def test_mismatched_8bit_state_rejected_unchanged():
+    p = torch.randn(4096, requires_grad=True)
+    opt = adamkit.AdamW([p], state_format="8bit")
+    p.grad = torch.randn(4096)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"][:256].clone()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    with pytest.raises(ValueError, match="8-bit codes"):
+        opt.load_state_dict(sd)
+    for k, v in opt.state[p].items():
+        assert torch.equal(v, before[k])
+
+
+def test_state_bytes_per_param_on_the_benchmark_model():
+    """The transformer of the benchmark (200 tensors; norms and biases stay fp32), scaled down."""
+    from adamkit.bench import transformer_shapes
+
+    shapes = transformer_shapes(d=128, layers=4, vocab=512, ctx=256)
+    ps = [torch.randn(s, requires_grad=True) for s in shapes]
+    opt = adamkit.AdamW(ps, state_format="8bit", backend="fused")
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    n = sum(p.numel() for p in ps)
+    live = sum(t.nbytes for p in ps for t in opt.state[p].values())
+    assert live / n <= 2.1
