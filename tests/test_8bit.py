@@ -50,7 +50,9 @@ def test_rounding_is_unbiased(name):
     """Averaged over many independent rounding seeds the decoded value converges to x (the bias
     that dithering in the companded domain would leave is ~1/c^2, here ~1e-2 for small codes)."""
     g = torch.Generator().manual_seed(1)
-    x = torch.rand(256 * 8, generator=g) * (1 if name == "exp_avg_sq" else 2) - (0 if name == "exp_avg_sq" else 1)
+    x = torch.rand(256 * 8, generator=g) * (1 if name == "exp_avg_sq" else 2) - (
+        0 if name == "exp_avg_sq" else 1
+    )
     x[::7] *= 1e-3  # small values: few codes, where bias would show
     acc = torch.zeros(x.shape, dtype=torch.float64)
     for seed in range(400):
@@ -165,7 +167,12 @@ ORACLE = [
     ("adamw", {}, {}, 0.06),
     ("adamw-amsgrad", {"amsgrad": True}, {"amsgrad": True}, 0.06),
     ("adam-l2", {"decoupled_weight_decay": False, "weight_decay": 0.1}, {"weight_decay": 0.1}, 0.06),
-    ("adamw-full-decay", {"decouple_lr": True, "weight_decay": 1e-3, "max_lr": 1e-3}, {"weight_decay": 1.0}, 0.06),
+    (
+        "adamw-full-decay",
+        {"decouple_lr": True, "weight_decay": 1e-3, "max_lr": 1e-3},
+        {"weight_decay": 1.0},
+        0.06,
+    ),
 ]
 
 
@@ -178,7 +185,13 @@ def test_tracks_float64_oracle(kw, torch_kw, bound, backend):
     topt = (torch.optim.AdamW if decoupled else torch.optim.Adam)([ref], lr=1e-3, **torch_kw)
     p = p0.clone().requires_grad_()
     cls = adamkit.AdamW if decoupled else adamkit.Adam
-    opt = cls([p], lr=1e-3, state_format="8bit", backend=backend, **{k: v for k, v in kw.items() if k != "decoupled_weight_decay"})
+    opt = cls(
+        [p],
+        lr=1e-3,
+        state_format="8bit",
+        backend=backend,
+        **{k: v for k, v in kw.items() if k != "decoupled_weight_decay"},
+    )
     for g in grads:
         ref.grad, p.grad = g.double(), g.clone()
         topt.step()
@@ -191,7 +204,9 @@ def test_param_groups_and_bf16_kahan():
     p0, grads = stream(8192, 100, seed=6)
     a = p0[:4096].to(torch.bfloat16).requires_grad_()
     b = p0[4096:].clone().requires_grad_()
-    opt = adamkit.AdamW([{"params": [a], "lr": 2e-3}, {"params": [b], "weight_decay": 0.0}], state_format="8bit")
+    opt = adamkit.AdamW(
+        [{"params": [a], "lr": 2e-3}, {"params": [b], "weight_decay": 0.0}], state_format="8bit"
+    )
     for g in grads:
         a.grad, b.grad = g[:4096].to(torch.bfloat16), g[4096:].clone()
         opt.step()
@@ -212,7 +227,9 @@ def test_fp32_state_dict_converts_both_ways(backend):
     q = p.detach().clone().requires_grad_()
     eight = adamkit.AdamW([q], state_format="8bit", backend=backend)
     eight.load_state_dict(roundtrip(fp32.state_dict()))
-    m8 = _quant.decode("exp_avg", eight.state[q]["exp_avg"], eight.state[q]["exp_avg_scale"], q.shape, torch.float64)
+    m8 = _quant.decode(
+        "exp_avg", eight.state[q]["exp_avg"], eight.state[q]["exp_avg_scale"], q.shape, torch.float64
+    )
     m32 = fp32.state[p]["exp_avg"].double()
     assert ((m8 - m32).abs() <= _quant.error_bound("exp_avg", m32)).all()
     # and back: the 8-bit state decodes into an fp32 optimizer

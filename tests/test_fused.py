@@ -169,3 +169,22 @@ def test_fused_state_dict_roundtrip_into_other_backends():
         other.step()
         ref.step()
     assert_same(other, ref, cont, rps)
+
+
+def test_dropped_optimizer_is_released_and_its_hooks_do_nothing():
+    import gc
+    import weakref
+
+    model = torch.nn.Linear(4, 3)
+    opt = adamkit.AdamW(model.parameters(), backend="fused")
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    bucket = weakref.ref(opt._layouts[0].buckets[0])
+    del opt
+    gc.collect()
+    assert bucket() is None  # the hooks left on the parameters do not keep it alive
+    model.zero_grad()
+    model(torch.randn(2, 4)).sum().backward()  # the stale hooks run and do nothing
+    assert all(p.grad is not None for p in model.parameters())
+    new = adamkit.AdamW(model.parameters(), backend="fused")
+    new.step()

@@ -46,6 +46,7 @@ class Item:
     fmt: Formats
     step: float  # the step number of this update (1-based)
     uid: int  # a stable id of the parameter in its optimizer: seeds stochastic rounding
+    offset: int = 0  # position of t's first element in its parameter (a chunk of a large tensor)
 
 
 def moment_names(amsgrad: bool) -> tuple[str, ...]:
@@ -101,8 +102,11 @@ def needs_index(fmt: Formats) -> bool:
 
 
 def _index_and_seed(it: Item):
-    index = torch.arange(it.t["param"].numel(), device=it.t["param"].device).view(it.t["param"].shape)
-    return (index if needs_index(it.fmt) else None), step_seeds(it.step, it.uid)
+    if not needs_index(it.fmt):
+        return None, step_seeds(it.step, it.uid)
+    p = it.t["param"]
+    index = torch.arange(it.offset, it.offset + p.numel(), device=p.device).view(p.shape)
+    return index, step_seeds(it.step, it.uid)
 
 
 def _write_back(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -132,28 +136,58 @@ def run_reference(items: list[Item], scalars_of: Callable[[float], Scalars], fla
             it.t[name].copy_(value)
 
 
+# foreach works out of place, one temporary list per operator: processing at most this many
+# elements at a time keeps those temporaries in cache instead of streaming them through memory.
+FOREACH_CHUNK = 1 << 16
+FOREACH_BATCH = 1 << 20
+
+
+def _chunks(it: Item) -> list[Item]:
+    """Views of a large contiguous parameter's tensors, FOREACH_CHUNK elements at a time. Element
+    positions (``offset``) are kept, so stochastic rounding draws the same bits as the reference."""
+    n = it.t["param"].numel()
+    if n <= FOREACH_CHUNK or it.fmt.state == "8bit" or not all(v.is_contiguous() for v in it.t.values()):
+        return [it]
+    flat = {k: v.view(-1) for k, v in it.t.items()}
+    return [
+        Item({k: v[a : a + FOREACH_CHUNK] for k, v in flat.items()}, it.fmt, it.step, it.uid, a)
+        for a in range(0, n, FOREACH_CHUNK)
+    ]
+
+
 def run_foreach(items: list[Item], scalars_of: Callable[[float], Scalars], flags: Flags) -> None:
-    """The same math over lists: one ``torch._foreach_*`` kernel per operator per bucket; decode
+    """The same math over lists: one ``torch._foreach_*`` kernel per operator per batch; decode
     and encode run per tensor (they are no-ops for fp32 storage).
 
-    Buckets share device, dtypes, formats and step number, so every scalar is one Python float.
+    Batches share device, dtypes, formats and step number, so every scalar is one Python float.
     """
     buckets: dict[tuple, list[Item]] = defaultdict(list)
     for it in items:
         key = (it.t["param"].device, it.t["param"].dtype, it.t["exp_avg"].dtype, it.fmt, it.step)
-        buckets[key].append(it)
+        buckets[key].extend(_chunks(it))
     for (_, pdt, _, fmt, step), its in buckets.items():
-        cdt = compute_dtype(pdt)
-        cols = list(zip(*(decode_all(fmt, it.t, flags.amsgrad, cdt) for it in its)))
-        vals = [TensorList(list(c)) if c[0] is not None else None for c in cols]
-        p, m, v, vmax = adam_update(*vals, scalars_of(step), flags)
-        news = [p.ts, m.ts, v.ts] + ([vmax.ts] if flags.amsgrad else [])
-        pairs = []
-        for i, it in enumerate(its):
-            index, seeds = _index_and_seed(it)
-            out = encode_all(fmt, it.t, [n[i] for n in news], flags.amsgrad, index, seeds)
-            pairs += [(it.t[name], value) for name, value in out.items()]
-        _write_back(pairs)
+        batch, size = [], 0
+        for it in its:
+            batch.append(it)
+            size += it.t["param"].numel()
+            if size >= FOREACH_BATCH:
+                _foreach_batch(batch, fmt, compute_dtype(pdt), scalars_of(step), flags)
+                batch, size = [], 0
+        if batch:
+            _foreach_batch(batch, fmt, compute_dtype(pdt), scalars_of(step), flags)
+
+
+def _foreach_batch(its: list[Item], fmt: Formats, cdt: torch.dtype, s: Scalars, flags: Flags) -> None:
+    cols = list(zip(*(decode_all(fmt, it.t, flags.amsgrad, cdt) for it in its)))
+    vals = [TensorList(list(c)) if c[0] is not None else None for c in cols]
+    p, m, v, vmax = adam_update(*vals, s, flags)
+    news = [p.ts, m.ts, v.ts] + ([vmax.ts] if flags.amsgrad else [])
+    pairs = []
+    for i, it in enumerate(its):
+        index, seeds = _index_and_seed(it)
+        out = encode_all(fmt, it.t, [n[i] for n in news], flags.amsgrad, index, seeds)
+        pairs += [(it.t[name], value) for name, value in out.items()]
+    _write_back(pairs)
 
 
 RUNNERS = {"reference": run_reference, "foreach": run_foreach}

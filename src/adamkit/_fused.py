@@ -39,6 +39,7 @@ import functools
 import shutil
 import types
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -204,7 +205,14 @@ class Bucket:
 
 
 def _grad_hook(bucket: Bucket, i: int):
+    # A weak reference: an optimizer that is dropped must not be kept alive (with its buffers) by
+    # the hooks it left on the model's parameters; its hooks then do nothing.
+    ref = weakref.ref(bucket)
+
     def hook(p: torch.Tensor) -> None:
+        bucket = ref()
+        if bucket is None:
+            return
         view = bucket.grad_views[i]
         g = p.grad
         if g is not None and g.data_ptr() != bucket.grad_ptrs[i]:

@@ -149,10 +149,10 @@ class Row:
     vs_torch_fused: float | None
 
 
-def stream_bandwidth(n: int = 32_000_000, repeats: int = 9) -> float:
-    """The streaming limit in GB/s of payload: the best median of copy (8 B/elem), triad (12 B/elem)
-    and a compiled loop with AdamW's access pattern and trivial math (4 reads + 3 writes, 28 B/elem).
-    Several concurrent streams reach more bandwidth than one, so the last is the fair ceiling."""
+def _probe(n: int):
+    """Streaming probes: copy (8 B/elem), triad (12 B/elem) and a compiled loop with AdamW's access
+    pattern and trivial math (4 reads + 3 writes, 28 B/elem). Several concurrent streams reach more
+    bandwidth than one, so the best of them is the fair ceiling for an optimizer step."""
     a, b, c, d = (torch.rand(n) for _ in range(4))
 
     def r4w3(p, g, m, v):
@@ -161,43 +161,53 @@ def stream_bandwidth(n: int = 32_000_000, repeats: int = 9) -> float:
         v.copy_(v * g)
 
     r4w3c = torch.compile(r4w3, dynamic=False)
-    best = 0.0
-    for fn, nbytes in (
+    return [
         (lambda: c.copy_(a), 8),
         (lambda: torch.add(a, b, alpha=0.5, out=c), 12),
         (lambda: r4w3c(a, b, c, d), 28),
-    ):
-        for _ in range(3):
-            fn()
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        best = max(best, n * nbytes / statistics.median(ts) / GB)
-    return best
+    ]
 
 
-def time_steps(make, shapes, fresh_grads: bool, warmup: int, repeats: int, dtype=torch.float32) -> float:
-    """Median step time in seconds."""
-    params = [torch.randn(s, dtype=dtype).requires_grad_() for s in shapes]
-    grads = [torch.randn(s, dtype=dtype) for s in shapes]
-    for p, g in zip(params, grads):
-        p.grad = g
-    opt = make(params)
-    ts = []
-    for i in range(warmup + repeats):
-        if fresh_grads:
-            for p, g in zip(params, grads):
+class _Runner:
+    """One implementation on one case, ready to step; ``step()`` returns the seconds it took."""
+
+    def __init__(self, impl: Impl, shapes):
+        self.params = [torch.randn(s, dtype=impl.dtype).requires_grad_() for s in shapes]
+        self.grads = [torch.randn(s, dtype=impl.dtype) for s in shapes]
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+        self.opt = impl.make(self.params)
+        self.fresh = impl.fresh_grads
+
+    def step(self) -> float:
+        if self.fresh:
+            for p, g in zip(self.params, self.grads):
                 p.grad = g.clone()  # a new tensor, as backward() without hooks would leave
         t = time.perf_counter()
-        opt.step()
-        dt = time.perf_counter() - t
-        if i >= warmup:
-            ts.append(dt)
-    del opt, params, grads
-    gc.collect()
-    return statistics.median(ts)
+        self.opt.step()
+        return time.perf_counter() - t
+
+
+def interleaved_medians(fns: list[Callable[[], float]], warmup: int, repeats: int) -> list[float]:
+    """Median seconds of each function, timed in rounds (one call of each per round): on a shared
+    machine whose speed drifts, every implementation then sees the same conditions."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            times[i].append(fn())
+    return [statistics.median(t) for t in times]
+
+
+def _timed(fn: Callable[[], object]) -> Callable[[], float]:
+    def run() -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    return run
 
 
 def bench(
@@ -209,7 +219,10 @@ def bench(
     threads: int | None = None,
     progress: Callable[[str], None] = lambda s: None,
 ) -> dict:
-    """Run the benchmark; returns a dict with ``stream_gbps`` and ``rows`` (JSON-ready)."""
+    """Run the benchmark; returns a dict with ``stream_gbps`` and ``rows`` (JSON-ready).
+
+    Per case, every implementation is built first and then timed in interleaved rounds together
+    with the streaming probes, so ratios compare like with like."""
     torch.set_flush_denormal(True)  # denormals slow fp32 CPU math ~20x
     if threads:
         torch.set_num_threads(threads)
@@ -218,26 +231,33 @@ def bench(
     unknown = [i for i in chosen if i not in all_impls]
     if unknown:
         raise ValueError(f"unknown implementations {unknown}; available: {list(all_impls)}")
-    stream = stream_bandwidth(max(1_000_000, int(32_000_000 * scale)))
-    progress(f"streaming bandwidth: {stream:.1f} GB/s")
-    rows = []
     for case in cases or list(CASES):
         if case not in CASES:
             raise ValueError(f"unknown case {case!r}; available: {list(CASES)}")
+    n_probe = max(1_000_000, int(32_000_000 * scale))
+    probes = _probe(n_probe)
+    rows, stream = [], 0.0
+    for case in cases or list(CASES):
         shapes = CASES[case](scale)
         n = sum(math.prod(s) for s in shapes)
+        runners = [_Runner(all_impls[name], shapes) for name in chosen]
+        fns = [_timed(fn) for fn, _ in probes] + [r.step for r in runners]
+        medians = interleaved_medians(fns, warmup, repeats)
+        stream = max(stream, *(n_probe * nb / t / GB for (_, nb), t in zip(probes, medians)))
         case_rows = []
-        for name in chosen:
-            impl = all_impls[name]
-            bpp = impl.bytes_per_param
-            sec = time_steps(impl.make, shapes, impl.fresh_grads, warmup, repeats, impl.dtype)
+        for name, sec in zip(chosen, medians[len(probes) :]):
+            bpp = all_impls[name].bytes_per_param
             gbps = n * bpp / sec / GB
-            case_rows.append(Row(case, name, n, len(shapes), sec * 1e3, bpp, gbps, 100 * gbps / stream, None))
-            progress(f"{case:38s} {name:28s} {sec * 1e3:8.2f} ms")
+            case_rows.append(Row(case, name, n, len(shapes), sec * 1e3, bpp, gbps, 0.0, None))
+            progress(f"{case:38s} {name:42s} {sec * 1e3:8.2f} ms")
         ref = next((r.ms for r in case_rows if r.impl == "torch fused"), None)
         for r in case_rows:
             r.vs_torch_fused = ref / r.ms if ref else None
         rows += case_rows
+        del runners, fns
+        gc.collect()
+    for r in rows:
+        r.pct_stream = 100 * r.gbps / stream
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -1,0 +1,40 @@
+"""The benchmark harness runs and writes its JSON (timings themselves are never asserted)."""
+
+import json
+
+from adamkit import bench, cli
+
+
+def test_bench_cli_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = cli.main(
+        [
+            "bench",
+            "--cases",
+            "c",
+            "--impls",
+            "torch fused,adamkit fused",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--scale",
+            "0.03",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert [r["impl"] for r in result["rows"]] == ["torch fused", "adamkit fused"]
+    assert result["rows"][0]["vs_torch_fused"] == 1.0 and result["stream_gbps"] > 0
+    assert "| c: 2000 tensors of 1K | adamkit fused |" in capsys.readouterr().out
+
+
+def test_unknown_names_are_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown implementations"):
+        bench.bench(["c: 2000 tensors of 1K"], ["nope"])
+    with pytest.raises(ValueError, match="unknown case"):
+        bench.bench(["z"], ["torch fused"])
