@@ -313,3 +313,18 @@ def test_foreach_chunks_large_tensors_bitwise_like_reference(dtype, kw):
     assert torch.equal(a.detach(), b.detach())
     for k, v in oa.state[a].items():
         assert torch.equal(ob.state[b][k], v), k
+
+
+def test_stochastic_rounding_keeps_specials_and_representable_values():
+    from adamkit._storage import round_bf16_stochastic
+
+    x = torch.tensor([float("inf"), -float("inf"), float("nan"), 1.0, -2.5, 0.0, -0.0, 3.0e38])
+    for seed in range(20):
+        y = round_bf16_stochastic(x, torch.arange(8), seed)
+        assert y[0] == float("inf") and y[1] == -float("inf") and torch.isnan(y[2])
+        assert torch.equal(y[3:7].float(), x[3:7])  # exact in bf16: never moved
+        assert y[7].float() >= 2.9e38
+    # a value between two bf16 neighbours lands on one of them, never elsewhere
+    v = torch.full((1000,), 1.0 + 2**-8)  # half way between bf16 neighbours 1 and 1 + 2^-7
+    y = round_bf16_stochastic(v, torch.arange(1000), 7).float()
+    assert set(y.tolist()) == {1.0, 1.0 + 2**-7} and 0.35 < (y > 1).float().mean() < 0.65

@@ -114,14 +114,15 @@ def hash_bits(index: torch.Tensor, seed) -> torch.Tensor:
 
 def round_bf16_stochastic(x: torch.Tensor, index: torch.Tensor, seed) -> torch.Tensor:
     """fp32 -> bf16, rounding the magnitude up with probability (dropped bits) / 2^16, so the
-    expected result is ``x``. Adding 16 random bits below bf16's last kept bit and truncating does
-    exactly that; non-finite values are truncated without the addition (keeps inf and nan)."""
-    # int32 throughout: bits + r cannot overflow (the largest finite pattern is 0x7F7FFFFF)
+    expected result is ``x``: add 16 random bits below bf16's last kept bit, then truncate.
+
+    In int32, the sign bit is the integer's sign, so adding r moves the magnitude bits of negative
+    values the same way. inf and nan need no special case: their exponent bits are all ones, and a
+    carry out of the low 16 bits only touches mantissa bits that the truncation clears (inf stays
+    inf) or that stay non-zero (nan stays nan; only a nan payload above 0x7FFF0000 could wrap)."""
     bits = x.view(torch.int32)
     r = hash_bits(index, seed).to(torch.int32)
-    finite = torch.isfinite(x)
-    out = (torch.where(finite, bits + r, bits) & ~0xFFFF).view(torch.float32)
-    return out.to(torch.bfloat16)  # exact: the low 16 bits are zero
+    return ((bits + r) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)  # exact: low bits are zero
 
 
 # --------------------------------------------------------------------------------------------------
