@@ -1,6 +1,6 @@
 """AdamW step benchmark: the same as ``adamkit bench``; writes benchmarks/results/bench.json.
 
-    python benchmarks/bench_adamw.py --threads 2 --compile-overhead
+python benchmarks/bench_adamw.py --threads 2 --compile-overhead
 """
 
 import sys

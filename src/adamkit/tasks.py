@@ -316,7 +316,7 @@ class DigitsTask:
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         x, y = batch
-        dtype = model.dtype if isinstance(model, ComputeIn) else next(model.parameters()).dtype
+        dtype = next(model.parameters()).dtype
         return F.cross_entropy(model(x.to(dtype)).float(), y)
 
 
@@ -387,34 +387,9 @@ class RecipeUnavailableError(RuntimeError):
     """The installed adamkit does not accept an option that a recipe needs."""
 
 
-COMPUTE = ("param", "fp32")
-
-
-class ComputeIn(nn.Module):
-    """Runs ``inner`` with fp32 copies of its (bf16) parameters and inputs: the weights *live* in
-    the low-precision dtype (and the optimizer updates them there), while activations and the
-    backward pass run in fp32. Gradients reach the stored parameters through the cast, in their
-    dtype. This separates what parameter storage costs from what low-precision compute costs."""
-
-    def __init__(self, inner: nn.Module, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.inner, self.dtype = inner, dtype
-
-    def forward(self, *args):
-        params = {n: p.to(self.dtype) for n, p in self.inner.named_parameters()}
-        args = tuple(a.to(self.dtype) if torch.is_floating_point(a) else a for a in args)
-        return torch.func.functional_call(self.inner, params, args)
-
-
-def cast_model(model: nn.Module, precision: str, compute: str = "param") -> nn.Module:
-    """Cast ``model``'s parameters to the precision recipe's dtype (in place). ``compute="fp32"``
-    returns a :class:`ComputeIn` wrapper that computes in fp32 on the low-precision weights."""
-    if compute not in COMPUTE:
-        raise ValueError(f"unknown compute {compute!r}; choose one of {', '.join(COMPUTE)}")
-    model = model.to(PRECISIONS[precision].dtype)
-    if compute == "fp32" and PRECISIONS[precision].dtype != torch.float32:
-        return ComputeIn(model)
-    return model
+def cast_model(model: nn.Module, precision: str) -> nn.Module:
+    """Cast ``model``'s parameters to the precision recipe's dtype (in place; returns it)."""
+    return model.to(PRECISIONS[precision].dtype)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

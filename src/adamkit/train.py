@@ -194,7 +194,6 @@ def fit(
     lr: float | None = None,
     precision: str = "fp32",
     state: str = "default",
-    compute: str = "param",
     evals: int = 10,
     progress: bool = True,
     desc: str | None = None,
@@ -215,7 +214,7 @@ def fit(
     lr = tasks.OPTIMIZERS[optimizer].lr if lr is None and optimizer in tasks.OPTIMIZERS else lr
     t_start = time.perf_counter()
     with _PeakRSS() as peak:
-        model = tasks.cast_model(task.build_model(seed), precision, compute)
+        model = tasks.cast_model(task.build_model(seed), precision)
         opt = tasks.build_optimizer(model, optimizer, lr=lr, precision=precision, state=state)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
         sample = task.sampler(seed)
@@ -277,7 +276,6 @@ class TrainConfig:
     batch_size: int = 32
     precision: str = "fp32"
     state: str = "default"
-    compute: str = "param"  # "fp32": activations in fp32 on low-precision weights (tasks.ComputeIn)
     model: GPTConfig = field(default_factory=GPTConfig)
     threads: int | None = None  # torch.set_num_threads for the run; None leaves torch's default
     evals: int = 10
@@ -303,7 +301,6 @@ def train(config: TrainConfig | None = None) -> TrainResult:
             lr=config.lr,
             precision=config.precision,
             state=config.state,
-            compute=config.compute,
             evals=config.evals,
             progress=config.progress,
         )
@@ -380,13 +377,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--context", type=positive_int, default=m.context, help="characters (default: %(default)s)"
     )
-    parser.add_argument(
-        "--compute",
-        choices=tasks.COMPUTE,
-        default=d.compute,
-        help="param: forward/backward in the parameters' dtype; fp32: in fp32 on the bf16 weights, "
-        "isolating what the optimizer's storage recipe costs (default: %(default)s)",
-    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -400,7 +390,6 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             precision=args.precision,
             state=args.state,
-            compute=args.compute,
             model=GPTConfig(
                 context=args.context, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads
             ),
@@ -415,8 +404,7 @@ def run(args: argparse.Namespace) -> int:
     lr = config.lr if config.lr is not None else tasks.OPTIMIZERS[config.optimizer].lr
     print(
         f"training a {config.model.n_layers}-layer GPT (d_model {config.model.d_model}) on "
-        f"pydoc_data.topics with {label}, lr {lr:g} (warmup + cosine), {config.precision} "
-        f"(compute: {config.compute}), "
+        f"pydoc_data.topics with {label}, lr {lr:g} (warmup + cosine), {config.precision}, "
         f"{config.steps} steps, seed {config.seed}, {config.threads or torch.get_num_threads()} threads"
     )
     try:
