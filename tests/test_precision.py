@@ -168,12 +168,17 @@ def test_invalid_precision_options(kw, match):
 
 def test_fp16_stochastic_rounding_rejected_before_change():
     p = torch.randn(4, dtype=torch.float16, requires_grad=True)
-    opt = adamkit.AdamW([p], stochastic_rounding=True)
-    p.grad = torch.ones_like(p)
-    before = p.detach().clone()
+    with pytest.raises(ValueError, match="bfloat16"):
+        adamkit.AdamW([p], stochastic_rounding=True)
+    # a parameter cast to fp16 after construction is refused at the step, unchanged
+    q = torch.randn(4, dtype=torch.bfloat16, requires_grad=True)
+    opt = adamkit.AdamW([q], stochastic_rounding=True)
+    q.data = q.data.half()
+    q.grad = torch.ones_like(q)
+    before = q.detach().clone()
     with pytest.raises(ValueError, match="bfloat16"):
         opt.step()
-    assert torch.equal(p.detach(), before)
+    assert torch.equal(q.detach(), before)
 
 
 # ------------------------------------------------------------------------------------------------

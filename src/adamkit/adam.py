@@ -18,7 +18,15 @@ from torch.optim import Optimizer
 from . import _backends, _fused, _quant
 from ._backends import MOMENTS, Item, moment_names
 from ._math import Flags, adam_scalars
-from ._storage import LOW_PRECISION, STATE_FORMATS, Formats, choose_formats, init_param_aux, param_aux_key
+from ._storage import (
+    LOW_PRECISION,
+    STATE_FORMATS,
+    Formats,
+    choose_formats,
+    init_param_aux,
+    param_aux_key,
+    state_dtype,
+)
 
 _AUX_KEYS = ("kahan_comp", "master_weight")
 _STATE_KEYS = ("step", *MOMENTS, *(m + "_scale" for m in MOMENTS), *_AUX_KEYS)
@@ -122,12 +130,6 @@ def _resolve_backend(backend: str, foreach: bool | None, fused: bool | None) -> 
     return wanted
 
 
-def _storage_dtype(fmt: str) -> torch.dtype:
-    from ._storage import state_dtype
-
-    return state_dtype(fmt)
-
-
 class Adam(Optimizer):
     r"""Adam, with L2 (coupled), decoupled or fully decoupled weight decay and AMSGrad.
 
@@ -169,6 +171,17 @@ class Adam(Optimizer):
         decoupled_weight_decay: decay the weights, not the gradient (AdamW). Adam only.
         decouple_lr: fully decoupled decay, :math:`\theta(1 - \frac{\gamma}{\gamma_{max}}\lambda)`.
         max_lr: :math:`\gamma_{max}`; defaults to the group's initial lr.
+        kahan_sum: bf16/fp16 parameters keep a compensation buffer ``kahan_comp`` in their dtype
+            (+2 B/param) holding what rounding drops; the whole update, decay included, goes
+            through it. ``None`` (default): on for bf16/fp16 parameters.
+        stochastic_rounding: round bf16 parameters stochastically (unbiased, no buffer).
+        master_weights: keep an fp32 ``master_weight`` (+4 B/param) that takes the update; the
+            bf16/fp16 parameter is its rounded copy, the one the forward pass uses.
+        state_format: how m, v (and max v) are stored: ``None`` (the parameter's dtype; fp32 for
+            fp16 parameters), ``"fp32"`` (4 B each), ``"bf16"`` (2 B, stochastic rounding),
+            ``"8bit"`` (1 B + a 4 B scale per block of 256; see ``adamkit._quant``).
+        min_8bit_size: tensors with fewer elements keep fp32 moments under ``"8bit"``.
+        skip_nonfinite: an element whose gradient is inf/nan keeps its parameter and moments.
         backend: ``"auto"``, ``"reference"`` (per-tensor loop: the spec), ``"foreach"``
             (multi-tensor kernels) or ``"fused"``.
         foreach, fused: torch's spellings; ``foreach=True`` means ``backend="foreach"``,
@@ -176,8 +189,9 @@ class Adam(Optimizer):
         capturable, differentiable: accepted for signature compatibility; only ``False`` is supported.
 
     State per parameter (bytes per parameter for fp32 parameters): ``step`` (a 0-D fp32 tensor),
-    ``exp_avg`` m (4 B), ``exp_avg_sq`` v (4 B), ``max_exp_avg_sq`` (4 B, amsgrad only). Keys,
-    shapes and dtypes equal torch's, so state dicts move between torch and adamkit both ways.
+    ``exp_avg`` m (4 B), ``exp_avg_sq`` v (4 B), ``max_exp_avg_sq`` (4 B, amsgrad only); 8-bit
+    moments add ``<name>_scale``. With the default options keys, shapes and dtypes equal torch's,
+    so state dicts move between torch and adamkit both ways.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -293,6 +307,14 @@ class Adam(Optimizer):
         if merged["max_lr"] <= 0:
             merged["max_lr"] = None  # lr == 0 and no decoupling: max_lr is unused
         _check_group(merged)
+        for p in tensors:  # format options that cannot apply to a parameter's dtype fail here
+            choose_formats(
+                p.dtype,
+                merged["kahan_sum"],
+                merged["stochastic_rounding"],
+                merged["master_weights"],
+                merged["state_format"],
+            )
         param_group.update({k: v for k, v in merged.items() if k != "params"})
         if named:
             param_group.setdefault("param_names", [n for n, _ in named])
@@ -335,7 +357,7 @@ class Adam(Optimizer):
                 state[name], state[name + "_scale"] = _quant.zeros(p.numel(), _quant.SIGNED[name], p.device)
             else:
                 # m, v, max v: 4 B/param in fp32, 2 in bf16/fp16 (the param's dtype by default)
-                dt = _storage_dtype(fmt.state)
+                dt = state_dtype(fmt.state)
                 state[name] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         aux = param_aux_key(fmt.param)
         if aux is not None and aux not in state:
@@ -629,7 +651,7 @@ class Adam(Optimizer):
             if fmt.state == "8bit":
                 out[name], out[name + "_scale"] = _quant.encode(name, value.float())
             else:
-                out[name] = value.to(_storage_dtype(fmt.state), copy=True)
+                out[name] = value.to(state_dtype(fmt.state), copy=True)
         comp, master = saved.get("kahan_comp"), saved.get("master_weight")
         for name, t in (("kahan_comp", comp), ("master_weight", master)):
             if t is not None and t.shape != p.shape:
