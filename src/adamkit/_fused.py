@@ -121,8 +121,9 @@ _INDUCTOR_OPTIONS = {
     "cpp.dynamic_threads": True,
 }
 # 8-bit kernels: every block's new moments feed both its scale (a reduction) and its codes; letting
-# inductor recompute them (a few flops on cache-resident data) instead of writing them to temporary
-# fp32 buffers keeps the step at one pass over memory.
+# inductor recompute them instead of writing them to temporary fp32 buffers removes three of the
+# passes over memory it would otherwise make. (The step still reads its inputs twice: once for the
+# block scales, once for the update; that and the companding arithmetic bound its speed.)
 _INDUCTOR_OPTIONS_8BIT = {
     **_INDUCTOR_OPTIONS,
     "realize_reads_threshold": 1000,
