@@ -270,6 +270,7 @@ BYTES = [
     ("bf16-master", torch.bfloat16, {"master_weights": True, "state_format": "fp32"}, 8 + 4),
     ("fp32-8bit", torch.float32, {"state_format": "8bit"}, 2 + 8 / 256),
     ("bf16-kahan-8bit", torch.bfloat16, {"state_format": "8bit"}, 2 + 8 / 256 + 2),
+    ("fp16-kahan", torch.float16, {}, 8 + 2),  # fp16 parameters get fp32 moments by default
 ]
 
 
@@ -291,7 +292,7 @@ def test_state_bytes_per_param(dtype, kw, bpp, backend):
         state_format=kw.get("state_format"),
         amsgrad=kw.get("amsgrad", False),
         param_dtype=dtype,
-        kahan=dtype == torch.bfloat16 and not kw.get("stochastic_rounding") and not kw.get("master_weights"),
+        kahan=dtype != torch.float32 and not kw.get("stochastic_rounding") and not kw.get("master_weights"),
         master=kw.get("master_weights", False),
     )
     assert sum(planned.values()) == sum(t.nbytes for p in ps for t in opt.state[p].values())

@@ -809,6 +809,9 @@ def adamkit_state_bytes(
         ``{"step", "m", "v", "max_v", "scales", "kahan", "master"}`` in bytes (zeros included).
     """
     dtype = _dtype_name(param_dtype)
+    if state_format is None and dtype == "fp16":
+        # adamkit keeps fp16 parameters' moments in fp32 by default (fp16 cannot hold typical g^2)
+        state_format = "fp32"
     recipe = Recipe(
         name="adamkit",
         param_dtype=dtype,
