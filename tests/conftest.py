@@ -24,6 +24,16 @@ CONFIGS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine two threads stall
+    (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def config_params():
     return [pytest.param(name, kw, id=cid) for cid, name, kw in CONFIGS]
 

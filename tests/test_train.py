@@ -15,13 +15,7 @@ TINY = tasks.GPTConfig(context=32, d_model=32, n_layers=1, n_heads=2)
 TINY_FLAGS = ["--d-model", "32", "--layers", "1", "--heads", "2", "--context", "32", "--batch-size", "16"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine two threads stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_train(**overrides) -> object:
