@@ -81,11 +81,11 @@ def encode_all(fmt: Formats, t: dict, new, amsgrad: bool, index, seeds):
         out[param_aux_key(fmt.param)] = aux
     for k, (name, x) in enumerate(zip(moment_names(amsgrad), moments)):
         if fmt.state == "8bit":
-            blocked = x.dim() == 2 and x.shape[1] == _quant.BLOCK  # the fused kernel's layout
+            # the fused kernel passes (blocks, 256) values with their flat indices; per tensor,
+            # encode pads to whole blocks and numbers the padded elements itself
+            blocked = x.dim() == 2 and x.shape[1] == _quant.BLOCK
             idx = index if blocked and index is not None and index.shape == x.shape else None
-            if idx is None:  # per tensor: pad to whole blocks, index the padded elements
-                idx = torch.arange(_quant.padded(x.numel()), device=x.device).view(-1, _quant.BLOCK)
-            codes, out[name + "_scale"] = _quant.encode_blocks(name, _quant.blockify(x), idx, seeds[k + 1])
+            codes, out[name + "_scale"] = _quant.encode(name, x, idx, seeds[k + 1])
             out[name] = codes.view(t[name].shape)
         else:
             out[name] = encode_state(fmt.state, x, index, seeds[k + 1])

@@ -121,21 +121,11 @@ def decode(name: str, codes: torch.Tensor, scales: torch.Tensor, shape, cdt: tor
 
 
 def encode(name: str, x: torch.Tensor, index: torch.Tensor | None = None, seed=0):
-    """Values (any shape) -> (codes, fp32 block scales); codes keep x's shape if it is (blocks,
-    256), else they are 1-D of the padded length. ``index`` gives each element's position for the
-    rounding bits (default: 0..n-1)."""
-    if x.dim() == 2 and x.shape[1] == BLOCK:
-        if index is None:
-            index = torch.arange(x.numel(), device=x.device).view(x.shape)
-        return encode_blocks(name, x, index.view(x.shape), seed)
-    x = x.reshape(-1)
-    n = x.numel()
-    if n % BLOCK:
-        x = F.pad(x, (0, padded(n) - n))
-    if index is None:
-        index = torch.arange(x.numel(), device=x.device)
-    codes, scales = encode_blocks(name, x.view(-1, BLOCK), index.view(-1, BLOCK), seed)
-    return codes.view(-1), scales
+    """Values (any shape, zero-padded to whole blocks) -> ((blocks, 256) uint8 codes, fp32 block
+    scales). ``index`` gives each element's position for the rounding bits (default 0..n-1)."""
+    xb = blockify(x)
+    index = torch.arange(xb.numel(), device=x.device) if index is None else index
+    return encode_blocks(name, xb, index.view(xb.shape), seed)
 
 
 def error_bound(name: str, x: torch.Tensor) -> torch.Tensor:

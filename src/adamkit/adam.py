@@ -649,7 +649,8 @@ class Adam(Optimizer):
                     raise TypeError(f"state[{key!r}][{name!r}] must be floating point, got {v.dtype}")
                 value = v.detach().to(p.device)
             if fmt.state == "8bit":
-                out[name], out[name + "_scale"] = _quant.encode(name, value.float())
+                codes, out[name + "_scale"] = _quant.encode(name, value.float())
+                out[name] = codes.view(-1)
             else:
                 out[name] = value.to(state_dtype(fmt.state), copy=True)
         comp, master = saved.get("kahan_comp"), saved.get("master_weight")
