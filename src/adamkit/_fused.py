@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import _quant
+from . import _native, _quant
 from ._backends import MOMENTS, Item, decode_all, encode_all, needs_index, run_foreach, step_seeds
 from ._math import Flags, Scalars, adam_update
 from ._storage import Formats, compute_dtype
@@ -55,13 +55,25 @@ from ._storage import Formats, compute_dtype
 
 _unavailable_reason: str | None = None
 _warned = False
+# The native kernel (_kernel.c) serves every format it implements; tests switch it off to exercise
+# the torch.compile kernel, which serves the rest (fp16 parameters or moments, fp64).
+USE_NATIVE = True
 
 
 def compiler_missing_reason() -> str | None:
-    """Why the fused backend cannot run here, or None if it can (as far as we know so far)."""
+    """Why the fused backend cannot run here, or None if it can (as far as we know so far).
+
+    Either kernel will do: the native one (a C compiler) serves the common formats, buckets it does
+    not serve (fp16, fp64) use torch.compile's where a C++ compiler is found, else foreach."""
+    if USE_NATIVE and _native.load() is not None:
+        return None
     if _unavailable_reason is not None:
         return _unavailable_reason
     return _find_compiler_problem()
+
+
+def _inductor_problem() -> str | None:
+    return _unavailable_reason or _find_compiler_problem()
 
 
 @functools.cache
@@ -188,6 +200,7 @@ class Bucket:
     grad_views: list[torch.Tensor] = field(default_factory=list)
     grad_ptrs: list[int] = field(default_factory=list)
     hooks: list = field(default_factory=list)
+    native: _native.Args | None = None  # the native kernel's pointers into ``flat``, if it serves
 
     def view(self, name: str, i: int) -> torch.Tensor:
         """Parameter i's slice of a flat buffer, in the shape its state entry has."""
@@ -270,6 +283,8 @@ def build_buckets(
             hp=torch.zeros(len(Scalars.FIELDS), dtype=compute_dtype(dtype), device=device),
             seeds=torch.zeros(4, dtype=torch.int64, device=device),
         )
+        if USE_NATIVE and _native.supports(fmt, dtype, device) and _native.load() is not None:
+            b.native = _native.make_args(flat, fmt)
         for i, p in enumerate(ps):
             st = state[p]
             b.view("param", i).copy_(p.detach())
@@ -317,20 +332,29 @@ class GroupLayout:
             b.remove_hooks()
 
 
+def _per_tensor(bucket: Bucket, has_grad: list[bool]) -> list[Item]:
+    """The bucket's parameters with a gradient as foreach items on their views."""
+    items = []
+    for i, p in enumerate(bucket.params):
+        if has_grad[i]:
+            bucket.steps[i] += 1
+            t = {k: bucket.view(k, i) for k in bucket.flat if k not in ("param", "grad")}
+            t["param"], t["grad"] = p, p.grad
+            items.append(Item(t, bucket.fmt, float(bucket.steps[i]), bucket.uid * 100_003 + i))
+    return items
+
+
 def step_bucket(bucket: Bucket, scalars: Scalars, flags: Flags, has_grad: list[bool] | None) -> list[Item]:
-    """One step of a bucket: the fused kernel if every parameter has a gradient (``has_grad`` is
+    """One step of a bucket: a fused kernel if every parameter has a gradient (``has_grad`` is
     None), else per tensor on the views (returned as items for the foreach backend)."""
     if has_grad is not None and not all(has_grad):
         # Some parameters have no gradient this step: torch leaves them (and their step) untouched.
-        items = []
-        for i, p in enumerate(bucket.params):
-            if has_grad[i]:
-                bucket.steps[i] += 1
-                t = {k: bucket.view(k, i) for k in bucket.flat if k not in ("param", "grad")}
-                t["param"], t["grad"] = p, p.grad
-                items.append(Item(t, bucket.fmt, float(bucket.steps[i]), bucket.uid * 100_003 + i))
         bucket.step = float("nan")  # steps diverged: the next step rebuilds the buckets
-        return items
+        return _per_tensor(bucket, has_grad)
+    if bucket.native is None and _inductor_problem() is not None:
+        # neither kernel serves this bucket's formats here (fp16/fp64 without a C++ compiler)
+        bucket.step += 1
+        return _per_tensor(bucket, [True] * len(bucket.params))
     copies_dst, copies_src = [], []
     for p, ptr, view in zip(bucket.params, bucket.grad_ptrs, bucket.grad_views):
         g = p.grad
@@ -342,6 +366,10 @@ def step_bucket(bucket: Bucket, scalars: Scalars, flags: Flags, has_grad: list[b
         torch._foreach_copy_(copies_dst, copies_src)
     bucket.step += 1
     bucket.steps.fill_(bucket.step)
+    if bucket.native is not None:
+        seeds = step_seeds(bucket.step, bucket.uid)
+        _native.step(_native.load(), bucket.native, scalars.as_list(), seeds, flags)
+        return []
     bucket.hp.copy_(torch.tensor(scalars.as_list(), dtype=bucket.hp.dtype))
     bucket.seeds.copy_(torch.tensor(step_seeds(bucket.step, bucket.uid)))
     run_kernel(bucket.flat, bucket.hp, bucket.seeds, bucket.fmt, flags)
