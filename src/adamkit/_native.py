@@ -115,9 +115,9 @@ def load():
         _failure = "no C compiler found (set CC)"
         return None
     try:
-        version = subprocess.run([*cc.split(), "--version"], capture_output=True, text=True, timeout=30).stdout
+        ver = subprocess.run([*cc.split(), "--version"], capture_output=True, text=True, timeout=30)
         key = hashlib.sha256(
-            SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode() + _cpu_id().encode()
+            SOURCE.read_bytes() + " ".join(FLAGS).encode() + ver.stdout.encode() + _cpu_id().encode()
         ).hexdigest()[:16]
         out = cache_dir() / f"adamkit_kernel_{key}.so"
         if not out.exists():
