@@ -10,8 +10,7 @@ import torch
 
 import adamkit
 from adamkit import _quant
-
-BACKENDS = ["reference", "foreach", "fused"]
+from conftest import BACKENDS
 
 
 def roundtrip(obj):

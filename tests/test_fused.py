@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import adamkit
-from adamkit import _fused
+from adamkit import _fused, _native
 from conftest import clone_params, grad_stream, make_params
 
 TOL = dict(rtol=1e-5, atol=1e-6)  # fp32 rounding, see test_adam.FUSED_FP32_TOL
@@ -64,6 +64,7 @@ def test_backward_writes_gradients_into_the_flat_buffer():
     assert_same(opt, ref, list(model.parameters()), list(ref_model.parameters()))
 
 
+@pytest.mark.compiled_kernel  # the native kernel has nothing to recompile
 def test_lr_schedule_never_recompiles():
     ps = make_params(torch.float32)
     grads = grad_stream(ps, 12)
@@ -188,3 +189,48 @@ def test_dropped_optimizer_is_released_and_its_hooks_do_nothing():
     assert all(p.grad is not None for p in model.parameters())
     new = adamkit.AdamW(model.parameters(), backend="fused")
     new.step()
+
+
+def test_native_kernel_is_built_once_per_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAMKIT_CACHE_DIR", str(tmp_path))
+    assert _native.load.__wrapped__() is not None
+    (built,) = tmp_path.glob("adamkit_kernel_*.so")
+    stamp = built.stat().st_mtime_ns
+    assert _native.load.__wrapped__() is not None  # loaded from the cache, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [built.name] and built.stat().st_mtime_ns == stamp
+
+
+def test_native_kernel_off_without_c_compiler(monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(_native, "_failure", None)
+    assert _native.load.__wrapped__() is None
+    assert "no C compiler" in _native.failure()
+
+
+@pytest.mark.parametrize("kw", [{}, {"state_format": "8bit"}, {"amsgrad": True, "state_format": "8bit"}])
+def test_native_kernel_splits_buffers_between_threads(kw):
+    """Buffers above 64K elements are split between threads on block boundaries; the result is the
+    same as one thread's."""
+    threads = torch.get_num_threads()
+    g = torch.Generator().manual_seed(3)
+    shapes = [(300, 257), (70_001,), (5,)]
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            ps = [torch.randn(s, generator=torch.Generator().manual_seed(0)).requires_grad_() for s in shapes]
+            opt = adamkit.AdamW(ps, lr=1e-2, weight_decay=0.1, backend="fused", **kw)
+            g.manual_seed(3)
+            for _ in range(3):
+                for p in ps:
+                    p.grad = torch.randn(p.shape, generator=g)
+                opt.step()
+            assert all(b.native is not None for b in opt._layouts[0].buckets)
+            runs.append((ps, opt))
+    finally:
+        torch.set_num_threads(threads)
+    (p1, o1), (p2, o2) = runs
+    for a, b in zip(p1, p2):
+        assert torch.equal(a, b)
+        for k, v in o1.state[a].items():
+            assert torch.equal(v, o2.state[b][k]), k

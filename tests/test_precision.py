@@ -10,8 +10,8 @@ import torch
 
 import adamkit
 from adamkit.plan import adamkit_state_bytes
+from conftest import BACKENDS
 
-BACKENDS = ["reference", "foreach", "fused"]
 LR, WD = 1e-3, 1e-2
 
 
@@ -130,14 +130,14 @@ def test_stochastic_rounding_is_unbiased(backend):
     assert p.dtype == torch.bfloat16
 
 
-def test_master_weights_bit_identical_to_fp32_run():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_master_weights_bit_identical_to_fp32_run(backend):
     p0, grads = bf16_stream(1000, 50, seed=5)
-    for backend in BACKENDS:
-        p32, o32 = run(p0, grads, dtype=torch.float32, backend=backend)
-        pbf, obf = run(p0, grads, master_weights=True, state_format="fp32", backend=backend)
-        assert torch.equal(obf.state[pbf]["master_weight"], p32.detach()), backend
-        assert torch.equal(obf.state[pbf]["exp_avg_sq"], o32.state[p32]["exp_avg_sq"]), backend
-        assert torch.equal(pbf.detach(), p32.detach().to(torch.bfloat16))
+    p32, o32 = run(p0, grads, dtype=torch.float32, backend=backend)
+    pbf, obf = run(p0, grads, master_weights=True, state_format="fp32", backend=backend)
+    assert torch.equal(obf.state[pbf]["master_weight"], p32.detach())
+    assert torch.equal(obf.state[pbf]["exp_avg_sq"], o32.state[p32]["exp_avg_sq"])
+    assert torch.equal(pbf.detach(), p32.detach().to(torch.bfloat16))
 
 
 def test_state_formats_and_dtypes():
