@@ -38,3 +38,10 @@ def test_unknown_names_are_refused():
         bench.bench(["c: 2000 tensors of 1K"], ["nope"])
     with pytest.raises(ValueError, match="unknown case"):
         bench.bench(["z"], ["torch fused"])
+
+
+def test_impl_names_with_commas_are_parsed():
+    assert bench._parse_impls("torch fused,adamkit fused, 8-bit state") == [
+        "torch fused",
+        "adamkit fused, 8-bit state",
+    ]

@@ -39,8 +39,9 @@ def test_parameters_and_state_are_views_of_flat_buffers():
     for _i, p in enumerate(ps):
         for name, t in (("param", p), ("grad", p.grad), ("exp_avg", opt.state[p]["exp_avg"])):
             assert t.untyped_storage().data_ptr() == bucket.flat[name].untyped_storage().data_ptr(), name
-    # each tensor starts on a 16-element (64-byte) boundary; the gaps stay zero
-    assert bucket.flat["param"].numel() == 16 + 16
+    # each tensor starts on a 16-element (64-byte) boundary, the buffer holds whole blocks of 256;
+    # the gaps stay zero
+    assert bucket.flat["param"].numel() == 256 and bucket.offsets == [0, 16]
     assert not bucket.flat["param"][12:16].any() and not bucket.flat["exp_avg"][21:].any()
 
 

@@ -1,4 +1,13 @@
-"""The fused backend: one ``torch.compile``d kernel per flat buffer.
+"""The fused backend: one kernel call per flat buffer.
+
+Two kernels compose the same decode -> math -> encode functions over a bucket's flat buffers:
+
+- the native kernel (``_kernel.c`` via ``_native.py``): fp32 or bf16 parameters (native, plain,
+  Kahan, stochastic rounding, master weights) with fp32, bf16 or 8-bit moments. Built with the
+  system's C compiler once per machine (about 2 s) and loaded from a cache afterwards (milliseconds);
+  8-bit blocks are decoded, updated and re-encoded while in L1, one pass over memory.
+- torch.compile's (``_compiled`` below): every format, and the only one for fp16 and fp64. It costs
+  seconds per process (dynamo, inductor, its on-disk cache).
 
 Layout. For each parameter group, the parameters that can be flattened (dense, contiguous, plain
 ``torch.Tensor``/``nn.Parameter``) are sorted into buckets sharing (device, dtype, step number).
@@ -28,9 +37,10 @@ from the current values) and that every parameter of a bucket has a gradient (ot
 runs per tensor on the views, so parameters without gradients are left untouched, as torch does).
 Parameters that cannot be flattened run through the foreach backend on their own tensors.
 
-Hyperparameters reach the kernel as one small tensor, so a changing lr never recompiles; the
-weight-decay mode and ``maximize`` are runtime values too (see ``Flags``). One kernel is compiled per
-(amsgrad, dtypes); dynamic shapes make it serve every buffer size.
+Hyperparameters are runtime values of both kernels (for torch.compile's, one small tensor), so a
+changing lr never recompiles; the weight-decay mode and ``maximize`` are runtime values too (see
+``Flags``). torch.compile's kernel is compiled once per (format, amsgrad, skip_nonfinite); dynamic
+shapes make it serve every buffer size.
 """
 
 from __future__ import annotations
@@ -50,7 +60,8 @@ from ._math import Flags, Scalars, adam_update
 from ._storage import Formats, compute_dtype
 
 # --------------------------------------------------------------------------------------------------
-# Availability: torch.compile's CPU backend needs a C++ compiler at run time.
+# Availability: the native kernel needs a C compiler once per machine, torch.compile's CPU backend
+# a C++ compiler at run time.
 # --------------------------------------------------------------------------------------------------
 
 _unavailable_reason: str | None = None
@@ -67,9 +78,11 @@ def compiler_missing_reason() -> str | None:
     not serve (fp16, fp64) use torch.compile's where a C++ compiler is found, else foreach."""
     if USE_NATIVE and _native.load() is not None:
         return None
-    if _unavailable_reason is not None:
-        return _unavailable_reason
-    return _find_compiler_problem()
+    problem = _inductor_problem()
+    if problem is None:
+        return None
+    native = _native.failure() if USE_NATIVE else "switched off"
+    return f"native kernel: {native}; torch.compile kernel: {problem}"
 
 
 def _inductor_problem() -> str | None:
@@ -97,7 +110,7 @@ def warn_fallback_once(reason: str) -> None:
         _warned = True
         warnings.warn(
             f"adamkit: the fused backend is unavailable ({reason}); backend='auto' uses 'foreach'. "
-            "Install a C++ compiler to get the fused kernel.",
+            "Install a C compiler (gcc) to get the fused kernel.",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -258,6 +271,7 @@ def build_buckets(
             offsets.append(n)
             padded.append(-(-p.numel() // align) * align)
             n += padded[-1]
+        n = -(-n // _quant.BLOCK) * _quant.BLOCK  # the native kernel works in whole blocks
         st0 = state[ps[0]]
         names = [k for k in st0 if k != "step"]
         # 8-bit buffers are (blocks, 256) tensors: one iteration space for every tensor lets

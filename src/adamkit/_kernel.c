@@ -126,7 +126,7 @@ static inline __attribute__((always_inline)) void
 encode8(const float *restrict x, uint8_t *restrict c, float *scale, uint32_t index0, uint32_t seed,
         const int sgn) {
     /* the largest finite magnitude; non-negative floats order like their bit patterns, and an
-     * integer max vectorizes where a float max (not associative with nan) would not */
+     * integer max reduction vectorizes where a float one (not associative with nan) would not */
     uint32_t amax = 0;
 #pragma omp simd reduction(max : amax)
     for (int i = 0; i < BLOCK; i++) {
@@ -189,12 +189,12 @@ range_tiled(const args_t *A, int64_t lo, int64_t hi, const int pm, const int sf,
     const int nmom = ams ? 3 : 2;
     float *mom[3] = {M, V, X};
     for (int64_t t = lo; t < hi; t += BLOCK) {
-        const int len = hi - t < BLOCK ? (int)(hi - t) : BLOCK; /* < BLOCK only at a buffer's end */
+        const int len = BLOCK; /* buffers of these formats are whole blocks long (_fused.py) */
         const uint32_t i0 = (uint32_t)t;
         /* decode the parameter and gradient */
         /* fp32 parameters (and master weights) are updated where they lie */
-        float *pv = pm == P_NATIVE ? (float *)A->param + t : (pm == P_MASTER ? (float *)A->aux + t : P);
-        const float *gv = pm == P_NATIVE ? (const float *)A->grad + t : G;
+        float *restrict pv = pm == P_NATIVE ? (float *)A->param + t : (pm == P_MASTER ? (float *)A->aux + t : P);
+        const float *restrict gv = pm == P_NATIVE ? (const float *)A->grad + t : G;
         if (pm != P_NATIVE) {
             const uint16_t *ps = (const uint16_t *)A->param + t, *gs = (const uint16_t *)A->grad + t;
             if (pm == P_MASTER) {
@@ -250,16 +250,19 @@ range_tiled(const args_t *A, int64_t lo, int64_t hi, const int pm, const int sf,
     }
 }
 
-/* Every (parameter mode, state format, amsgrad, skip) gets its own specialized loop. */
+/* The common case (no amsgrad, no skip_nonfinite) gets a loop specialized for each (parameter mode,
+ * state format); the rare ones share one with run-time flags (a smaller library, built faster). */
 #define VARIANTS(PM, SF)                                                                       \
     if (A->pmode == PM && A->sfmt == SF) {                                                    \
-        if (A->amsgrad) {                                                                     \
-            if (A->skip) range_tiled(A, lo, hi, PM, SF, 1, 1); else range_tiled(A, lo, hi, PM, SF, 1, 0); \
-        } else {                                                                              \
-            if (A->skip) range_tiled(A, lo, hi, PM, SF, 0, 1); else range_tiled(A, lo, hi, PM, SF, 0, 0); \
-        }                                                                                     \
+        if (A->amsgrad || A->skip) range_tiled_flags(A, lo, hi, PM, SF);                      \
+        else range_tiled(A, lo, hi, PM, SF, 0, 0);                                            \
         return;                                                                               \
     }
+
+static __attribute__((noinline, optimize("no-unswitch-loops"))) void
+range_tiled_flags(const args_t *A, int64_t lo, int64_t hi, const int pm, const int sf) {
+    range_tiled(A, lo, hi, pm, sf, A->amsgrad, A->skip);
+}
 
 static void run_range(const args_t *A, int64_t lo, int64_t hi) {
     if (A->pmode == P_NATIVE && A->sfmt == S_FP32) {

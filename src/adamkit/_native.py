@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from . import _quant
 from ._math import Scalars
 
 SOURCE = Path(__file__).with_name("_kernel.c")
@@ -34,7 +35,7 @@ FLAGS = [
     "-fno-math-errno",  # sqrtf as one instruction (the result is the same)
     "-fno-trapping-math",
     "-ffp-contract=off",  # round every operation as the reference backend does
-    "-fopenmp-simd",  # honour the kernel's simd reductions (no OpenMP runtime)
+    "-fopenmp-simd",  # honour the kernel's simd reduction pragma (no OpenMP runtime involved)
     "-shared",
     "-fPIC",
     "-pthread",
@@ -150,6 +151,8 @@ def make_args(flat: dict, fmt) -> Args:
     """The kernel's view of a bucket's flat buffers (pointers stay valid while the bucket lives)."""
     a = Args()
     a.n = flat["param"].numel()
+    if a.n % _quant.BLOCK:
+        raise ValueError(f"flat buffers must hold whole blocks of {_quant.BLOCK} elements, not {a.n}")
     a.param = flat["param"].data_ptr()
     a.grad = flat["grad"].data_ptr()
     aux = flat.get("kahan_comp", flat.get("master_weight"))
