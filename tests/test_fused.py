@@ -235,3 +235,25 @@ def test_native_kernel_splits_buffers_between_threads(kw):
         assert torch.equal(a, b)
         for k, v in o1.state[a].items():
             assert torch.equal(v, o2.state[b][k]), k
+
+
+def test_formats_without_a_kernel_here_run_per_tensor(monkeypatch):
+    """With the native kernel but no C++ compiler, fp16 buckets (which only torch.compile's kernel
+    serves) step per tensor, like the reference, and everything else stays on the native kernel."""
+    monkeypatch.setattr(_fused, "_find_compiler_problem", lambda: "no C++ compiler found")
+    half = [torch.randn(40, 3).half().requires_grad_(), torch.randn(7).half().requires_grad_()]
+    full = [torch.randn(9, 2, requires_grad=True)]
+    ps = half + full
+    fused, ref, rps = pair(ps, lr=1e-2, weight_decay=0.1)
+    for gs in grad_stream(ps, 4):
+        for p, q, g in zip(ps, rps, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        ref.step()
+    for p, q in zip(half, rps):  # per tensor (foreach) runs the reference's operators: bitwise
+        assert torch.equal(p, q)
+        for k, v in ref.state[q].items():
+            assert torch.equal(fused.state[p][k], v), k
+    assert_same(fused, ref, full, rps[len(half) :])
+    natives = {b.fmt.param: b.native is not None for b in fused._layouts[0].buckets}
+    assert natives == {"kahan": False, "native": True}
