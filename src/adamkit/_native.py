@@ -2,7 +2,7 @@
 
 The C source is compiled once per machine with the system's C compiler into a cache directory
 (``$ADAMKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/adamkit``, else ``~/.cache/adamkit``), keyed by a
-hash of the source, the compiler and the CPU, and loaded with ``ctypes``: about a second the first
+hash of the source, the compiler and the CPU, and loaded with ``ctypes``: about two seconds the first
 time on a machine, milliseconds afterwards. ctypes releases the GIL during the call; the kernel
 splits each buffer between ``torch.get_num_threads()`` threads itself.
 
