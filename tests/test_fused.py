@@ -257,3 +257,12 @@ def test_formats_without_a_kernel_here_run_per_tensor(monkeypatch):
     assert_same(fused, ref, full, rps[len(half) :])
     natives = {b.fmt.param: b.native is not None for b in fused._layouts[0].buckets}
     assert natives == {"kahan": False, "native": True}
+
+
+def test_native_kernel_unwritable_cache_falls_back_to_a_temporary_directory(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("ADAMKIT_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setattr(_native.tempfile, "gettempdir", lambda: str(tmp_path))
+    assert _native.load.__wrapped__() is not None
+    assert list(tmp_path.glob("adamkit-*/adamkit_kernel_*.so"))

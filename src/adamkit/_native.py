@@ -104,6 +104,26 @@ def failure() -> str | None:
     return _failure
 
 
+def _build(cc: str, out: Path) -> str | None:
+    """Compile the kernel to ``out`` unless it is there; returns why it failed, or None."""
+    if out.exists():
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # build beside the target and rename: concurrent processes never load a partial file
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so")
+    os.close(fd)
+    try:
+        cmd = [*cc.split(), *FLAGS, "-o", tmp, str(SOURCE)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            return f"{cc} failed: {r.stderr.strip()[-300:]}"
+        os.replace(tmp, out)
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 @functools.cache
 def load():
     """The loaded library's ``adamkit_step``, or None where it cannot be built here."""
@@ -117,33 +137,31 @@ def load():
         return None
     try:
         ver = subprocess.run([*cc.split(), "--version"], capture_output=True, text=True, timeout=30)
-        key = hashlib.sha256(
-            SOURCE.read_bytes() + " ".join(FLAGS).encode() + ver.stdout.encode() + _cpu_id().encode()
-        ).hexdigest()[:16]
-        out = cache_dir() / f"adamkit_kernel_{key}.so"
-        if not out.exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            # build beside the target and rename: concurrent processes never load a partial file
-            fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so")
-            os.close(fd)
-            try:
-                r = subprocess.run(
-                    [*cc.split(), *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300
-                )
-                if r.returncode != 0:
-                    _failure = f"{cc} failed: {r.stderr.strip()[-300:]}"
-                    return None
-                os.replace(tmp, out)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        lib = ctypes.CDLL(str(out))
     except (OSError, subprocess.SubprocessError) as e:
-        _failure = f"{type(e).__name__}: {e}"
+        _failure = f"{cc} --version: {type(e).__name__}: {e}"
+        return None
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + " ".join(FLAGS).encode() + ver.stdout.encode() + _cpu_id().encode()
+    ).hexdigest()[:16]
+    name = f"adamkit_kernel_{key}.so"
+    # an unwritable cache directory (read-only home) falls back to a per-user temporary one
+    user = os.getuid() if hasattr(os, "getuid") else 0
+    dirs = [cache_dir(), Path(tempfile.gettempdir()) / f"adamkit-{user}"]
+    for d in dirs:
+        try:
+            _failure = _build(cc, d / name)
+            if _failure is not None:  # the compiler itself failed: another directory will not help
+                return None
+            lib = ctypes.CDLL(str(d / name))
+            break
+        except (OSError, subprocess.SubprocessError) as e:
+            _failure = f"{type(e).__name__}: {e}"
+    else:
         return None
     fn = lib.adamkit_step
     fn.argtypes = [ctypes.POINTER(Args)]
     fn.restype = ctypes.c_int
+    _failure = None
     return fn
 
 
