@@ -23,6 +23,14 @@ def pair(params, **kw):
     )
 
 
+def step_both(a, b, pa, pb, gs):
+    """One step of two optimizers on the same gradients (copies: each backend owns its grads)."""
+    for p, q, g in zip(pa, pb, gs):
+        p.grad, q.grad = g.clone(), g.clone()
+    a.step()
+    b.step()
+
+
 def assert_same(fused, ref, fps, rps):
     for p, q in zip(fps, rps):
         torch.testing.assert_close(p.detach(), q.detach(), **TOL)
@@ -112,10 +120,7 @@ def test_layout_invalidated_by_model_to_and_data_assignment():
                 new = p.detach() * 0.5
                 p.data = new
                 q.data = q.detach() * 0.5
-        for p, q, g in zip(ps, rps, gs):
-            p.grad, q.grad = g.clone(), g.clone()
-        fused.step()
-        ref.step()
+        step_both(fused, ref, ps, rps, gs)
     assert_same(fused, ref, ps, rps)
 
 
@@ -125,10 +130,7 @@ def test_unflattenable_parameters_run_per_tensor():
     assert not ps[0].is_contiguous()
     fused, ref, rps = pair(ps, lr=1e-2)
     for gs in grad_stream(ps, 4):
-        for p, q, g in zip(ps, rps, gs):
-            p.grad, q.grad = g.clone(), g.clone()
-        fused.step()
-        ref.step()
+        step_both(fused, ref, ps, rps, gs)
     assert_same(fused, ref, ps, rps)
     assert not ps[0].is_contiguous()  # the user's layout is kept
     assert _fused.flattenable(ps[1]) and not _fused.flattenable(ps[0])
@@ -157,20 +159,14 @@ def test_fused_state_dict_roundtrip_into_other_backends():
     fused, ref, rps = pair(ps, lr=1e-2, amsgrad=True)
     grads = grad_stream(ps, 6)
     for gs in grads[:3]:
-        for p, q, g in zip(ps, rps, gs):
-            p.grad, q.grad = g.clone(), g.clone()
-        fused.step()
-        ref.step()
+        step_both(fused, ref, ps, rps, gs)
     sd = fused.state_dict()
     # a fresh foreach optimizer continues from the fused one's state
     cont = clone_params(ps)
     other = adamkit.AdamW(cont, lr=1e-2, amsgrad=True, backend="foreach")
     other.load_state_dict(sd)
     for gs in grads[3:]:
-        for p, q, g in zip(cont, rps, gs):
-            p.grad, q.grad = g.clone(), g.clone()
-        other.step()
-        ref.step()
+        step_both(other, ref, cont, rps, gs)
     assert_same(other, ref, cont, rps)
 
 
@@ -247,10 +243,7 @@ def test_formats_without_a_kernel_here_run_per_tensor(monkeypatch):
     ps = half + full
     fused, ref, rps = pair(ps, lr=1e-2, weight_decay=0.1)
     for gs in grad_stream(ps, 4):
-        for p, q, g in zip(ps, rps, gs):
-            p.grad, q.grad = g.clone(), g.clone()
-        fused.step()
-        ref.step()
+        step_both(fused, ref, ps, rps, gs)
     for p, q in zip(half, rps):  # per tensor (foreach) runs the reference's operators: bitwise
         assert torch.equal(p, q)
         for k, v in ref.state[q].items():
