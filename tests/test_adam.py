@@ -110,32 +110,29 @@ def test_parity_fully_decoupled(backend):
     torch.testing.assert_close(p.detach(), torch.full((3,), 0.9, dtype=torch.float64), rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize(
+    "backend,kernel,tol",
+    [
+        # foreach runs the same math with the same operators: bitwise equal
+        pytest.param("foreach", None, dict(rtol=0, atol=0), id="foreach"),
+        pytest.param("fused", "native", NATIVE_FP32_TOL, id="fused-native"),
+        pytest.param(
+            "fused", "compiled", FUSED_FP32_TOL, id="fused-compiled", marks=pytest.mark.compiled_kernel
+        ),
+    ],
+)
 @pytest.mark.parametrize("name,kw", config_params())
-def test_foreach_equals_reference_fp32(name, kw):
-    """The foreach backend runs the same math with the same operators: bitwise equal in fp32."""
+def test_backend_equals_reference_fp32(name, kw, backend, kernel, tol):
     pa = make_params(torch.float32)
     pb = clone_params(pa)
     grads = grad_stream(pa, 15)
     a = getattr(adamkit, name)(pa, backend="reference", **kw)
-    b = getattr(adamkit, name)(pb, backend="foreach", **kw)
+    b = getattr(adamkit, name)(pb, backend=backend, **kw)
     run(a, pa, grads)
     run(b, pb, grads)
-    assert max_diff(pa, pb, a, b) == 0.0
-
-
-@pytest.mark.parametrize("kernel", ["native", pytest.param("compiled", marks=pytest.mark.compiled_kernel)])
-@pytest.mark.parametrize("name,kw", config_params())
-def test_fused_equals_reference_fp32(name, kw, kernel):
-    pa = make_params(torch.float32)
-    pb = clone_params(pa)
-    grads = grad_stream(pa, 15)
-    a = getattr(adamkit, name)(pa, backend="reference", **kw)
-    b = getattr(adamkit, name)(pb, backend="fused", **kw)
-    run(a, pa, grads)
-    run(b, pb, grads)
-    flat = [bk for layout in b._layouts.values() for bk in layout.buckets]
-    assert flat and all((bk.native is not None) == (kernel == "native") for bk in flat)
-    tol = NATIVE_FP32_TOL if kernel == "native" else FUSED_FP32_TOL
+    if kernel is not None:  # the kernel the test names is the one that ran
+        flat = [bk for layout in b._layouts.values() for bk in layout.buckets]
+        assert flat and all((bk.native is not None) == (kernel == "native") for bk in flat)
     for p, q in zip(pa, pb):
         torch.testing.assert_close(q.detach(), p.detach(), **tol)
         assert set(a.state[p]) == set(b.state[q])
