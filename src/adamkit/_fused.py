@@ -207,8 +207,6 @@ class Bucket:
     flat: dict[str, torch.Tensor]
     steps: torch.Tensor  # fp32, one per tensor; state["step"] are 0-D views of it
     step: float
-    hp: torch.Tensor
-    seeds: torch.Tensor  # four rounding streams, see _backends.step_seeds
     param_ptrs: list[int] = field(default_factory=list)
     grad_views: list[torch.Tensor] = field(default_factory=list)
     grad_ptrs: list[int] = field(default_factory=list)
@@ -294,8 +292,6 @@ def build_buckets(
             flat=flat,
             steps=torch.full((len(ps),), step, dtype=torch.float32),
             step=step,
-            hp=torch.zeros(len(Scalars.FIELDS), dtype=compute_dtype(dtype), device=device),
-            seeds=torch.zeros(4, dtype=torch.int64, device=device),
         )
         if USE_NATIVE and _native.supports(fmt, dtype, device) and _native.load() is not None:
             b.native = _native.make_args(flat, fmt)
@@ -384,9 +380,12 @@ def step_bucket(bucket: Bucket, scalars: Scalars, flags: Flags, has_grad: list[b
         seeds = step_seeds(bucket.step, bucket.uid)
         _native.step(_native.load(), bucket.native, scalars.as_list(), seeds, flags)
         return []
-    bucket.hp.copy_(torch.tensor(scalars.as_list(), dtype=bucket.hp.dtype))
-    bucket.seeds.copy_(torch.tensor(step_seeds(bucket.step, bucket.uid)))
-    run_kernel(bucket.flat, bucket.hp, bucket.seeds, bucket.fmt, flags)
+    # torch.compile's kernel: the scalars as small tensors (their values are not guarded, so
+    # changing them never recompiles)
+    param = bucket.flat["param"]
+    hp = torch.tensor(scalars.as_list(), dtype=compute_dtype(param.dtype), device=param.device)
+    seeds = torch.tensor(step_seeds(bucket.step, bucket.uid), dtype=torch.int64, device=param.device)
+    run_kernel(bucket.flat, hp, seeds, bucket.fmt, flags)
     return []
 
 
