@@ -260,3 +260,20 @@ def test_native_kernel_unwritable_cache_falls_back_to_a_temporary_directory(tmp_
     monkeypatch.setattr(_native.tempfile, "gettempdir", lambda: str(tmp_path))
     assert _native.load.__wrapped__() is not None
     assert list(tmp_path.glob("adamkit-*/adamkit_kernel_*.so"))
+
+
+def test_unflattenable_parameters_round_as_the_per_tensor_backends():
+    """A parameter the fused backend cannot flatten runs per tensor with the same identity (the
+    seed of its stochastic rounding) as under foreach, so both give the same bits."""
+    base = torch.randn(64, 33).bfloat16()
+    runs = []
+    for backend in ("fused", "foreach"):
+        ps = [torch.randn(300).bfloat16().requires_grad_(), base.clone().t().requires_grad_()]  # 2nd: loose
+        opt = adamkit.AdamW(ps, lr=1e-3, stochastic_rounding=True, backend=backend)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g).bfloat16()
+            opt.step()
+        runs.append(ps[1].detach().clone())
+    assert torch.equal(runs[0], runs[1])

@@ -396,10 +396,12 @@ def fused_step(
     state: dict,
     init_state,
     formats_of,
+    item_of,
     scalars_of,
     flags: Flags,
 ) -> None:
-    """Step one group with the fused backend; ``params`` are the group's parameters with grads."""
+    """Step one group with the fused backend; ``params`` are the group's parameters with grads.
+    ``item_of(p)`` gives a parameter that cannot be flattened as a foreach item (step advanced)."""
     key = tuple(map(id, params))
     layout: GroupLayout | None = layouts.get(group_index)
     # Fast path: the same parameters have gradients as when the layout was built, none has moved
@@ -437,11 +439,6 @@ def fused_step(
             if any(has):
                 leftover += step_bucket(b, scalars_of(b.step + 1), flags, has)
         loose = [p for p in params if id(p) not in layout.members]
-    for i, p in enumerate(loose):
-        st = init_state(p)
-        st["step"] += 1
-        t = {k: v for k, v in st.items() if k != "step"}
-        t["param"], t["grad"] = p, p.grad
-        leftover.append(Item(t, formats_of(p), float(st["step"]), 7919 * (group_index + 1) + i))
+    leftover += [item_of(p) for p in loose]
     if leftover:
         run_foreach(leftover, scalars_of, flags)

@@ -439,6 +439,18 @@ class Adam(Optimizer):
             )
 
         index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        # uid: the parameter's position in the optimizer, stable across save/load (seeds rounding)
+        base = sum(len(g["params"]) for g in self.param_groups[:index]) + 1
+        uids: dict[int, int] = {}
+
+        def item_of(p: torch.Tensor) -> Item:
+            """p's share of this step for a per-tensor runner; its step counter is advanced."""
+            if not uids:
+                uids.update((id(q), base + i) for i, q in enumerate(group["params"]))
+            state = self._init_state(p, group)
+            state["step"] += 1
+            return self._item(p, group, uids[id(p)])
+
         backend = self._backend_for(group)
         if backend == "fused":
             _fused.fused_step(
@@ -448,19 +460,12 @@ class Adam(Optimizer):
                 self.state,
                 lambda p: self._init_state(p, group),
                 lambda p: self._formats(group, p),
+                item_of,
                 scalars_of,
                 flags,
             )
             return
-        # uid: the parameter's position in the optimizer, stable across save/load (seeds rounding)
-        base = sum(len(g["params"]) for g in self.param_groups[:index]) + 1
-        uids = {id(p): base + i for i, p in enumerate(group["params"])}
-        items = []
-        for p in params:
-            state = self._init_state(p, group)
-            state["step"] += 1
-            items.append(self._item(p, group, uids[id(p)]))
-        _backends.RUNNERS[backend](items, scalars_of, flags)
+        _backends.RUNNERS[backend]([item_of(p) for p in params], scalars_of, flags)
 
     # ------------------------------------------------------------------------------------------
     # full-precision values of low-precision parameters
