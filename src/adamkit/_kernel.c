@@ -316,7 +316,7 @@ static void *worker(void *arg) {
 #define MIN_PER_THREAD (1 << 15)
 #define MAX_THREADS 256
 
-int adamkit_step(const args_t *A) {
+void adamkit_step(const args_t *A) {
     int nt = A->nthreads < 1 ? 1 : (A->nthreads > MAX_THREADS ? MAX_THREADS : A->nthreads);
     const int64_t most = (A->n + MIN_PER_THREAD - 1) / MIN_PER_THREAD;
     if (most < nt) nt = most < 1 ? 1 : (int)most;
@@ -336,5 +336,4 @@ int adamkit_step(const args_t *A) {
     run_range(A, 0, share < A->n ? share : A->n);
     for (int k = 1; k < nt; k++)
         if (running[k]) pthread_join(tids[k], NULL);
-    return 0;
 }

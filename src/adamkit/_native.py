@@ -160,7 +160,7 @@ def load():
         return None
     fn = lib.adamkit_step
     fn.argtypes = [ctypes.POINTER(Args)]
-    fn.restype = ctypes.c_int
+    fn.restype = None
     _failure = None
     return fn
 
