@@ -46,7 +46,6 @@ shapes make it serve every buffer size.
 from __future__ import annotations
 
 import functools
-import shutil
 import types
 import warnings
 import weakref
@@ -91,10 +90,7 @@ def _inductor_problem() -> str | None:
 
 @functools.cache
 def _find_compiler_problem() -> str | None:
-    import os
-
-    cxx = os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
-    if cxx is None or not shutil.which(cxx.split()[0]):
+    if _native.find_compiler("CXX", ("g++", "c++", "clang++")) is None:
         return "no C++ compiler found (torch.compile's CPU backend needs g++ or clang++; set CXX)"
     return None
 

@@ -81,8 +81,10 @@ def cache_dir() -> Path:
     return Path(base) / "adamkit"
 
 
-def _compiler() -> str | None:
-    cc = os.environ.get("CC") or next((c for c in ("gcc", "cc", "clang") if shutil.which(c)), None)
+def find_compiler(env: str, names: tuple[str, ...]) -> str | None:
+    """The compiler named by ``$env`` (possibly with arguments), else the first of ``names`` on
+    PATH; None if there is none that runs."""
+    cc = os.environ.get(env) or next((c for c in names if shutil.which(c)), None)
     return cc if cc and shutil.which(cc.split()[0]) else None
 
 
@@ -131,7 +133,7 @@ def load():
     if os.environ.get("ADAMKIT_NATIVE", "1") == "0":
         _failure = "disabled by ADAMKIT_NATIVE=0"
         return None
-    cc = _compiler()
+    cc = find_compiler("CC", ("gcc", "cc", "clang"))
     if cc is None:
         _failure = "no C compiler found (set CC)"
         return None
