@@ -185,7 +185,7 @@ range_fp32(const args_t *A, int64_t lo, int64_t hi, const int ams, const int ski
     float *restrict x = ams ? (float *)A->mom[2] + lo : (float *)0;
     const float *hp = A->hp;
     const int64_t n = hi - lo;
-    for (int64_t i = 0; i < n; i++) adam(p + i, g[i], m + i, v + i, ams ? x + i : m + i, hp, ams, skip);
+    for (int64_t i = 0; i < n; i++) adam(p + i, g[i], m + i, v + i, ams ? x + i : (float *)0, hp, ams, skip);
 }
 
 /* every other combination: one block of 256 at a time, decoded into L1, updated, encoded back */
