@@ -261,6 +261,38 @@ def test_native_kernel_splits_buffers_between_threads(kw):
             assert torch.equal(v, o2.state[b][k]), k
 
 
+def test_assigned_fp32_gradients_are_read_where_they_lie():
+    """Gradients assigned by hand are read in place by the fp32 kernel (no copy; p.grad stays the
+    user's tensor). Those it cannot read in place are copied in: non-contiguous ones, and one that
+    aliases a buffer the step writes (here another parameter of the bucket), which the reference
+    reads before any write."""
+    shapes = [(33, 7), (300,), (6, 5), (6, 5), (1000,)]
+    gen = torch.Generator().manual_seed(7)
+    ps = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    fused, ref, rps = pair(ps, lr=1e-2, weight_decay=0.1)
+    for t in range(4):
+        gs = [torch.randn(s, generator=gen) for s in shapes]
+        gs[2] = gs[2].t().contiguous().t()  # non-contiguous: copied
+        for p, q, g in zip(ps, rps, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        if t >= 1:  # the bucket exists: parameter 3's gradient is parameter 0's first 30 values,
+            # which the kernel updates before it reaches parameter 3
+            ps[3].grad = ps[0].detach().view(-1)[:30].view(6, 5)
+            rps[3].grad = rps[0].detach().view(-1)[:30].view(6, 5).clone()
+        own = [p.grad for p in ps]
+        if t >= 1:
+            (bucket,) = fused._layouts[0].buckets
+            for i in (0, 1, 4):  # the flat copies of gradients read in place: must not be read
+                bucket.view("grad", i).fill_(float("nan"))
+        fused.step()
+        ref.step()
+        assert_same(fused, ref, ps, rps)
+        if t >= 1:
+            assert ps[0].grad is own[0] and ps[1].grad is own[1] and ps[4].grad is own[4]  # read in place
+            assert ps[2].grad is not own[2] and ps[3].grad is not own[3]  # copied into the flat buffer
+            assert ps[2].grad.data_ptr() == bucket.grad_ptrs[2]
+
+
 def test_formats_without_a_kernel_here_run_per_tensor(monkeypatch):
     """With the native kernel but no C++ compiler, fp16 buckets (which only torch.compile's kernel
     serves) step per tensor, like the reference, and everything else stays on the native kernel."""

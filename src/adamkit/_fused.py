@@ -29,7 +29,10 @@ Nothing is duplicated: the flat buffers *are* the parameters, gradients and stat
 Gradients. A post-accumulate-grad hook on each flattened parameter moves the gradient autograd
 produced into the flat gradient buffer (while it is still hot in cache) and points ``p.grad`` at the
 view, so the step reads one flat buffer and copies nothing. Gradients that arrive another way
-(assigned by hand, or accumulated out of place) are copied in at the start of the step.
+(assigned by hand, or replaced by other code) are read where they lie by the native fp32 kernel,
+which takes a list of (start, pointer) stretches for them; ``p.grad`` stays the caller's tensor.
+Where that is not possible (other formats, a non-contiguous gradient, one that aliases a buffer
+the step writes) they are copied in at the start of the step.
 
 Correctness before speed. Every step checks that each parameter still lives where the layout put it
 (``model.to()``, ``p.data = ...`` or ``load_state_dict`` invalidate the layout, which is then rebuilt
@@ -208,6 +211,7 @@ class Bucket:
     grad_ptrs: list[int] = field(default_factory=list)
     hooks: list = field(default_factory=list)
     native: _native.Args | None = None  # the native kernel's pointers into ``flat``, if it serves
+    storages: frozenset[int] = frozenset()  # data pointers of the storages behind ``flat``
 
     def view(self, name: str, i: int) -> torch.Tensor:
         """Parameter i's slice of a flat buffer, in the shape its state entry has."""
@@ -289,6 +293,7 @@ def build_buckets(
             steps=torch.full((len(ps),), step, dtype=torch.float32),
             step=step,
         )
+        b.storages = frozenset(t.untyped_storage().data_ptr() for t in flat.values())
         if USE_NATIVE and _native.supports(fmt, dtype, device) and _native.load() is not None:
             b.native = _native.make_args(flat, fmt)
         for i, p in enumerate(ps):
@@ -350,6 +355,41 @@ def _per_tensor(bucket: Bucket, has_grad: list[bool]) -> list[Item]:
     return items
 
 
+def _readable_in_place(g: torch.Tensor, view: torch.Tensor, bucket: Bucket) -> bool:
+    """Whether the kernel can read gradient ``g`` where it lies instead of the flat view: a plain
+    dense contiguous tensor like the view, and not memory the step itself writes (a gradient that
+    aliases one of this bucket's buffers is copied first, as the per-tensor backends would read
+    it before any write)."""
+    return (
+        type(g) is torch.Tensor
+        and g.layout == torch.strided
+        and g.dtype == view.dtype
+        and g.device == view.device
+        and g.shape == view.shape
+        and g.is_contiguous()
+        and g.untyped_storage().data_ptr() not in bucket.storages
+    )
+
+
+def _grad_segments(bucket: Bucket, foreign: list[tuple[int, torch.Tensor]]) -> tuple[list[int], list[int]]:
+    """(starts, pointers) for the native kernel: stretches of the flat buffers in order, each read
+    from a gradient held elsewhere or from the flat gradient buffer (alignment gaps included)."""
+    flat = bucket.flat["grad"]
+    base, size, n = flat.data_ptr(), flat.element_size(), flat.numel()
+    starts, ptrs, pos = [], [], 0
+    for offset, g in sorted(foreign, key=lambda f: f[0]):
+        if offset > pos:
+            starts.append(pos)
+            ptrs.append(base + pos * size)
+        starts.append(offset)
+        ptrs.append(g.data_ptr())
+        pos = offset + g.numel()
+    if pos < n:
+        starts.append(pos)
+        ptrs.append(base + pos * size)
+    return starts, ptrs
+
+
 def step_bucket(bucket: Bucket, scalars: Scalars, flags: Flags, has_grad: list[bool] | None) -> list[Item]:
     """One step of a bucket: a fused kernel if every parameter has a gradient (``has_grad`` is
     None), else per tensor on the views (returned as items for the foreach backend)."""
@@ -361,20 +401,29 @@ def step_bucket(bucket: Bucket, scalars: Scalars, flags: Flags, has_grad: list[b
         # neither kernel serves this bucket's formats here (fp16/fp64 without a C++ compiler)
         bucket.step += 1
         return _per_tensor(bucket, [True] * len(bucket.params))
-    copies_dst, copies_src = [], []
-    for p, ptr, view in zip(bucket.params, bucket.grad_ptrs, bucket.grad_views):
+    # Gradients not written by our hook (assigned by hand, or replaced by other code): the fp32
+    # native kernel reads them where they are; otherwise they are copied in (counted in the step).
+    in_place = bucket.native is not None and bucket.fmt.param == "native" and bucket.fmt.state == "fp32"
+    copies_dst, copies_src, foreign = [], [], []
+    for i, (p, ptr, view) in enumerate(zip(bucket.params, bucket.grad_ptrs, bucket.grad_views)):
         g = p.grad
-        if g.data_ptr() != ptr:  # not written by our hook: copy it in (counted in the step)
-            copies_dst.append(view)
-            copies_src.append(g)
-            p.grad = view
+        if g.data_ptr() == ptr:
+            continue
+        if in_place and _readable_in_place(g, view, bucket):
+            if g.numel():
+                foreign.append((bucket.offsets[i], g))
+            continue
+        copies_dst.append(view)
+        copies_src.append(g)
+        p.grad = view
     if copies_dst:
         torch._foreach_copy_(copies_dst, copies_src)
     bucket.step += 1
     bucket.steps.fill_(bucket.step)
     if bucket.native is not None:
         seeds = step_seeds(bucket.step, bucket.uid)
-        _native.step(_native.load(), bucket.native, scalars.as_list(), seeds, flags)
+        segments = _grad_segments(bucket, foreign) if foreign else None
+        _native.step(_native.load(), bucket.native, scalars.as_list(), seeds, flags, segments)
         return []
     # torch.compile's kernel: the scalars as small tensors (their values are not guarded, so
     # changing them never recompiles)

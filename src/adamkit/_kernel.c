@@ -49,6 +49,12 @@ typedef struct {
     float hp[N_HP];     /* Scalars, in _math.Scalars.FIELDS order */
     uint32_t seed[4];   /* rounding streams: parameter, then each moment */
     int32_t pmode, sfmt, amsgrad, skip, nthreads;
+    /* fp32 only: gradients read where the caller keeps them, not from ``grad``. Segment k covers
+     * elements [seg_lo[k], seg_lo[k + 1]) (seg_lo[nseg] == n) and seg_grad[k] points at the
+     * gradient of element seg_lo[k]. nseg == 0: every gradient is in ``grad``. */
+    int64_t nseg;
+    const int64_t *seg_lo;
+    const void *const *seg_grad;
 } args_t;
 
 /* ---- storage: bf16 and rounding ------------------------------------------------------------ */
@@ -202,9 +208,8 @@ static inline void scalars(const args_t *A, float *hp) {
 
 /* fp32 parameters and moments: straight from memory to memory (28 B per element, 32 amsgrad) */
 static inline __attribute__((always_inline)) void
-range_fp32(const args_t *A, int64_t lo, int64_t hi, const int ams, const int skip) {
+range_fp32(const args_t *A, int64_t lo, int64_t hi, const float *restrict g, const int ams, const int skip) {
     float *restrict p = (float *)A->param + lo;
-    const float *restrict g = (const float *)A->grad + lo;
     float *restrict m = (float *)A->mom[0] + lo;
     float *restrict v = (float *)A->mom[1] + lo;
     float *restrict x = ams ? (float *)A->mom[2] + lo : (float *)0;
@@ -300,12 +305,26 @@ range_tiled_flags(const args_t *A, int64_t lo, int64_t hi, const int pm, const i
     range_tiled(A, lo, hi, pm, sf, A->amsgrad, A->skip);
 }
 
+static void run_fp32(const args_t *A, int64_t lo, int64_t hi, const float *g) {
+    if (A->amsgrad) {
+        if (A->skip) range_fp32(A, lo, hi, g, 1, 1); else range_fp32(A, lo, hi, g, 1, 0);
+    } else {
+        if (A->skip) range_fp32(A, lo, hi, g, 0, 1); else range_fp32(A, lo, hi, g, 0, 0);
+    }
+}
+
 static void run_range(const args_t *A, int64_t lo, int64_t hi) {
     if (A->pmode == P_NATIVE && A->sfmt == S_FP32) {
-        if (A->amsgrad) {
-            if (A->skip) range_fp32(A, lo, hi, 1, 1); else range_fp32(A, lo, hi, 1, 0);
-        } else {
-            if (A->skip) range_fp32(A, lo, hi, 0, 1); else range_fp32(A, lo, hi, 0, 0);
+        if (A->nseg == 0) {
+            run_fp32(A, lo, hi, (const float *)A->grad + lo);
+            return;
+        }
+        int64_t k = 0;
+        while (A->seg_lo[k + 1] <= lo) k++;
+        for (; lo < hi; k++) {
+            const int64_t end = A->seg_lo[k + 1] < hi ? A->seg_lo[k + 1] : hi;
+            run_fp32(A, lo, end, (const float *)A->seg_grad[k] + (lo - A->seg_lo[k]));
+            lo = end;
         }
         return;
     }

@@ -63,6 +63,9 @@ class Args(ctypes.Structure):
         ("amsgrad", ctypes.c_int32),
         ("skip", ctypes.c_int32),
         ("nthreads", ctypes.c_int32),
+        ("nseg", ctypes.c_int64),
+        ("seg_lo", ctypes.c_void_p),
+        ("seg_grad", ctypes.c_void_p),
     ]
 
 
@@ -188,7 +191,9 @@ def make_args(flat: dict, fmt) -> Args:
     return a
 
 
-def step(fn, a: Args, scalars: list[float], seeds: list[int], flags) -> None:
+def step(fn, a: Args, scalars: list[float], seeds: list[int], flags, segments=None) -> None:
+    """One step of a bucket. ``segments`` (fp32 buckets only): ``(starts, grad_pointers)`` of
+    stretches of the flat buffers whose gradients are read from elsewhere (see ``args_t``)."""
     if flags.amsgrad and not a.mom[2]:
         raise RuntimeError("amsgrad was switched on after the state was built; rebuild the optimizer")
     a.amsgrad = int(flags.amsgrad)
@@ -196,4 +201,16 @@ def step(fn, a: Args, scalars: list[float], seeds: list[int], flags) -> None:
     a.hp[:] = scalars
     a.seed[:] = seeds
     a.nthreads = torch.get_num_threads()
-    fn(ctypes.byref(a))
+    if not segments:
+        fn(ctypes.byref(a))
+        return
+    if a.pmode != PARAM_MODES["native"] or a.sfmt != STATE_FORMATS["fp32"]:
+        raise ValueError("gradients read in place: fp32 parameters and moments only")
+    starts, ptrs = segments
+    lo = (ctypes.c_int64 * (len(starts) + 1))(*starts, a.n)
+    gp = (ctypes.c_void_p * len(ptrs))(*ptrs)
+    a.nseg, a.seg_lo, a.seg_grad = len(ptrs), ctypes.addressof(lo), ctypes.addressof(gp)
+    try:
+        fn(ctypes.byref(a))
+    finally:  # the arrays die with this call: never leave the kernel pointing at them
+        a.nseg, a.seg_lo, a.seg_grad = 0, None, None

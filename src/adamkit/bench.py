@@ -7,8 +7,9 @@ streaming limit and the ratio to torch's fused AdamW. Writes a JSON file next to
 Gradients: each timed step starts from gradients as ``backward()`` leaves them. For torch that is
 one tensor per parameter. For adamkit's fused backend it is the flat gradient buffer its
 post-accumulate hooks fill during ``backward()``; the row "adamkit fused (fresh grads)" instead
-assigns new gradient tensors before every step, so the copy into the flat buffer is inside the timed
-step (what happens when gradients do not come from ``backward()``).
+assigns new gradient tensors before every step (what happens when gradients do not come from
+``backward()``), which the fp32 kernel reads where they lie (other formats copy them in, inside
+the timed step).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def implementations() -> dict[str, Impl]:
         "adamkit reference": Impl(_adamkit_impl("reference")),
         "adamkit foreach": Impl(_adamkit_impl("foreach")),
         "adamkit fused": Impl(_adamkit_impl("fused")),
-        "adamkit fused (fresh grads)": Impl(_adamkit_impl("fused"), fresh_grads=True, bytes_per_param=36),
+        "adamkit fused (fresh grads)": Impl(_adamkit_impl("fused"), fresh_grads=True, bytes_per_param=28),
         "adamkit fused, bf16 state": Impl(_adamkit_impl("fused", state_format="bf16"), bytes_per_param=20),
         "adamkit fused, 8-bit state": Impl(
             _adamkit_impl("fused", state_format="8bit"), bytes_per_param=16 + 16 / 256
