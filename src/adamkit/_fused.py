@@ -373,11 +373,12 @@ def _readable_in_place(g: torch.Tensor, view: torch.Tensor, bucket: Bucket) -> b
 
 def _grad_segments(bucket: Bucket, foreign: list[tuple[int, torch.Tensor]]) -> tuple[list[int], list[int]]:
     """(starts, pointers) for the native kernel: stretches of the flat buffers in order, each read
-    from a gradient held elsewhere or from the flat gradient buffer (alignment gaps included)."""
+    from a gradient held elsewhere or from the flat gradient buffer (alignment gaps included).
+    ``foreign`` holds (offset, gradient) in layout order."""
     flat = bucket.flat["grad"]
     base, size, n = flat.data_ptr(), flat.element_size(), flat.numel()
     starts, ptrs, pos = [], [], 0
-    for offset, g in sorted(foreign, key=lambda f: f[0]):
+    for offset, g in foreign:
         if offset > pos:
             starts.append(pos)
             ptrs.append(base + pos * size)
