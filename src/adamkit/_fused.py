@@ -49,6 +49,7 @@ shapes make it serve every buffer size.
 from __future__ import annotations
 
 import functools
+import operator
 import types
 import warnings
 import weakref
@@ -60,6 +61,9 @@ from . import _native, _quant
 from ._backends import MOMENTS, Item, decode_all, encode_all, needs_index, run_foreach, step_seeds
 from ._math import Flags, Scalars, adam_update
 from ._storage import Formats, compute_dtype
+
+_DATA_PTR = torch.Tensor.data_ptr
+_GRAD = operator.attrgetter("grad")
 
 # --------------------------------------------------------------------------------------------------
 # Availability: the native kernel needs a C compiler once per machine, torch.compile's CPU backend
@@ -332,11 +336,8 @@ class GroupLayout:
 
     def params_moved(self) -> bool:
         """True if any parameter no longer lives in its flat buffer (model.to(), p.data = ...)."""
-        for b in self.buckets:
-            for p, ptr in zip(b.params, b.param_ptrs):
-                if p.data_ptr() != ptr:
-                    return True
-        return False
+        # map() keeps the per-parameter loop in C: this runs every step, for every parameter
+        return any(list(map(_DATA_PTR, b.params)) != b.param_ptrs for b in self.buckets)
 
     def release(self) -> None:
         for b in self.buckets:
@@ -406,17 +407,19 @@ def step_bucket(bucket: Bucket, scalars: Scalars, flags: Flags, has_grad: list[b
     # native kernel reads them where they are; otherwise they are copied in (counted in the step).
     in_place = bucket.native is not None and bucket.fmt.param == "native" and bucket.fmt.state == "fp32"
     copies_dst, copies_src, foreign = [], [], []
-    for i, (p, ptr, view) in enumerate(zip(bucket.params, bucket.grad_ptrs, bucket.grad_views)):
-        g = p.grad
-        if g.data_ptr() == ptr:
-            continue
-        if in_place and _readable_in_place(g, view, bucket):
-            if g.numel():
-                foreign.append((bucket.offsets[i], g))
-            continue
-        copies_dst.append(view)
-        copies_src.append(g)
-        p.grad = view
+    grads = list(map(_GRAD, bucket.params))
+    # map() keeps the per-parameter loop in C: in the usual case every gradient is in its view
+    if list(map(_DATA_PTR, grads)) != bucket.grad_ptrs:
+        for i, (p, g, ptr, view) in enumerate(zip(bucket.params, grads, bucket.grad_ptrs, bucket.grad_views)):
+            if g.data_ptr() == ptr:
+                continue
+            if in_place and _readable_in_place(g, view, bucket):
+                if g.numel():
+                    foreign.append((bucket.offsets[i], g))
+                continue
+            copies_dst.append(view)
+            copies_src.append(g)
+            p.grad = view
     if copies_dst:
         torch._foreach_copy_(copies_dst, copies_src)
     bucket.step += 1

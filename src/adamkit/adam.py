@@ -8,7 +8,9 @@ References:
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,6 +29,9 @@ from ._storage import (
     param_aux_key,
     state_dtype,
 )
+
+_GRAD = operator.attrgetter("grad")
+_IS_SPARSE = operator.attrgetter("is_sparse")
 
 _AUX_KEYS = ("kahan_comp", "master_weight")
 _STATE_KEYS = ("step", *MOMENTS, *(m + "_scale" for m in MOMENTS), *_AUX_KEYS)
@@ -386,15 +391,17 @@ class Adam(Optimizer):
         work = []
         for group in self.param_groups:
             hp = _check_group(group)
-            params = [p for p in group["params"] if p.grad is not None]
+            # map()/compress() keep these per-parameter loops in C (they run every step)
+            grads = list(map(_GRAD, group["params"]))
+            has_grad = list(map(operator.is_not, grads, itertools.repeat(None)))
+            params = list(itertools.compress(group["params"], has_grad))
             # Parameters cannot be complex (rejected in add_param_group) and autograd gives a
             # gradient its parameter's dtype, so only the layout needs checking here.
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        "adamkit.Adam does not support sparse gradients; use torch.optim.SparseAdam "
-                        "or a dense embedding (sparse=False)"
-                    )
+            if any(map(_IS_SPARSE, itertools.compress(grads, has_grad))):
+                raise RuntimeError(
+                    "adamkit.Adam does not support sparse gradients; use torch.optim.SparseAdam "
+                    "or a dense embedding (sparse=False)"
+                )
             work.append((group, hp, params))
 
         # Pass 2: update.
