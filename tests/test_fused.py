@@ -344,6 +344,60 @@ def test_assigned_fp32_gradients_are_read_where_they_lie():
             assert ps[2].grad.data_ptr() == bucket.grad_ptrs[2]
 
 
+@pytest.mark.parametrize(
+    "dtype,kw",
+    [
+        pytest.param(torch.float32, {}, id="fp32"),
+        pytest.param(torch.float32, {"state_format": "bf16", "amsgrad": True}, id="bf16-state"),
+        pytest.param(torch.float32, {"state_format": "8bit", "min_8bit_size": 0}, id="8bit"),
+        pytest.param(
+            torch.bfloat16,
+            {"kahan_sum": True, "state_format": "8bit", "min_8bit_size": 0},
+            id="bf16-kahan-8bit",
+        ),
+        pytest.param(torch.bfloat16, {"stochastic_rounding": True}, id="bf16-sr"),
+        pytest.param(torch.bfloat16, {"master_weights": True}, id="bf16-master"),
+    ],
+)
+def test_gradients_read_in_place_give_the_bits_of_flat_ones(dtype, kw):
+    """Every format of the native kernel: a step from gradients assigned by hand (read where they
+    lie, blocks of 256 that straddle tensors gathered from several) is bit for bit the step from
+    the same gradients written into the flat buffer by backward(). Sizes are not multiples of 16
+    or 256, and the largest tensors are split between two threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(9)
+        shapes = [(33, 7), (300,), (300, 257), (1000,)]
+        p0 = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+        assigned = [p.clone().requires_grad_() for p in p0]
+        hooked = [p.clone().requires_grad_() for p in p0]
+        oa = adamkit.AdamW(assigned, lr=1e-2, weight_decay=0.1, backend="fused", **kw)
+        oh = adamkit.AdamW(hooked, lr=1e-2, weight_decay=0.1, backend="fused", **kw)
+        for t in range(4):
+            gs = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+            for p, g in zip(assigned, gs):
+                p.grad = g
+            oh.zero_grad()
+            sum((p * g).sum() for p, g in zip(hooked, gs)).backward()  # d/dp = g exactly
+            if t >= 1:  # the flat buffer's copies of the assigned gradients must not be read
+                (bucket,) = oa._layouts[0].buckets
+                for i in range(len(shapes)):
+                    bucket.view("grad", i).fill_(float("nan"))
+            oa.step()
+            oh.step()
+            if t >= 1:  # (the first step builds the layout, moving the gradients into it)
+                assert all(p.grad is g for p, g in zip(assigned, gs))  # read in place, not copied
+                (bucket,) = oh._layouts[0].buckets
+                assert all(p.grad.data_ptr() == ptr for p, ptr in zip(hooked, bucket.grad_ptrs))
+            for a, h in zip(assigned, hooked):
+                assert torch.equal(a, h)
+                for k, v in oh.state[h].items():
+                    assert torch.equal(oa.state[a][k], v), k
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_formats_without_a_kernel_here_run_per_tensor(monkeypatch):
     """With the native kernel but no C++ compiler, fp16 buckets (which only torch.compile's kernel
     serves) step per tensor, like the reference, and everything else stays on the native kernel."""

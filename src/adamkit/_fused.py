@@ -29,10 +29,10 @@ Nothing is duplicated: the flat buffers *are* the parameters, gradients and stat
 Gradients. A post-accumulate-grad hook on each flattened parameter moves the gradient autograd
 produced into the flat gradient buffer (while it is still hot in cache) and points ``p.grad`` at the
 view, so the step reads one flat buffer and copies nothing. Gradients that arrive another way
-(assigned by hand, or replaced by other code) are read where they lie by the native fp32 kernel,
+(assigned by hand, or replaced by other code) are read where they lie by the native kernel,
 which takes a list of (start, pointer) stretches for them; ``p.grad`` stays the caller's tensor.
-Where that is not possible (other formats, a non-contiguous gradient, one that aliases a buffer
-the step writes) they are copied in at the start of the step.
+Where that is not possible (the torch.compile kernel, a non-contiguous gradient, one that aliases
+a buffer the step writes) they are copied in at the start of the step.
 
 Correctness before speed. Every step checks that each parameter still lives where the layout put it
 (``model.to()``, ``p.data = ...`` or ``load_state_dict`` invalidate the layout, which is then rebuilt
@@ -403,9 +403,9 @@ def step_bucket(bucket: Bucket, scalars: Scalars, flags: Flags, has_grad: list[b
         # neither kernel serves this bucket's formats here (fp16/fp64 without a C++ compiler)
         bucket.step += 1
         return _per_tensor(bucket, [True] * len(bucket.params))
-    # Gradients not written by our hook (assigned by hand, or replaced by other code): the fp32
-    # native kernel reads them where they are; otherwise they are copied in (counted in the step).
-    in_place = bucket.native is not None and bucket.fmt.param == "native" and bucket.fmt.state == "fp32"
+    # Gradients not written by our hook (assigned by hand, or replaced by other code): the native
+    # kernel reads them where they are; otherwise they are copied in (counted in the step).
+    in_place = bucket.native is not None
     copies_dst, copies_src, foreign = [], [], []
     grads = list(map(_GRAD, bucket.params))
     # map() keeps the per-parameter loop in C: in the usual case every gradient is in its view

@@ -49,9 +49,9 @@ typedef struct {
     float hp[N_HP];     /* Scalars, in _math.Scalars.FIELDS order */
     uint32_t seed[4];   /* rounding streams: parameter, then each moment */
     int32_t pmode, sfmt, amsgrad, skip, nthreads;
-    /* fp32 only: gradients read where the caller keeps them, not from ``grad``. Segment k covers
-     * elements [seg_lo[k], seg_lo[k + 1]) (seg_lo[nseg] == n) and seg_grad[k] points at the
-     * gradient of element seg_lo[k]. nseg == 0: every gradient is in ``grad``. */
+    /* gradients read where the caller keeps them, not from ``grad``. Segment k covers elements
+     * [seg_lo[k], seg_lo[k + 1]) (seg_lo[nseg] == n) and seg_grad[k] points at the gradient of
+     * element seg_lo[k]. nseg == 0: every gradient is in ``grad``. */
     int64_t nseg;
     const int64_t *seg_lo;
     const void *const *seg_grad;
@@ -224,14 +224,31 @@ range_fp32(const args_t *A, int64_t lo, int64_t hi, const float *restrict g, con
     for (int64_t i = 0; i < n; i++) adam(p + i, g[i], m + i, v + i, ams ? x + i : (float *)0, hp, ams, skip);
 }
 
+/* The gradients of elements [t, t + BLOCK) (``size`` bytes each): where they lie if one segment
+ * holds them all, else gathered into ``buf``. ``seg`` is the caller's cursor into the segments. */
+static inline const void *grad_block(const args_t *A, int64_t t, int64_t *seg, void *buf, int size) {
+    if (A->nseg == 0) return (const char *)A->grad + t * size;
+    while (A->seg_lo[*seg + 1] <= t) ++*seg;
+    int64_t k = *seg;
+    if (A->seg_lo[k + 1] >= t + BLOCK) return (const char *)A->seg_grad[k] + (t - A->seg_lo[k]) * size;
+    for (int64_t i = t; i < t + BLOCK; k++) {
+        const int64_t end = A->seg_lo[k + 1] < t + BLOCK ? A->seg_lo[k + 1] : t + BLOCK;
+        memcpy((char *)buf + (i - t) * size, (const char *)A->seg_grad[k] + (i - A->seg_lo[k]) * size,
+               (size_t)((end - i) * size));
+        i = end;
+    }
+    return buf;
+}
+
 /* every other combination: one block of 256 at a time, decoded into L1, updated, encoded back */
 static inline __attribute__((always_inline)) void
 range_tiled(const args_t *A, int64_t lo, int64_t hi, const int pm, const int sf, const int ams,
             const int skip) {
-    float P[BLOCK], G[BLOCK], M[BLOCK], V[BLOCK], X[BLOCK];
+    float P[BLOCK], G[BLOCK], M[BLOCK], V[BLOCK], X[BLOCK], GB[BLOCK];
     float hp[N_HP_ALL];
     scalars(A, hp);
     const int nmom = ams ? 3 : 2;
+    int64_t seg = 0;
     for (int64_t t = lo; t < hi; t += BLOCK) {
         /* the moments as fp32: in L1 tiles, or (fp32 state) where they lie, updated in place;
          * copying fp32 moments through tiles cost 20-28 % of the step's time in these modes */
@@ -241,9 +258,10 @@ range_tiled(const args_t *A, int64_t lo, int64_t hi, const int pm, const int sf,
         /* decode the parameter and gradient; fp32 parameters (and master weights) are updated
          * where they lie */
         float *restrict pv = pm == P_NATIVE ? (float *)A->param + t : (pm == P_MASTER ? (float *)A->aux + t : P);
-        const float *restrict gv = pm == P_NATIVE ? (const float *)A->grad + t : G;
+        const void *graw = grad_block(A, t, &seg, GB, pm == P_NATIVE ? 4 : 2);
+        const float *restrict gv = pm == P_NATIVE ? (const float *)graw : G;
         if (pm != P_NATIVE) {
-            const uint16_t *ps = (const uint16_t *)A->param + t, *gs = (const uint16_t *)A->grad + t;
+            const uint16_t *ps = (const uint16_t *)A->param + t, *gs = (const uint16_t *)graw;
             if (pm == P_MASTER) {
                 /* pv points at the master weights */
             } else if (pm == P_KAHAN) {

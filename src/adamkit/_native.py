@@ -192,8 +192,8 @@ def make_args(flat: dict, fmt) -> Args:
 
 
 def step(fn, a: Args, scalars: list[float], seeds: list[int], flags, segments=None) -> None:
-    """One step of a bucket. ``segments`` (fp32 buckets only): ``(starts, grad_pointers)`` of
-    stretches of the flat buffers whose gradients are read from elsewhere (see ``args_t``)."""
+    """One step of a bucket. ``segments``: ``(starts, grad_pointers)`` of stretches of the flat
+    buffers whose gradients are read from elsewhere (see ``args_t``)."""
     if flags.amsgrad and not a.mom[2]:
         raise RuntimeError("amsgrad was switched on after the state was built; rebuild the optimizer")
     a.amsgrad = int(flags.amsgrad)
@@ -204,8 +204,6 @@ def step(fn, a: Args, scalars: list[float], seeds: list[int], flags, segments=No
     if not segments:
         fn(ctypes.byref(a))
         return
-    if a.pmode != PARAM_MODES["native"] or a.sfmt != STATE_FORMATS["fp32"]:
-        raise ValueError("gradients read in place: fp32 parameters and moments only")
     starts, ptrs = segments
     lo = (ctypes.c_int64 * (len(starts) + 1))(*starts, a.n)
     gp = (ctypes.c_void_p * len(ptrs))(*ptrs)

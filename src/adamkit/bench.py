@@ -8,8 +8,8 @@ Gradients: each timed step starts from gradients as ``backward()`` leaves them. 
 one tensor per parameter. For adamkit's fused backend it is the flat gradient buffer its
 post-accumulate hooks fill during ``backward()``; the row "adamkit fused (fresh grads)" instead
 assigns new gradient tensors before every step (what happens when gradients do not come from
-``backward()``), which the fp32 kernel reads where they lie (other formats copy them in, inside
-the timed step).
+``backward()``), which the native kernel reads where they lie (the torch.compile kernel, used for
+fp16/fp64, copies them into the flat buffer inside the timed step).
 """
 
 from __future__ import annotations
