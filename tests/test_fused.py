@@ -283,10 +283,13 @@ def test_native_kernel_off_without_c_compiler(monkeypatch):
     assert "no C compiler" in _native.failure()
 
 
+@pytest.mark.parametrize("pool", ["openmp", "pthreads"])
 @pytest.mark.parametrize("kw", [{}, {"state_format": "8bit"}, {"amsgrad": True, "state_format": "8bit"}])
-def test_native_kernel_splits_buffers_between_threads(kw):
-    """Buffers above 64K elements are split between threads on block boundaries; the result is the
-    same as one thread's."""
+def test_native_kernel_splits_buffers_between_threads(monkeypatch, kw, pool):
+    """Buffers above 64K elements are split between threads on block boundaries (torch's OpenMP
+    pool, or threads started per call); the result is the same as one thread's."""
+    if pool == "pthreads":
+        monkeypatch.setattr(_native, "openmp_parallel", lambda: None)
     threads = torch.get_num_threads()
     g = torch.Generator().manual_seed(3)
     shapes = [(300, 257), (70_001,), (5,)]
@@ -395,6 +398,36 @@ def test_gradients_read_in_place_give_the_bits_of_flat_ones(dtype, kw):
                 for k, v in oh.state[h].items():
                     assert torch.equal(oa.state[a][k], v), k
     finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("pool", ["openmp", "pthreads"])
+def test_native_threads_run_in_the_callers_denormal_mode(monkeypatch, pool):
+    """Both thread sources (torch's OpenMP pool, or threads started per call) compute in the
+    caller's floating-point mode: with torch.set_flush_denormal(True) an update that lands below
+    the smallest normal float gives 0 in every thread's share, and without it a denormal."""
+    if pool == "pthreads":
+        monkeypatch.setattr(_native, "openmp_parallel", lambda: None)
+    elif _native.openmp_parallel() is None:
+        pytest.skip("torch does not use an OpenMP runtime here")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for flush in (True, False):
+            torch.set_flush_denormal(flush)
+            p = torch.full((100_000,), 2e-38, requires_grad=True)  # normal; 2 threads' worth
+            opt = adamkit.AdamW([p], lr=0.5, weight_decay=0.9, backend="fused")
+            p.grad = torch.zeros_like(p)  # the update is p * (1 - 0.45) alone: 1.1e-38, denormal
+            opt.step()
+            (bucket,) = opt._layouts[0].buckets
+            assert (bucket.native.omp_parallel is not None) == (pool == "openmp")
+            bits = p.detach().view(torch.int32)  # compared as integers: torch's own float ops
+            if flush:  # may treat denormals as zero in some threads
+                assert (bits == 0).all()
+            else:  # positive denormals: exponent bits zero, mantissa not
+                assert ((bits > 0) & (bits < 0x00800000)).all()
+    finally:
+        torch.set_flush_denormal(True)  # the suite's mode (conftest)
         torch.set_num_threads(threads)
 
 

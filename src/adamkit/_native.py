@@ -4,7 +4,8 @@ The C source is compiled once per machine with the system's C compiler into a ca
 (``$ADAMKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/adamkit``, else ``~/.cache/adamkit``), keyed by a
 hash of the source, the compiler and the CPU, and loaded with ``ctypes``: about two seconds the first
 time on a machine, milliseconds afterwards. ctypes releases the GIL during the call; the kernel
-splits each buffer between ``torch.get_num_threads()`` threads itself.
+splits each buffer between ``torch.get_num_threads()`` threads of torch's own OpenMP pool (whose
+``GOMP_parallel`` this module finds in the process), or of its own where there is none.
 
 Where no compiler is found or the build fails, ``load()`` returns None and the fused backend uses
 its ``torch.compile`` kernel instead (which needs a C++ compiler too; without one, ``auto`` falls
@@ -66,6 +67,7 @@ class Args(ctypes.Structure):
         ("nseg", ctypes.c_int64),
         ("seg_lo", ctypes.c_void_p),
         ("seg_grad", ctypes.c_void_p),
+        ("omp_parallel", ctypes.c_void_p),
     ]
 
 
@@ -170,6 +172,29 @@ def load():
     return fn
 
 
+@functools.cache
+def openmp_parallel() -> int | None:
+    """The address of ``GOMP_parallel`` in the OpenMP runtime torch's own parallel operations use,
+    so that the kernel runs on torch's thread pool (see _kernel.c); None where torch does not
+    parallelize with OpenMP or its runtime is not found (the kernel then starts threads itself)."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        with open("/proc/self/maps") as f:  # the runtime torch loaded: libgomp, or Intel's or LLVM's
+            loaded = {line.split()[-1] for line in f if "omp" in line and ".so" in line}
+    except OSError:
+        return None
+    torch_dir = os.path.dirname(torch.__file__)
+    candidates = [p for p in loaded if os.path.basename(p).startswith(("libgomp", "libiomp5", "libomp"))]
+    for path in sorted(candidates, key=lambda p: (not p.startswith(torch_dir), p)):  # torch's first
+        try:
+            # already loaded, so this is the same instance (and pool), not a second runtime
+            return ctypes.cast(ctypes.CDLL(path).GOMP_parallel, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
 def make_args(flat: dict, fmt) -> Args:
     """The kernel's view of a bucket's flat buffers (pointers stay valid while the bucket lives)."""
     a = Args()
@@ -186,6 +211,7 @@ def make_args(flat: dict, fmt) -> Args:
         a.mom[k] = flat[name].data_ptr()
         if fmt.state == "8bit":
             a.scale[k] = flat[name + "_scale"].data_ptr()
+    a.omp_parallel = openmp_parallel()
     a.pmode = PARAM_MODES[fmt.param]
     a.sfmt = STATE_FORMATS[fmt.state]
     return a
