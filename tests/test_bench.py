@@ -45,3 +45,17 @@ def test_impl_names_with_commas_are_parsed():
         "torch fused",
         "adamkit fused, 8-bit state",
     ]
+
+
+def test_incache_benchmark_runs_every_recipe(capsys):
+    """benchmarks/bench_incache.py (a script, not part of the package) runs and reports every
+    recipe against torch fused."""
+    import runpy
+    from pathlib import Path
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "bench_incache.py"))
+    script["main"](["--n", "4096", "--updates", "8192", "--repeats", "1"])
+    out = capsys.readouterr().out
+    for name in script["RECIPES"]:
+        assert f"| {name} | " in out
+    assert "| torch fused | " in out and " 1.00x |" in out
