@@ -225,12 +225,18 @@ range_fp32(const args_t *A, int64_t lo, int64_t hi, const float *restrict g, con
     for (int64_t i = 0; i < n; i++) adam(p + i, g[i], m + i, v + i, ams ? x + i : (float *)0, hp, ams, skip);
 }
 
+/* The gradient segment (args_t) holding element t, searching on from segment k: segments are in
+ * element order, so a caller walking its range forwards keeps k as a cursor. */
+static inline int64_t seg_of(const args_t *A, int64_t t, int64_t k) {
+    while (A->seg_lo[k + 1] <= t) k++;
+    return k;
+}
+
 /* The gradients of elements [t, t + BLOCK) (``size`` bytes each): where they lie if one segment
  * holds them all, else gathered into ``buf``. ``seg`` is the caller's cursor into the segments. */
 static inline const void *grad_block(const args_t *A, int64_t t, int64_t *seg, void *buf, int size) {
     if (A->nseg == 0) return (const char *)A->grad + t * size;
-    while (A->seg_lo[*seg + 1] <= t) ++*seg;
-    int64_t k = *seg;
+    int64_t k = *seg = seg_of(A, t, *seg);
     if (A->seg_lo[k + 1] >= t + BLOCK) return (const char *)A->seg_grad[k] + (t - A->seg_lo[k]) * size;
     for (int64_t i = t; i < t + BLOCK; k++) {
         const int64_t end = A->seg_lo[k + 1] < t + BLOCK ? A->seg_lo[k + 1] : t + BLOCK;
@@ -293,11 +299,10 @@ range_tiled(const args_t *A, int64_t lo, int64_t hi, const int pm, const int sf,
             if (pm == P_KAHAN) {
                 uint16_t *cs = (uint16_t *)A->aux + t;
                 uint32_t w = weyl(i0, A->seed[0]);
-                for (int i = 0; i < len; i++) {
+                for (int i = 0; i < len; i++, w += WEYL) {
                     const uint16_t h = f_to_bf16_rne(P[i]);
                     ps[i] = h;
                     cs[i] = f_to_bf16_sr(P[i] - bf16_to_f(h), w);
-                    w += WEYL;
                 }
             } else if (pm == P_SR) {
                 uint32_t w = weyl(i0, A->seed[0]);
@@ -347,9 +352,7 @@ static void run_range(const args_t *A, int64_t lo, int64_t hi) {
             run_fp32(A, lo, hi, (const float *)A->grad + lo);
             return;
         }
-        int64_t k = 0;
-        while (A->seg_lo[k + 1] <= lo) k++;
-        for (; lo < hi; k++) {
+        for (int64_t k = seg_of(A, lo, 0); lo < hi; k++) {
             const int64_t end = A->seg_lo[k + 1] < hi ? A->seg_lo[k + 1] : hi;
             run_fp32(A, lo, end, (const float *)A->seg_grad[k] + (lo - A->seg_lo[k]));
             lo = end;
@@ -394,7 +397,8 @@ static void *worker(void *arg) {
     return NULL;
 }
 
-/* Below this many elements per thread, starting a thread costs more than it saves. */
+/* Below this many elements per thread, handing work to another thread (waking a pool thread,
+ * or starting one) costs more than it saves. */
 #define MIN_PER_THREAD (1 << 15)
 #define MAX_THREADS 256
 
