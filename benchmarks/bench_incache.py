@@ -21,25 +21,24 @@ import adamkit
 
 TOTAL = 32 << 20
 
+
+def _adamkit(**kw):
+    return lambda ps: adamkit.AdamW(ps, backend="fused", **kw)
+
+
 RECIPES = {
     "torch fused": (torch.float32, lambda ps: torch.optim.AdamW(ps, fused=True)),
     "torch fused, bf16 params": (torch.bfloat16, lambda ps: torch.optim.AdamW(ps, fused=True)),
-    "adamkit fused": (torch.float32, lambda ps: adamkit.AdamW(ps, backend="fused")),
-    "adamkit fused, bf16 state": (torch.float32, lambda ps: adamkit.AdamW(ps, state_format="bf16")),
-    "adamkit fused, 8-bit state": (torch.float32, lambda ps: adamkit.AdamW(ps, state_format="8bit")),
-    "adamkit fused, bf16 + Kahan, bf16 state": (torch.bfloat16, lambda ps: adamkit.AdamW(ps)),
-    "adamkit fused, bf16 + SR, bf16 state": (
-        torch.bfloat16,
-        lambda ps: adamkit.AdamW(ps, stochastic_rounding=True),
-    ),
+    "adamkit fused": (torch.float32, _adamkit()),
+    "adamkit fused, bf16 state": (torch.float32, _adamkit(state_format="bf16")),
+    "adamkit fused, 8-bit state": (torch.float32, _adamkit(state_format="8bit")),
+    "adamkit fused, bf16 + Kahan, bf16 state": (torch.bfloat16, _adamkit()),
+    "adamkit fused, bf16 + SR, bf16 state": (torch.bfloat16, _adamkit(stochastic_rounding=True)),
     "adamkit fused, bf16 + master, fp32 state": (
         torch.bfloat16,
-        lambda ps: adamkit.AdamW(ps, master_weights=True, state_format="fp32"),
+        _adamkit(master_weights=True, state_format="fp32"),
     ),
-    "adamkit fused, bf16 + Kahan, 8-bit state": (
-        torch.bfloat16,
-        lambda ps: adamkit.AdamW(ps, state_format="8bit"),
-    ),
+    "adamkit fused, bf16 + Kahan, 8-bit state": (torch.bfloat16, _adamkit(state_format="8bit")),
 }
 
 

@@ -315,11 +315,11 @@ def test_native_kernel_splits_buffers_between_threads(monkeypatch, kw, pool):
             assert torch.equal(v, o2.state[b][k]), k
 
 
-def test_assigned_fp32_gradients_are_read_where_they_lie():
-    """Gradients assigned by hand are read in place by the fp32 kernel (no copy; p.grad stays the
-    user's tensor). Those it cannot read in place are copied in: non-contiguous ones, and one that
-    aliases a buffer the step writes (here another parameter of the bucket), which the reference
-    reads before any write."""
+def test_assigned_gradients_copied_only_where_they_cannot_be_read_in_place():
+    """Gradients assigned by hand are read in place (no copy; p.grad stays the user's tensor),
+    except those the kernel cannot read where they lie, which are copied in: non-contiguous ones,
+    and one that aliases a buffer the step writes (here another parameter of the bucket), which
+    the reference reads before any write. Results equal the reference's."""
     shapes = [(33, 7), (300,), (6, 5), (6, 5), (1000,)]
     gen = torch.Generator().manual_seed(7)
     ps = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
