@@ -34,8 +34,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-# The fused backend has two kernels: the native one (_kernel.c: fp32/bf16 parameters, fp32/bf16/8-bit
-# moments) and torch.compile's (every format; the only one for fp16 and fp64). "fused-compiled"
+# The fused backend has two kernels: the native one (kernels/kernel.c: fp32/bf16 parameters,
+# fp32/bf16/8-bit state) and torch.compile's (every format; the only one for fp16 and fp64). "fused-compiled"
 # runs a test on the latter where the former would serve.
 FUSED_COMPILED = pytest.param("fused", id="fused-compiled", marks=pytest.mark.compiled_kernel)
 BACKENDS = ["reference", "foreach", "fused", FUSED_COMPILED]
@@ -44,9 +44,11 @@ BACKENDS = ["reference", "foreach", "fused", FUSED_COMPILED]
 @pytest.fixture(autouse=True)
 def _kernel_choice(request, monkeypatch):
     if request.node.get_closest_marker("compiled_kernel"):
-        from adamkit import _fused
+        from adamkit.kernels import native
+        from adamkit.optim import base
 
-        monkeypatch.setattr(_fused, "USE_NATIVE", False)
+        monkeypatch.setattr(native, "USE_NATIVE", False)
+        monkeypatch.setattr(base, "USE_TORCH_FUSED", False)
 
 
 def config_params():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import adamkit
-from adamkit import _quant
+from adamkit.storage import quant8 as _quant
 from conftest import BACKENDS
 
 
@@ -28,7 +28,7 @@ def roundtrip(obj):
 @pytest.mark.parametrize("name", ["exp_avg", "exp_avg_sq"])
 @pytest.mark.parametrize("spread", [1.0, 1e3, 1e8])
 def test_quantization_error_within_the_stated_bound(name, spread):
-    """Per element, |decode(encode(x)) - x| <= a((c+1)^k - c^k)/Q^k (module doc of _quant), for
+    """Per element, |decode(encode(x)) - x| <= a((c+1)^k - c^k)/Q^k (module doc of storage.quant8), for
     blocks whose magnitudes span 1x to 1e8x, checked in float64."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256 * 64 + 77, generator=g, dtype=torch.float64)
@@ -37,9 +37,9 @@ def test_quantization_error_within_the_stated_bound(name, spread):
         x = x * x
     x = x.float().double()  # the values an fp32 optimizer would hold
     for seed in range(5):
-        codes, scales = _quant.encode(name, x.float(), seed=seed)
-        y = _quant.decode(name, codes, scales, x.shape, torch.float64)
-        assert ((y - x).abs() <= _quant.error_bound(name, x)).all()
+        codes, scales = _quant.encode(name == "exp_avg", x.float(), seed=seed)
+        y = _quant.decode(name == "exp_avg", codes, scales, x.shape, torch.float64)
+        assert ((y - x).abs() <= _quant.error_bound(name == "exp_avg", x)).all()
     assert codes.dtype == torch.uint8 and codes.numel() == _quant.padded(x.numel())
     assert scales.numel() == _quant.blocks(x.numel())
 
@@ -55,13 +55,13 @@ def test_rounding_is_unbiased(name):
     x[::7] *= 1e-3  # small values: few codes, where bias would show
     acc = torch.zeros(x.shape, dtype=torch.float64)
     for seed in range(400):
-        from adamkit._storage import mix_seed
+        from adamkit.storage.formats import mix_seed
 
-        codes, scales = _quant.encode(name, x, seed=mix_seed(seed))
-        acc += _quant.decode(name, codes, scales, x.shape, torch.float64)
+        codes, scales = _quant.encode(name == "exp_avg", x, seed=mix_seed(seed))
+        acc += _quant.decode(name == "exp_avg", codes, scales, x.shape, torch.float64)
     mean = acc / 400
     # the standard error of a 400-sample mean of a one-code-step rounding is <= step/40
-    step = _quant.error_bound(name, x.double())
+    step = _quant.error_bound(name == "exp_avg", x.double())
     assert ((mean - x.double()).abs() <= step / 10 + 1e-12).float().mean() > 0.99
 
 
@@ -71,8 +71,8 @@ def test_zero_and_non_finite_codes():
     x[4], x[301] = 1.0, -2.0
     for name in ("exp_avg", "exp_avg_sq"):
         v = x.abs() if name == "exp_avg_sq" else x
-        codes, scales = _quant.encode(name, v)
-        y = _quant.decode(name, codes, scales, x.shape, torch.float32)
+        codes, scales = _quant.encode(name == "exp_avg", v)
+        y = _quant.decode(name == "exp_avg", codes, scales, x.shape, torch.float32)
         assert torch.isnan(y[3]) and torch.isnan(y[300])  # the marker, element-local
         finite = torch.isfinite(v)
         assert torch.equal(y[finite & (v == 0)], torch.zeros(int((finite & (v == 0)).sum())))
@@ -227,10 +227,10 @@ def test_fp32_state_dict_converts_both_ways(backend):
     eight = adamkit.AdamW([q], state_format="8bit", backend=backend)
     eight.load_state_dict(roundtrip(fp32.state_dict()))
     m8 = _quant.decode(
-        "exp_avg", eight.state[q]["exp_avg"], eight.state[q]["exp_avg_scale"], q.shape, torch.float64
+        True, eight.state[q]["exp_avg"], eight.state[q]["exp_avg_scale"], q.shape, torch.float64
     )
     m32 = fp32.state[p]["exp_avg"].double()
-    assert ((m8 - m32).abs() <= _quant.error_bound("exp_avg", m32)).all()
+    assert ((m8 - m32).abs() <= _quant.error_bound(True, m32)).all()
     # and back: the 8-bit state decodes into an fp32 optimizer
     r = q.detach().clone().requires_grad_()
     back = adamkit.AdamW([r], backend=backend)

@@ -1,13 +1,16 @@
-"""The fused backend: flat layout, zero-copy gradients, no recompiles, correctness when the layout
-no longer matches reality, and the compiler fallback."""
+"""The fused backend: parameters and gradients stay the user's tensors, the native kernel's tables,
+no recompiles, correctness when tensors move, threads, fallbacks, and the defects of the flat
+layout it replaced (each test names what it pins)."""
 
 from __future__ import annotations
+
+import io
 
 import pytest
 import torch
 
 import adamkit
-from adamkit import _fused, _native
+from adamkit.kernels import compiled, native
 from conftest import clone_params, grad_stream, make_params
 
 # these tests run on the native kernel (fp32): see test_adam.NATIVE_FP32_TOL
@@ -38,43 +41,19 @@ def assert_same(fused, ref, fps, rps):
             torch.testing.assert_close(fused.state[p][k], v, **TOL)
 
 
-def test_parameters_and_state_are_views_of_flat_buffers():
-    ps = [torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True)]
-    opt = adamkit.AdamW(ps, backend="fused")
-    for p in ps:
-        p.grad = torch.randn_like(p)
-    opt.step()
-    (bucket,) = opt._layouts[0].buckets
-    for _i, p in enumerate(ps):
-        for name, t in (("param", p), ("grad", p.grad), ("exp_avg", opt.state[p]["exp_avg"])):
-            assert t.untyped_storage().data_ptr() == bucket.flat[name].untyped_storage().data_ptr(), name
-    # each tensor starts on a 16-element (64-byte) boundary, the buffer holds whole blocks of 256;
-    # the gaps stay zero
-    assert bucket.flat["param"].numel() == 256 and bucket.offsets == [0, 16]
-    assert not bucket.flat["param"][12:16].any() and not bucket.flat["exp_avg"][21:].any()
+def native_ids(opt) -> set[int]:
+    """ids of the parameters the native kernel steps (rows of its tables)."""
+    return {id(p) for plan in opt._plans.values() for t in plan.tables for p in t.params}
 
 
-def test_backward_writes_gradients_into_the_flat_buffer():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
-    ref_model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
-    ref_model.load_state_dict(model.state_dict())
-    opt = adamkit.AdamW(model.parameters(), lr=1e-2, backend="fused")
-    ref = adamkit.AdamW(ref_model.parameters(), lr=1e-2, backend="reference")
-    x = torch.randn(32, 8)
-    for step in range(6):
-        for m, o in ((model, opt), (ref_model, ref)):
-            o.zero_grad(set_to_none=step % 2 == 0)  # both zero_grad flavours
-            m(x).square().mean().backward()
-            o.step()
-        if step >= 1:  # after the first step the hooks route gradients into the flat buffer
-            (bucket,) = opt._layouts[0].buckets
-            for i, p in enumerate(model.parameters()):
-                assert p.grad.data_ptr() == bucket.grad_ptrs[i]
-    assert_same(opt, ref, list(model.parameters()), list(ref_model.parameters()))
+def roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
 
 
-@pytest.mark.compiled_kernel  # the native kernel has nothing to recompile
+@pytest.mark.compiled_kernel
 def test_lr_schedule_never_recompiles():
     ps = make_params(torch.float32)
     grads = grad_stream(ps, 12)
@@ -109,7 +88,7 @@ def test_native_fp32_step_rounds_as_the_reference_bit_for_bit():
     for _ in range(12):  # 12 steps: 12 bias corrections
         g = torch.randn(n, generator=gen) * torch.exp(4 * torch.randn(n, generator=gen))
         step_both(fused, ref, [p], [q], [g])
-        assert fused._layouts[0].buckets[0].native is not None
+        assert native_ids(fused) == {id(p)}
         for k in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(fused.state[p][k], ref.state[q][k]), k
         v = ref.state[q]["exp_avg_sq"]
@@ -133,11 +112,11 @@ def test_native_fp32_step_rounds_as_the_reference_bit_for_bit():
     ],
 )
 def test_native_and_compiled_kernels_draw_the_same_rounding_bits(monkeypatch, kw, zero_grads):
-    """Both fused kernels take each element's rounding bits from its flat-buffer position and the
-    bucket's seeds (the per-tensor backends use their own positions and seeds). Where both
+    """Both fused kernels take each element's rounding bits from the tensor's own streams (step,
+    parameter id, element index), as the per-tensor backends do. Where both
     compute the same fp32 values they must round them identically: bf16 parameters under zero
     gradients (the step is p * (1 - lr*wd) alone, no square root), and bf16 moments (which do not
-    depend on the square root, the one operation the kernels may round differently). 8-bit:
+    depend on the square root; but see below for inductor's lerp). 8-bit and bf16 moments:
     inductor's lerp can leave m one ulp away from the native kernel's (block scales within 2 ulps,
     measured 1), and codes come from square roots of the moments; an ulp moves a code only where
     it crosses a code boundary or flips its rounding decision (measured: 1 code in 2304), and a
@@ -147,8 +126,8 @@ def test_native_and_compiled_kernels_draw_the_same_rounding_bits(monkeypatch, kw
     shapes = [(300, 7), (4000,)]
     p0 = [torch.randn(s, generator=gen) for s in shapes]
     opts = []
-    for native in (True, False):
-        monkeypatch.setattr(_fused, "USE_NATIVE", native)
+    for use_native in (True, False):
+        monkeypatch.setattr(native, "USE_NATIVE", use_native)
         ps = [(p.bfloat16() if bf16 else p.clone()).requires_grad_() for p in p0]
         opt = adamkit.AdamW(ps, lr=0.05, weight_decay=0.3, backend="fused", **kw)
         gen.manual_seed(3)
@@ -156,7 +135,7 @@ def test_native_and_compiled_kernels_draw_the_same_rounding_bits(monkeypatch, kw
             for p in ps:
                 p.grad = torch.zeros_like(p) if zero_grads else torch.randn(p.shape, generator=gen)
             opt.step()
-        assert all((b.native is not None) == native for b in opt._layouts[0].buckets)
+        assert bool(native_ids(opt)) == use_native
         opts.append((ps, opt))
     (pn, on), (pc, oc) = opts
     keys = ["exp_avg", "exp_avg_sq"] if not bf16 else ["kahan_comp"] if "kahan_sum" in kw else []
@@ -169,14 +148,20 @@ def test_native_and_compiled_kernels_draw_the_same_rounding_bits(monkeypatch, kw
                 scale = k + "_scale"
                 torch.testing.assert_close(on.state[a][scale], oc.state[b][scale], rtol=2.5e-7, atol=0)
                 assert (on.state[a][k] != oc.state[b][k]).float().mean() < 0.01, k
+            elif k.startswith("exp_avg"):  # bf16 moments: inductor's lerp may differ by an ulp
+                # before rounding (measured: 1 element in 6100), wrong bits move half of them
+                assert (on.state[a][k] != oc.state[b][k]).float().mean() < 0.01, k
             else:
                 assert torch.equal(on.state[a][k], oc.state[b][k]), k
 
 
 def test_params_without_grad_are_untouched_and_match_reference():
+    """Parameters without a gradient keep their values and step counters, as torch does; the
+    kernel steps the others from the same table (unused branches, MoE experts)."""
     ps = make_params(torch.float32)
     fused, ref, rps = pair(ps, lr=1e-2, weight_decay=0.1)
     grads = grad_stream(ps, 8)
+    plans = set()
     for t, gs in enumerate(grads):
         for i, (p, q, g) in enumerate(zip(ps, rps, gs)):
             keep = t < 2 or t > 5 or i % 2 == 0  # odd parameters have no gradient for 4 steps
@@ -184,11 +169,13 @@ def test_params_without_grad_are_untouched_and_match_reference():
             q.grad = g.clone() if keep else None
         fused.step()
         ref.step()
+        plans.add(id(fused._plans[0]))
+    assert len(plans) == 1  # a changing set of gradients selects rows; nothing is rebuilt
     assert_same(fused, ref, ps, rps)
     assert [float(fused.state[p]["step"]) for p in ps] == [float(ref.state[q]["step"]) for q in rps]
 
 
-def test_layout_invalidated_by_model_to_and_data_assignment():
+def test_tables_follow_model_to_and_data_assignment():
     ps = [torch.randn(6, 4, requires_grad=True), torch.randn(3, requires_grad=True)]
     fused, ref, rps = pair(ps, lr=1e-2)
     grads = grad_stream(ps, 6)
@@ -202,7 +189,7 @@ def test_layout_invalidated_by_model_to_and_data_assignment():
     assert_same(fused, ref, ps, rps)
 
 
-def test_unflattenable_parameters_run_per_tensor():
+def test_noncontiguous_parameters_run_per_tensor():
     base = torch.randn(5, 7)
     ps = [base.t().requires_grad_(), torch.randn(4, requires_grad=True)]  # first: non-contiguous
     assert not ps[0].is_contiguous()
@@ -211,25 +198,8 @@ def test_unflattenable_parameters_run_per_tensor():
         step_both(fused, ref, ps, rps, gs)
     assert_same(fused, ref, ps, rps)
     assert not ps[0].is_contiguous()  # the user's layout is kept
-    assert _fused.flattenable(ps[1]) and not _fused.flattenable(ps[0])
-
-
-def test_auto_falls_back_to_foreach_with_one_warning(monkeypatch):
-    monkeypatch.setattr(_fused, "compiler_missing_reason", lambda: "no C++ compiler found")
-    monkeypatch.setattr(_fused, "_warned", False)
-    p = torch.randn(3, requires_grad=True)
-    opt = adamkit.AdamW([p])
-    p.grad = torch.ones(3)
-    with pytest.warns(RuntimeWarning, match="fused backend is unavailable"):
-        opt.step()
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        opt.step()  # once only
-    assert opt._layouts == {}
-    with pytest.raises(RuntimeError, match="backend='fused' is unavailable"):
-        adamkit.AdamW([torch.zeros(1, requires_grad=True)], backend="fused")
+    assert native.eligible(ps[1]) and not native.eligible(ps[0])
+    assert native_ids(fused) == {id(ps[1])}
 
 
 def test_fused_state_dict_roundtrip_into_other_backends():
@@ -248,48 +218,30 @@ def test_fused_state_dict_roundtrip_into_other_backends():
     assert_same(other, ref, cont, rps)
 
 
-def test_dropped_optimizer_is_released_and_its_hooks_do_nothing():
-    import gc
-    import weakref
-
-    model = torch.nn.Linear(4, 3)
-    opt = adamkit.AdamW(model.parameters(), backend="fused")
-    model(torch.randn(2, 4)).sum().backward()
-    opt.step()
-    bucket = weakref.ref(opt._layouts[0].buckets[0])
-    del opt
-    gc.collect()
-    assert bucket() is None  # the hooks left on the parameters do not keep it alive
-    model.zero_grad()
-    model(torch.randn(2, 4)).sum().backward()  # the stale hooks run and do nothing
-    assert all(p.grad is not None for p in model.parameters())
-    new = adamkit.AdamW(model.parameters(), backend="fused")
-    new.step()
-
-
 def test_native_kernel_is_built_once_per_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("ADAMKIT_CACHE_DIR", str(tmp_path))
-    assert _native.load.__wrapped__() is not None
+    assert native.load.__wrapped__() is not None
     (built,) = tmp_path.glob("adamkit_kernel_*.so")
     stamp = built.stat().st_mtime_ns
-    assert _native.load.__wrapped__() is not None  # loaded from the cache, not rebuilt
+    assert native.load.__wrapped__() is not None  # loaded from the cache, not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [built.name] and built.stat().st_mtime_ns == stamp
 
 
 def test_native_kernel_off_without_c_compiler(monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    monkeypatch.setattr(_native, "_failure", None)
-    assert _native.load.__wrapped__() is None
-    assert "no C compiler" in _native.failure()
+    monkeypatch.setattr(native, "_failure", None)
+    assert native.load.__wrapped__() is None
+    assert "no C compiler" in native.failure()
 
 
 @pytest.mark.parametrize("pool", ["openmp", "pthreads"])
 @pytest.mark.parametrize("kw", [{}, {"state_format": "8bit"}, {"amsgrad": True, "state_format": "8bit"}])
 def test_native_kernel_splits_buffers_between_threads(monkeypatch, kw, pool):
-    """Buffers above 64K elements are split between threads on block boundaries (torch's OpenMP
-    pool, or threads started per call); the result is the same as one thread's."""
+    """Steps of more than 32K elements per thread are split between threads on block boundaries
+    (torch's OpenMP pool, or threads started per call), shares crossing tensors; the result is
+    the same as one thread's."""
     if pool == "pthreads":
-        monkeypatch.setattr(_native, "openmp_parallel", lambda: None)
+        monkeypatch.setattr(native, "openmp_parallel", lambda: None)
     threads = torch.get_num_threads()
     g = torch.Generator().manual_seed(3)
     shapes = [(300, 257), (70_001,), (5,)]
@@ -304,7 +256,7 @@ def test_native_kernel_splits_buffers_between_threads(monkeypatch, kw, pool):
                 for p in ps:
                     p.grad = torch.randn(p.shape, generator=g)
                 opt.step()
-            assert all(b.native is not None for b in opt._layouts[0].buckets)
+            assert native_ids(opt) == {id(p) for p in ps}
             runs.append((ps, opt))
     finally:
         torch.set_num_threads(threads)
@@ -315,100 +267,14 @@ def test_native_kernel_splits_buffers_between_threads(monkeypatch, kw, pool):
             assert torch.equal(v, o2.state[b][k]), k
 
 
-def test_assigned_gradients_copied_only_where_they_cannot_be_read_in_place():
-    """Gradients assigned by hand are read in place (no copy; p.grad stays the user's tensor),
-    except those the kernel cannot read where they lie, which are copied in: non-contiguous ones,
-    and one that aliases a buffer the step writes (here another parameter of the bucket), which
-    the reference reads before any write. Results equal the reference's."""
-    shapes = [(33, 7), (300,), (6, 5), (6, 5), (1000,)]
-    gen = torch.Generator().manual_seed(7)
-    ps = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
-    fused, ref, rps = pair(ps, lr=1e-2, weight_decay=0.1)
-    for t in range(4):
-        gs = [torch.randn(s, generator=gen) for s in shapes]
-        gs[2] = gs[2].t().contiguous().t()  # non-contiguous: copied
-        for p, q, g in zip(ps, rps, gs):
-            p.grad, q.grad = g.clone(), g.clone()
-        if t >= 1:  # the bucket exists: parameter 3's gradient is parameter 0's first 30 values,
-            # which the kernel updates before it reaches parameter 3
-            ps[3].grad = ps[0].detach().view(-1)[:30].view(6, 5)
-            rps[3].grad = rps[0].detach().view(-1)[:30].view(6, 5).clone()
-        own = [p.grad for p in ps]
-        if t >= 1:
-            (bucket,) = fused._layouts[0].buckets
-            for i in (0, 1, 4):  # the flat copies of gradients read in place: must not be read
-                bucket.view("grad", i).fill_(float("nan"))
-        fused.step()
-        ref.step()
-        assert_same(fused, ref, ps, rps)
-        if t >= 1:
-            assert ps[0].grad is own[0] and ps[1].grad is own[1] and ps[4].grad is own[4]  # read in place
-            assert ps[2].grad is not own[2] and ps[3].grad is not own[3]  # copied into the flat buffer
-            assert ps[2].grad.data_ptr() == bucket.grad_ptrs[2]
-
-
-@pytest.mark.parametrize(
-    "dtype,kw",
-    [
-        pytest.param(torch.float32, {}, id="fp32"),
-        pytest.param(torch.float32, {"state_format": "bf16", "amsgrad": True}, id="bf16-state"),
-        pytest.param(torch.float32, {"state_format": "8bit", "min_8bit_size": 0}, id="8bit"),
-        pytest.param(
-            torch.bfloat16,
-            {"kahan_sum": True, "state_format": "8bit", "min_8bit_size": 0},
-            id="bf16-kahan-8bit",
-        ),
-        pytest.param(torch.bfloat16, {"stochastic_rounding": True}, id="bf16-sr"),
-        pytest.param(torch.bfloat16, {"master_weights": True}, id="bf16-master"),
-    ],
-)
-def test_gradients_read_in_place_give_the_bits_of_flat_ones(dtype, kw):
-    """Every format of the native kernel: a step from gradients assigned by hand (read where they
-    lie, blocks of 256 that straddle tensors gathered from several) is bit for bit the step from
-    the same gradients written into the flat buffer by backward(). Sizes are not multiples of 16
-    or 256, and the largest tensors are split between two threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        gen = torch.Generator().manual_seed(9)
-        shapes = [(33, 7), (300,), (300, 257), (1000,)]
-        p0 = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-        assigned = [p.clone().requires_grad_() for p in p0]
-        hooked = [p.clone().requires_grad_() for p in p0]
-        oa = adamkit.AdamW(assigned, lr=1e-2, weight_decay=0.1, backend="fused", **kw)
-        oh = adamkit.AdamW(hooked, lr=1e-2, weight_decay=0.1, backend="fused", **kw)
-        for t in range(4):
-            gs = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-            for p, g in zip(assigned, gs):
-                p.grad = g
-            oh.zero_grad()
-            sum((p * g).sum() for p, g in zip(hooked, gs)).backward()  # d/dp = g exactly
-            if t >= 1:  # the flat buffer's copies of the assigned gradients must not be read
-                (bucket,) = oa._layouts[0].buckets
-                for i in range(len(shapes)):
-                    bucket.view("grad", i).fill_(float("nan"))
-            oa.step()
-            oh.step()
-            if t >= 1:  # (the first step builds the layout, moving the gradients into it)
-                assert all(p.grad is g for p, g in zip(assigned, gs))  # read in place, not copied
-                (bucket,) = oh._layouts[0].buckets
-                assert all(p.grad.data_ptr() == ptr for p, ptr in zip(hooked, bucket.grad_ptrs))
-            for a, h in zip(assigned, hooked):
-                assert torch.equal(a, h)
-                for k, v in oh.state[h].items():
-                    assert torch.equal(oa.state[a][k], v), k
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("pool", ["openmp", "pthreads"])
 def test_native_threads_run_in_the_callers_denormal_mode(monkeypatch, pool):
     """Both thread sources (torch's OpenMP pool, or threads started per call) compute in the
     caller's floating-point mode: with torch.set_flush_denormal(True) an update that lands below
     the smallest normal float gives 0 in every thread's share, and without it a denormal."""
     if pool == "pthreads":
-        monkeypatch.setattr(_native, "openmp_parallel", lambda: None)
-    elif _native.openmp_parallel() is None:
+        monkeypatch.setattr(native, "openmp_parallel", lambda: None)
+    elif native.openmp_parallel() is None:
         pytest.skip("torch does not use an OpenMP runtime here")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -419,8 +285,8 @@ def test_native_threads_run_in_the_callers_denormal_mode(monkeypatch, pool):
             opt = adamkit.AdamW([p], lr=0.5, weight_decay=0.9, backend="fused")
             p.grad = torch.zeros_like(p)  # the update is p * (1 - 0.45) alone: 1.1e-38, denormal
             opt.step()
-            (bucket,) = opt._layouts[0].buckets
-            assert (bucket.native.omp_parallel is not None) == (pool == "openmp")
+            (table,) = opt._plans[0].tables
+            assert (table.args.omp_parallel is not None) == (pool == "openmp")
             bits = p.detach().view(torch.int32)  # compared as integers: torch's own float ops
             if flush:  # may treat denormals as zero in some threads
                 assert (bits == 0).all()
@@ -432,9 +298,9 @@ def test_native_threads_run_in_the_callers_denormal_mode(monkeypatch, pool):
 
 
 def test_formats_without_a_kernel_here_run_per_tensor(monkeypatch):
-    """With the native kernel but no C++ compiler, fp16 buckets (which only torch.compile's kernel
-    serves) step per tensor, like the reference, and everything else stays on the native kernel."""
-    monkeypatch.setattr(_fused, "_find_compiler_problem", lambda: "no C++ compiler found")
+    """With the native kernel but no C++ compiler, fp16 parameters (which only torch.compile's
+    kernel serves) step per tensor, like the reference, and the rest stays on the native kernel."""
+    monkeypatch.setattr(compiled, "_find_compiler_problem", lambda: "no C++ compiler found")
     half = [torch.randn(40, 3).half().requires_grad_(), torch.randn(7).half().requires_grad_()]
     full = [torch.randn(9, 2, requires_grad=True)]
     ps = half + full
@@ -446,22 +312,21 @@ def test_formats_without_a_kernel_here_run_per_tensor(monkeypatch):
         for k, v in ref.state[q].items():
             assert torch.equal(fused.state[p][k], v), k
     assert_same(fused, ref, full, rps[len(half) :])
-    natives = {b.fmt.param: b.native is not None for b in fused._layouts[0].buckets}
-    assert natives == {"kahan": False, "native": True}
+    assert native_ids(fused) == {id(p) for p in full}
 
 
 def test_native_kernel_unwritable_cache_falls_back_to_a_temporary_directory(tmp_path, monkeypatch):
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
     monkeypatch.setenv("ADAMKIT_CACHE_DIR", str(blocker / "cache"))
-    monkeypatch.setattr(_native.tempfile, "gettempdir", lambda: str(tmp_path))
-    assert _native.load.__wrapped__() is not None
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path))
+    assert native.load.__wrapped__() is not None
     assert list(tmp_path.glob("adamkit-*/adamkit_kernel_*.so"))
 
 
-def test_unflattenable_parameters_round_as_the_per_tensor_backends():
-    """A parameter the fused backend cannot flatten runs per tensor with the same identity (the
-    seed of its stochastic rounding) as under foreach, so both give the same bits."""
+def test_noncontiguous_parameters_round_as_the_per_tensor_backends():
+    """A parameter the native kernel cannot step where it lies runs per tensor with the same
+    identity (the seed of its stochastic rounding) as under foreach, so both give the same bits."""
     base = torch.randn(64, 33).bfloat16()
     runs = []
     for backend in ("fused", "foreach"):

@@ -310,9 +310,9 @@ def test_state_bytes_per_param(dtype, kw, bpp, backend):
 def test_foreach_chunks_large_tensors_bitwise_like_reference(dtype, kw):
     """foreach splits large tensors into chunks (cache-sized temporaries) yet draws the same
     rounding bits per element as the reference: the two agree bit for bit."""
-    from adamkit import _backends
+    from adamkit.kernels import foreach
 
-    n = _backends.FOREACH_CHUNK * 2 + 123
+    n = foreach.FOREACH_CHUNK * 2 + 123
     p0, grads = bf16_stream(n, 3, seed=11)
     a, oa = run(p0, grads, dtype=dtype, backend="reference", **kw)
     b, ob = run(p0, grads, dtype=dtype, backend="foreach", **kw)
@@ -322,7 +322,7 @@ def test_foreach_chunks_large_tensors_bitwise_like_reference(dtype, kw):
 
 
 def test_stochastic_rounding_keeps_specials_and_representable_values():
-    from adamkit._storage import round_bf16_stochastic
+    from adamkit.storage.formats import round_bf16_stochastic
 
     x = torch.tensor([float("inf"), -float("inf"), float("nan"), 1.0, -2.5, 0.0, -0.0, 3.0e38])
     for seed in range(20):

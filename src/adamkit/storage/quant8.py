@@ -5,9 +5,9 @@ magnitude) and one byte per element. Bytes per parameter per moment: 1 + 4/256 =
 
 Codes (power-law companding, so small values keep relative precision that a linear code loses):
 
-- ``exp_avg`` m, signed:   x = a * c|c| / 127^2,  c in [-127, 127], stored as c + 128.
+- signed slots (Adam's m, Lion's m):   x = a * c|c| / 127^2,  c in [-127, 127], stored as c + 128.
   Smallest non-zero magnitude a/16129 (6e-5 a); relative step 2/|c|.
-- ``exp_avg_sq`` v (and max v), unsigned:  x = a * (c / 254)^4,  c in [0, 254].
+- unsigned slots (Adam's v and max v):  x = a * (c / 254)^4,  c in [0, 254].
   Smallest non-zero a/4.2e9; relative step 4/c (2/c on sqrt(v), which is what the update uses).
 
 Decoding is multiplies only; encoding needs one (m) or two (v) square roots. Why not a codebook:
@@ -17,11 +17,11 @@ Exactness where it matters:
 
 - Zero is code 0 (stored 128 for m): a block of zero gradients stays exactly zero, and a parameter
   whose gradient is always zero never moves.
-- Rounding is stochastic (16 hash bits, as in ``_storage``) and unbiased in the linear domain:
+- Rounding is stochastic (16 hash bits, as in ``formats``) and unbiased in the linear domain:
   with beta2 = 0.999 the per-step change of v is far below a code step, so round-to-nearest would
   freeze v, and dithering the companded value would bias v upwards.
   Per element, |decode(encode(x)) - x| <= a * ((c+1)^k - c^k) / Q^k with c = floor(Q (|x|/a)^(1/k)),
-  (k, Q) = (2, 127) for m and (4, 254) for v. ``error_bound`` computes it; tests check it in fp64.
+  (k, Q) = (2, 127) for signed and (4, 254) for unsigned slots. ``error_bound`` computes it; tests check it in fp64.
 - A non-finite value is stored as its own marker (m: stored 0, v: 254 + 1) and decodes to nan; the
   block scale is the largest *finite* magnitude, so one bad gradient element never spoils its block.
 """
@@ -33,10 +33,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._storage import hash_bits
+from .formats import hash_bits
 
 BLOCK = 256
-SIGNED = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
 # ints, not floats: dynamo turns global floats into run-time inputs, which would cost a scalar pow
 # and divisions per vector in the compiled loop; ints are folded as constants.
 _QM, _QV = 127, 254
@@ -57,11 +56,11 @@ def zeros(n: int, signed: bool, device=None) -> tuple[torch.Tensor, torch.Tensor
     return codes, torch.zeros(blocks(n), dtype=torch.float32, device=device)
 
 
-def decode_blocks(name: str, codes: torch.Tensor, scales: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+def decode_blocks(signed: bool, codes: torch.Tensor, scales: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
     """(blocks, 256) codes and (blocks,) scales -> (blocks, 256) values in ``cdt``."""
     c = codes.to(torch.float32)
     a = scales.view(-1, 1)
-    if SIGNED[name]:
+    if signed:
         c = c - 128.0
         x = (c * c.abs()) * (a * (1.0 / (_QM * _QM)))
         x = torch.where(codes == _NAN_M, float("nan"), x)
@@ -82,7 +81,7 @@ def blockify(x: torch.Tensor) -> torch.Tensor:
     return x.view(-1, BLOCK)
 
 
-def encode_blocks(name: str, xb: torch.Tensor, index: torch.Tensor, seed):
+def encode_blocks(signed: bool, xb: torch.Tensor, index: torch.Tensor, seed):
     """(blocks, 256) values -> (blocks, 256) uint8 codes and (blocks,) fp32 scales, each block's
     scale being its largest finite magnitude."""
     xb = xb.to(torch.float32)
@@ -92,7 +91,7 @@ def encode_blocks(name: str, xb: torch.Tensor, index: torch.Tensor, seed):
     u = hash_bits(index, seed).to(torch.float32) * (1.0 / 65536.0)
     inv_a = torch.where(a > 0, 1.0 / a, 0.0)  # one division per block, not per element
     r = mag * inv_a  # in [0, 1]
-    if SIGNED[name]:
+    if signed:
         c = torch.clamp(torch.floor(torch.sqrt(r) * _QM), max=_QM - 1)
         lo, hi = c * c * (1.0 / _QM**2), (c + 1) * (c + 1) * (1.0 / _QM**2)
     else:
@@ -103,7 +102,7 @@ def encode_blocks(name: str, xb: torch.Tensor, index: torch.Tensor, seed):
     # dither in the companded domain would be biased by ~1/c^2 per step, and v's EMA with
     # beta2 = 0.999 integrates that bias a thousandfold.)
     c = c + (u * (hi - lo) < r - lo).to(torch.float32)
-    if SIGNED[name]:
+    if signed:
         stored = torch.where(xb < 0, 128.0 - c, 128.0 + c)
         stored = torch.where(finite, stored, float(_NAN_M))
     else:
@@ -111,30 +110,30 @@ def encode_blocks(name: str, xb: torch.Tensor, index: torch.Tensor, seed):
     return stored.to(torch.uint8), a.view(-1)
 
 
-def decode(name: str, codes: torch.Tensor, scales: torch.Tensor, shape, cdt: torch.dtype) -> torch.Tensor:
+def decode(signed: bool, codes: torch.Tensor, scales: torch.Tensor, shape, cdt: torch.dtype) -> torch.Tensor:
     """Codes (any shape holding the padded length) and block scales -> values of ``shape``."""
-    x = decode_blocks(name, codes.view(-1, BLOCK), scales, cdt)
+    x = decode_blocks(signed, codes.view(-1, BLOCK), scales, cdt)
     if tuple(x.shape) == tuple(shape):  # the fused kernel works on (blocks, 256) directly
         return x
     n = math.prod(shape)
     return x.reshape(-1)[:n].view(shape)
 
 
-def encode(name: str, x: torch.Tensor, index: torch.Tensor | None = None, seed=0):
+def encode(signed: bool, x: torch.Tensor, index: torch.Tensor | None = None, seed=0):
     """Values (any shape, zero-padded to whole blocks) -> ((blocks, 256) uint8 codes, fp32 block
     scales). ``index`` gives each element's position for the rounding bits (default 0..n-1)."""
     xb = blockify(x)
     index = torch.arange(xb.numel(), device=x.device) if index is None else index
-    return encode_blocks(name, xb, index.view(xb.shape), seed)
+    return encode_blocks(signed, xb, index.view(xb.shape), seed)
 
 
-def error_bound(name: str, x: torch.Tensor) -> torch.Tensor:
+def error_bound(signed: bool, x: torch.Tensor) -> torch.Tensor:
     """The largest |decode(encode(x)) - x| per element allowed by the format (see module doc)."""
     x = x.reshape(-1).double()
     n = x.numel()
     xb = F.pad(x, (0, padded(n) - n)).view(-1, BLOCK)
     a = xb.abs().amax(dim=1, keepdim=True)
-    k, q = (2, _QM) if SIGNED[name] else (4, _QV)
+    k, q = (2, _QM) if signed else (4, _QV)
     c = torch.floor(q * (xb.abs() / torch.where(a > 0, a, 1.0)) ** (1.0 / k))
     bound = a * ((c + 1) ** k - c**k) / q**k
     return bound.reshape(-1)[:n] * (1 + 1e-6) + 1e-30  # fp32 arithmetic inside encode/decode

@@ -1,6 +1,6 @@
-"""How values live in memory. The math (``_math.py``) always sees compute-dtype values; these small
+"""How values live in memory. The math (the algorithm modules) always sees compute-dtype values; these small
 pure functions turn stored values into them (decode) and back (encode). Every backend composes them
-with the math the same way: the reference backend per tensor, the fused one inside its kernel.
+with the math the same way: the reference backend per tensor, the compiled and native kernels inside theirs.
 
 Parameter modes (bytes per parameter beyond the parameter itself):
 
@@ -18,7 +18,7 @@ Parameter modes (bytes per parameter beyond the parameter itself):
 
 State formats (per moment, bytes per parameter): ``fp32`` (4), ``fp64`` (8), ``bf16`` (2, with
 stochastic rounding: with beta2=0.999 the change of v per step is below bf16's half-ulp, so
-round-to-nearest would freeze v), ``fp16`` (2), and ``8bit`` (see ``_quant.py``).
+round-to-nearest would freeze v), ``fp16`` (2), and ``8bit`` (see ``quant8``).
 """
 
 from __future__ import annotations
@@ -117,12 +117,14 @@ def round_bf16_stochastic(x: torch.Tensor, index: torch.Tensor, seed) -> torch.T
     expected result is ``x``: add 16 random bits below bf16's last kept bit, then truncate.
 
     In int32, the sign bit is the integer's sign, so adding r moves the magnitude bits of negative
-    values the same way. inf and nan need no special case: their exponent bits are all ones, and a
-    carry out of the low 16 bits only touches mantissa bits that the truncation clears (inf stays
-    inf) or that stay non-zero (nan stays nan; only a nan payload above 0x7FFF0000 could wrap)."""
+    values the same way. inf needs no special case: a carry out of the low 16 bits only touches
+    mantissa bits that the truncation clears. nan does: a nan whose payload is all ones (torch's
+    vectorized maximum makes 0xFFFFFFFF) wraps to +0 when r is added, so nan becomes bf16's nan
+    explicitly (0x7FC0, as torch's own conversion gives)."""
     bits = x.view(torch.int32)
     r = hash_bits(index, seed).to(torch.int32)
-    return ((bits + r) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)  # exact: low bits are zero
+    out = ((bits + r) & ~0xFFFF).view(torch.float32)  # exact in bf16: the low bits are zero
+    return torch.where(x.isnan(), x, out).to(torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,7 +171,7 @@ def init_param_aux(mode: str, p: torch.Tensor) -> torch.Tensor | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Moments (floating formats; 8-bit lives in _quant.py and plugs in through the same two functions)
+# Moments (floating formats; 8-bit lives in quant8.py and plugs in through the same two functions)
 # --------------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,101 @@
+"""The compiled kernel: the algorithm's update through ``torch.compile`` (Inductor), one call per
+tensor on the tensor where it lies. It serves what the native kernel does not (fp16 parameters or
+state, fp64) and, through Inductor's other backends, other devices.
+
+The scalars are a small tensor (its values are not guarded, so a changing lr never recompiles),
+the weight-decay mode and ``maximize`` are run-time values too (``Flags(wd_mode="runtime",
+maximize=None)``), and shapes are dynamic: one compile per (algorithm, formats, slot options)
+serves every tensor. Compiling costs seconds per process (dynamo, inductor, its on-disk cache) and
+needs a C++ compiler on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
+
+import torch
+
+from ..optim.algorithm import Algorithm, Flags, apply_update
+from ..storage.formats import Formats, compute_dtype
+from .native import find_compiler
+from .reference import Item, decode_all, encode_all, needs_index, step_seeds
+
+_unavailable_reason: str | None = None
+
+
+def problem() -> str | None:
+    """Why the compiled kernel cannot run on the CPU here, or None (as far as we know so far)."""
+    return _unavailable_reason or _find_compiler_problem()
+
+
+@functools.cache
+def _find_compiler_problem() -> str | None:
+    if find_compiler("CXX", ("g++", "c++", "clang++")) is None:
+        return "no C++ compiler found (torch.compile's CPU backend needs g++ or clang++; set CXX)"
+    return None
+
+
+def _kernel_body(t: dict, hp, seeds, *, alg: Algorithm, fmt: Formats, flags: Flags):
+    s = alg.scalar_type(*[hp[i] for i in range(len(alg.scalar_type._fields))])
+    p, g, slots = decode_all(alg, fmt, t, flags, hp.dtype)
+    new_p, new_slots = apply_update(alg, p, g, slots, s, flags)
+    param = t["param"]
+    index = torch.arange(param.numel(), device=param.device).view(param.shape) if needs_index(fmt) else None
+    # Writing back inside the compiled function lets inductor emit one loop that loads each input
+    # once and stores each output once, nothing materialized between.
+    for name, value in encode_all(alg, fmt, t, new_p, new_slots, flags, index, seeds).items():
+        t[name].copy_(value.view_as(t[name]))
+
+
+_INDUCTOR_OPTIONS = {
+    # inductor would otherwise elide x.to(bf16).to(fp32) pairs, and the Kahan remainder
+    # x - round(x) would silently become 0
+    "emulate_precision_casts": True,
+    # with dynamic shapes (and its on-disk cache) the decision to run the loop on all cores would be
+    # made from the size seen at the first compile ever, possibly a tiny test tensor; let OpenMP
+    # decide at run time instead
+    "cpp.dynamic_threads": True,
+}
+
+
+@functools.cache
+def _compiled(alg: Algorithm, fmt: Formats, flags: Flags):
+    # Dynamo keeps one cache per code object (with a small limit); a fresh code object per variant,
+    # with the variant bound as keyword defaults (not a partial, whose wrapper code would be shared),
+    # keeps variants from evicting each other. Dtypes and sizes are guarded within a variant.
+    name = f"adamkit_{alg.name.lower()}_{fmt.param}_{fmt.state}_ams{int(flags.amsgrad)}_skip{int(flags.skip_nonfinite)}"
+    code = _kernel_body.__code__.replace(co_name=name)
+    fn = types.FunctionType(code, _kernel_body.__globals__, name)
+    fn.__kwdefaults__ = {"alg": alg, "fmt": fmt, "flags": flags}
+    return torch.compile(fn, fullgraph=True, dynamic=True, options=_INDUCTOR_OPTIONS)
+
+
+def runtime_flags(flags: Flags) -> Flags:
+    return flags._replace(wd_mode="runtime", maximize=None)
+
+
+def run_compiled(alg: Algorithm, items: list[Item], scalars_of: Callable, flags: Flags) -> None:
+    """One compiled call per item (contiguous tensors; the caller sends the others to foreach).
+
+    A broken compiler surfaces on the first call, before anything is written: the reason is kept
+    (``problem()``) and the error raised, so the caller can fall back with nothing changed."""
+    global _unavailable_reason
+    rflags = runtime_flags(flags)
+    for it in items:
+        param = it.t["param"]
+        cdt = compute_dtype(param.dtype)
+        hp = torch.tensor([float(x) for x in scalars_of(it.step)], dtype=cdt, device=param.device)
+        seeds = torch.tensor(step_seeds(it.step, it.uid), dtype=torch.int64, device=param.device)
+        # 1-D views: one compiled graph for every rank (and inductor drops in-place writes to 0-D inputs)
+        t = {k: v.view(-1) for k, v in it.t.items()}
+        try:
+            _compiled(alg, it.fmt, rflags)(t, hp, seeds)
+        except Exception as e:  # a missing or broken compiler surfaces here, on first use
+            msg = str(e).lower()
+            if "compil" in msg or "cpp" in msg or "cxx" in msg:
+                _unavailable_reason = (
+                    f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                )
+            raise

@@ -1,0 +1,561 @@
+/* The native kernel: one pass over a step's tensors, where they lie.
+ *
+ * It composes the same three layers as the Python backends, element by element:
+ *   decode (storage -> fp32)  ->  an algorithm's update (optim/<name>.py)  ->  encode (fp32 -> storage)
+ * with the same operations in the same order (compiled with -ffp-contract=off, so no multiply-add
+ * is fused where the reference rounds twice; where the reference calls a fused operation, such as
+ * torch's lerp or add(alpha=), the body calls fmaf). fp32 results equal the reference backend's
+ * except where torch's vectorized square root differs from sqrtf in the last bit. The reference
+ * backend stays the spec; tests hold this kernel to it.
+ *
+ * The caller passes a table: one row per tensor (its length, the optimizer's own state buffers and
+ * a stable id that seeds its rounding streams) plus, per step, the parameter and gradient pointers
+ * of each row. Parameters and gradients are read and written where the user keeps them; nothing
+ * is copied into buffers of ours. Rounding bits of element i of a tensor come from (step, id, i),
+ * exactly as the reference backend draws them, so every path rounds alike.
+ *
+ * Why C and not only torch.compile: (1) 8-bit blocks. Each block of 256 is decoded, updated and
+ * re-encoded while it sits in L1 (the new block scale needs the whole block first), so memory is
+ * read and written once. (2) bf16 values move as 16-bit integers with shifts. (3) Start-up: a few
+ * hundred lines of C build in about two seconds, once per machine, and load in milliseconds.
+ *
+ * Bytes per element: param 4 (fp32) or 2 (bf16); grad the same; kahan_comp 2 (bf16);
+ * master_weight 4; each state slot 4 (fp32), 2 (bf16) or 1 + 4/256 (8-bit codes + block scales).
+ */
+#include <math.h>
+#include <float.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define GET_FP_MODE() _mm_getcsr()
+#define SET_FP_MODE(m) _mm_setcsr(m)
+#else /* elsewhere threads start with the default floating-point mode */
+#define GET_FP_MODE() 0u
+#define SET_FP_MODE(m) ((void)(m))
+#endif
+
+#define AI inline __attribute__((always_inline))
+
+enum { P_NATIVE = 0, P_PLAIN = 1, P_KAHAN = 2, P_SR = 3, P_MASTER = 4 };
+enum { S_FP32 = 0, S_BF16 = 1, S_8BIT = 2 };
+enum { ALG_ADAM = 0, ALG_LION = 1 };
+/* Scalars: hp[0] is the gradient's sign (-1 to maximize) for every algorithm, then the
+ * algorithm's own, in the order of its Scalars tuple (optim/adam.py, optim/lion.py). */
+enum { GRAD_SIGN = 0 };
+enum { A_L2 = 1, A_DECAY, A_OMB1, A_BETA2, A_OMB2, A_EPS, A_STEP_SIZE, A_BC2_SQRT, A_N,
+       A_INV_BC2_SQRT = A_N /* the kernel's own: 1/BC2_SQRT rounded to nearest */ };
+enum { L_DECAY = 1, L_LR, L_BETA1, L_OMB1, L_BETA2, L_OMB2 };
+#define N_HP 16
+
+#define BLOCK 256
+#define MAX_SLOTS 3
+
+typedef struct {         /* one tensor; the optimizer's own buffers (fixed while its state lives) */
+    int64_t n;           /* elements */
+    int64_t uid;         /* seeds the tensor's rounding streams */
+    void *aux;           /* kahan_comp (bf16) or master_weight (fp32), else NULL */
+    void *slot[MAX_SLOTS];   /* state slots: fp32, bf16 or uint8 codes (padded to whole blocks) */
+    float *scale[MAX_SLOTS]; /* 8-bit block scales, else NULL */
+} row_t;
+
+typedef struct {
+    int64_t nrows;             /* rows to step */
+    const int64_t *sel;        /* their indices in ``rows``, or NULL for rows 0 .. nrows-1 */
+    const row_t *rows;
+    void *const *param;        /* per row of ``rows``: the parameter (user's memory) */
+    const void *const *grad;   /* per row of ``rows``: its gradient */
+    float hp[N_HP];
+    int64_t step;              /* the step number: seeds the rounding streams */
+    int32_t alg, pmode, sfmt, nslots, ams, skip, nthreads;
+    void *omp_parallel;        /* GOMP_parallel of torch's OpenMP runtime, or NULL */
+} args_t;
+
+/* ---- storage: bf16 and rounding ------------------------------------------------------------ */
+
+static inline uint32_t f2u(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
+static inline float u2f(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
+static inline float bf16_to_f(uint16_t h) { return u2f((uint32_t)h << 16); }
+
+/* Rounding bits: the top 16 bits of a Weyl sequence, h(index) = index * WEYL + seed (mod 2^32),
+ * as storage/formats.py, hash_bits. Loops start from h(first index) and add WEYL per element: vectorized, an
+ * induction variable costs one add where index * WEYL costs a multiply per element (5-8 % of a
+ * bf16 + Kahan step). */
+#define WEYL 0x9E3779B1u
+static inline uint32_t weyl(uint32_t index, uint32_t seed) { return index * WEYL + seed; }
+
+/* round to nearest even, nan -> quiet nan (torch's float -> bfloat16) */
+static inline uint16_t f_to_bf16_rne(float x) {
+    uint32_t u = f2u(x);
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return x != x ? (uint16_t)0x7FC0 : (uint16_t)r;
+}
+
+/* stochastic rounding (storage/formats.py, round_bf16_stochastic) with h = weyl(index, seed);
+ * nan -> quiet nan (a nan with an all-ones payload would otherwise wrap to +0) */
+static inline uint16_t f_to_bf16_sr(float x, uint32_t h) {
+    const uint16_t r = (uint16_t)((f2u(x) + (h >> 16)) >> 16);
+    return x != x ? (uint16_t)0x7FC0 : r;
+}
+
+/* ---- seeds: storage/formats.py, mix_seed(step, uid, k), murmur3's finalizer ------------------------------ */
+
+static inline uint32_t fmix32(uint32_t h) {
+    h ^= h >> 16;
+    h *= 0x85EBCA6Bu;
+    h ^= h >> 13;
+    h *= 0xC2B2AE35u;
+    return h ^ (h >> 16);
+}
+static inline uint32_t mix_seed(int64_t step, int64_t uid, int64_t k) {
+    uint32_t h = 0x9E3779B9u;
+    h = fmix32((h ^ (uint32_t)step) + 0x7F4A7C15u);
+    h = fmix32((h ^ (uint32_t)uid) + 0x7F4A7C15u);
+    return fmix32((h ^ (uint32_t)k) + 0x7F4A7C15u);
+}
+
+/* ---- the algorithms' bodies: one element, fp32 values in and out --------------------------- */
+
+/* x / BC2_SQRT, correctly rounded, without a division: q = x * (1/b) is within an ulp of x/b, and
+ * one correction q + (x - q*b) * (1/b), with the remainder exact in an FMA, rounds to exactly
+ * RN(x/b) when 1/b is itself rounded to nearest (Markstein's theorem; no underflow can occur here,
+ * as x = sqrt(v) and b in (0, 1]). The divider bounds the step where compute does (bf16 and 8-bit
+ * formats); this takes one of its three operations per element off it. Non-finite x keeps the
+ * plain product (inf stays inf, nan stays nan), as the division would. */
+static AI float div_bc2(float x, const float *hp) {
+#ifdef FP_FAST_FMAF
+    const float q = x * hp[A_INV_BC2_SQRT];
+    const float c = fmaf(fmaf(-q, hp[A_BC2_SQRT], x), hp[A_INV_BC2_SQRT], q);
+    return fabsf(q) <= FLT_MAX ? c : q;
+#else /* no fused multiply-add in hardware: fmaf would be a slow library call */
+    return x / hp[A_BC2_SQRT];
+#endif
+}
+
+/* torch's vectorized lerp(a, b, w): one fused multiply-add from whichever end is nearer */
+static AI float lerp(float a, float b, float w) {
+    const int small = fabsf(w) < 0.5f;
+    return fmaf(small ? w : w - 1.0f, b - a, small ? a : b);
+}
+
+/* Adam (optim/adam.py, adam_update): s = (m, v, max v) */
+static AI void adam(float *p, float g, float *s, const float *hp, const int ams) {
+    /* torch's grad.add(p, alpha=wd): one rounding; skipped without L2 decay, where 0 * p would
+     * turn an inf parameter's gradient into nan (torch leaves it inf) */
+    if (hp[A_L2] != 0.0f) g = fmaf(*p, hp[A_L2], g);
+    const float np = *p * hp[A_DECAY];
+    const float m = lerp(s[0], g, hp[A_OMB1]);
+    const float v = s[1] * hp[A_BETA2] + (g * g) * hp[A_OMB2];
+    float vv = v;
+    if (ams) {
+        const float x = s[2];
+        s[2] = (x > v || x != x) ? x : v; /* torch.maximum: nan wins */
+        vv = s[2];
+    }
+    const float denom = div_bc2(sqrtf(vv), hp) + hp[A_EPS];
+    *p = np - (m / denom) * hp[A_STEP_SIZE];
+    s[0] = m;
+    s[1] = v;
+}
+
+/* Lion (optim/lion.py, lion_update): s = (m) */
+static AI void lion(float *p, float g, float *s, const float *hp) {
+    const float m = s[0];
+    const float c = m * hp[L_BETA1] + g * hp[L_OMB1];
+    const float sg = c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : c); /* torch.sign: 0 -> 0, nan -> nan */
+    *p = *p * hp[L_DECAY] - sg * hp[L_LR];
+    s[0] = m * hp[L_BETA2] + g * hp[L_OMB2];
+}
+
+/* One element: the engine's part (skip_nonfinite, maximize) around the algorithm's body.
+ * sp[k] points at slot k's fp32 value. */
+static AI void element(const int alg, float *pp, float g, float *const *sp, const float *hp, const int ns,
+                       const int ams, const int skip) {
+    float p = *pp, s[MAX_SLOTS] = {0.0f, 0.0f, 0.0f}, old[MAX_SLOTS] = {0.0f, 0.0f, 0.0f};
+    for (int k = 0; k < ns; k++) old[k] = s[k] = *sp[k];
+    const int ok = fabsf(g) <= FLT_MAX;
+    if (skip) g = ok ? g : 0.0f;
+    g = g * hp[GRAD_SIGN];
+    if (alg == ALG_ADAM) adam(&p, g, s, hp, ams);
+    else lion(&p, g, s, hp);
+    if (skip) {
+        p = ok ? p : *pp;
+        for (int k = 0; k < ns; k++) s[k] = ok ? s[k] : old[k];
+    }
+    *pp = p;
+    for (int k = 0; k < ns; k++) *sp[k] = s[k];
+}
+
+/* ---- 8-bit blocks: storage/quant8.py, decode_blocks / encode_blocks ------------------------------------- */
+
+#define QM 127
+#define QV 254
+
+static inline __attribute__((always_inline)) void
+decode8(const uint8_t *restrict c, float a, float *restrict x, const int sgn) {
+    if (sgn) {
+        const float k = a * (float)(1.0 / (QM * QM));
+        for (int i = 0; i < BLOCK; i++) {
+            const float q = (float)c[i] - 128.0f;
+            const float y = (q * fabsf(q)) * k;
+            x[i] = c[i] == 0 ? NAN : y;
+        }
+    } else {
+        const float k = a * (float)(1.0 / ((double)QV * QV * QV * QV));
+        for (int i = 0; i < BLOCK; i++) {
+            const float q = (float)c[i];
+            const float q2 = q * q;
+            const float y = (q2 * q2) * k;
+            x[i] = c[i] == 255 ? NAN : y;
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void
+encode8(const float *restrict x, uint8_t *restrict c, float *scale, uint32_t index0, uint32_t seed,
+        const int sgn) {
+    /* the largest finite magnitude; non-negative floats order like their bit patterns, and an
+     * integer max reduction vectorizes where a float one (not associative with nan) would not */
+    uint32_t amax = 0;
+#pragma omp simd reduction(max : amax)
+    for (int i = 0; i < BLOCK; i++) {
+        const uint32_t m = fabsf(x[i]) <= FLT_MAX ? f2u(fabsf(x[i])) : 0u;
+        amax = amax > m ? amax : m;
+    }
+    const float a = u2f(amax);
+    *scale = a;
+    const float inv = a > 0.0f ? 1.0f / a : 0.0f;
+    uint32_t h = weyl(index0, seed);
+    if (sgn) {
+        const float k = (float)(1.0 / (QM * QM));
+        for (int i = 0; i < BLOCK; i++) {
+            const int fin = fabsf(x[i]) <= FLT_MAX;
+            const float r = (fin ? fabsf(x[i]) : 0.0f) * inv;
+            float q = floorf(sqrtf(r) * (float)QM);
+            q = q < (float)(QM - 1) ? q : (float)(QM - 1);
+            const float lo = q * q * k, hi = (q + 1.0f) * (q + 1.0f) * k;
+            const float u = (float)(h >> 16) * (1.0f / 65536.0f);
+            h += WEYL;
+            q = q + (u * (hi - lo) < r - lo ? 1.0f : 0.0f);
+            const float s = x[i] < 0.0f ? 128.0f - q : 128.0f + q;
+            c[i] = fin ? (uint8_t)(int32_t)s : (uint8_t)0;
+        }
+    } else {
+        const float k = (float)(1.0 / ((double)QV * QV * QV * QV));
+        for (int i = 0; i < BLOCK; i++) {
+            const int fin = fabsf(x[i]) <= FLT_MAX;
+            const float r = (fin ? fabsf(x[i]) : 0.0f) * inv;
+            float q = floorf(sqrtf(sqrtf(r)) * (float)QV);
+            q = q < (float)(QV - 1) ? q : (float)(QV - 1);
+            const float q2 = q * q, d2 = (q + 1.0f) * (q + 1.0f);
+            const float lo = q2 * q2 * k, hi = d2 * d2 * k;
+            const float u = (float)(h >> 16) * (1.0f / 65536.0f);
+            h += WEYL;
+            q = q + (u * (hi - lo) < r - lo ? 1.0f : 0.0f);
+            c[i] = fin ? (uint8_t)(int32_t)q : (uint8_t)255;
+        }
+    }
+}
+
+/* ---- a piece of one tensor ------------------------------------------------------------------ */
+
+typedef struct {
+    const args_t *A;
+    float hp[N_HP];  /* a local copy, with the kernel's own scalars (no store can alias it) */
+} ctx_t;
+
+static void make_ctx(const args_t *A, ctx_t *C) {
+    C->A = A;
+    memcpy(C->hp, A->hp, sizeof A->hp);
+    if (A->alg == ALG_ADAM) C->hp[A_INV_BC2_SQRT] = 1.0f / C->hp[A_BC2_SQRT];
+}
+
+/* fp32 parameters and state: straight from memory to memory (Adam: 28 B per element) */
+static AI void piece_fp32(const ctx_t *C, const int alg, const row_t *R, float *restrict p,
+                          const float *restrict g, int64_t a, int64_t b, const int ns, const int ams,
+                          const int skip) {
+    float *restrict s0 = (float *)R->slot[0] + a;
+    float *restrict s1 = ns > 1 ? (float *)R->slot[1] + a : s0;
+    float *restrict s2 = ns > 2 ? (float *)R->slot[2] + a : s0;
+    p += a;
+    g += a;
+    const int64_t n = b - a;
+    for (int64_t i = 0; i < n; i++) {
+        float *sp[MAX_SLOTS] = {s0 + i, s1 + i, s2 + i};
+        element(alg, p + i, g[i], sp, C->hp, ns, ams, skip);
+    }
+}
+
+/* every other combination: one block of 256 at a time, decoded into L1, updated, encoded back.
+ * [a, b): a is a multiple of BLOCK; only the tensor's last block may be shorter. */
+static AI void piece_tiled(const ctx_t *C, const int alg, const row_t *R, void *param, const void *grad,
+                           int64_t a, int64_t b, const int pm, const int sf, const int ns, const int ams,
+                           const int skip) {
+    float P[BLOCK], G[BLOCK], S[MAX_SLOTS][BLOCK];
+    const args_t *A = C->A;
+    uint32_t seed[MAX_SLOTS + 1];
+    for (int k = 0; k <= ns; k++) seed[k] = mix_seed(A->step, R->uid, k);
+    for (int64_t t = a; t < b; t += BLOCK) {
+        const int len = b - t < BLOCK ? (int)(b - t) : BLOCK;
+        const uint32_t i0 = (uint32_t)t;
+        /* the parameter and gradient as fp32: fp32 parameters and master weights in place */
+        float *restrict pv = pm == P_NATIVE ? (float *)param + t : (pm == P_MASTER ? (float *)R->aux + t : P);
+        const float *restrict gv = pm == P_NATIVE ? (const float *)grad + t : G;
+        if (pm != P_NATIVE) {
+            const uint16_t *ps = (const uint16_t *)param + t, *gs = (const uint16_t *)grad + t;
+            if (pm == P_KAHAN) {
+                const uint16_t *cs = (const uint16_t *)R->aux + t;
+                for (int i = 0; i < len; i++) P[i] = bf16_to_f(ps[i]) + bf16_to_f(cs[i]);
+            } else if (pm != P_MASTER) {
+                for (int i = 0; i < len; i++) P[i] = bf16_to_f(ps[i]);
+            }
+            for (int i = 0; i < len; i++) G[i] = bf16_to_f(gs[i]);
+        }
+        /* the state as fp32: fp32 slots in place, others decoded into tiles */
+        float *sv[MAX_SLOTS] = {S[0], S[1], S[2]};
+        for (int k = 0; k < ns; k++) {
+            if (sf == S_FP32) {
+                sv[k] = (float *)R->slot[k] + t;
+            } else if (sf == S_BF16) {
+                const uint16_t *s = (const uint16_t *)R->slot[k] + t;
+                for (int i = 0; i < len; i++) S[k][i] = bf16_to_f(s[i]);
+            } else {
+                decode8((const uint8_t *)R->slot[k] + t, R->scale[k][t / BLOCK], S[k], k == 0 || alg == ALG_LION);
+            }
+        }
+        for (int i = 0; i < len; i++) {
+            float *sp[MAX_SLOTS] = {sv[0] + i, sv[1] + i, sv[2] + i};
+            element(alg, pv + i, gv[i], sp, C->hp, ns, ams, skip);
+        }
+        /* encode the parameter */
+        if (pm != P_NATIVE) {
+            uint16_t *ps = (uint16_t *)param + t;
+            if (pm == P_KAHAN) {
+                uint16_t *cs = (uint16_t *)R->aux + t;
+                uint32_t w = weyl(i0, seed[0]);
+                for (int i = 0; i < len; i++, w += WEYL) {
+                    const uint16_t h = f_to_bf16_rne(P[i]);
+                    ps[i] = h;
+                    cs[i] = f_to_bf16_sr(P[i] - bf16_to_f(h), w);
+                }
+            } else if (pm == P_SR) {
+                uint32_t w = weyl(i0, seed[0]);
+                for (int i = 0; i < len; i++, w += WEYL) ps[i] = f_to_bf16_sr(P[i], w);
+            } else {
+                for (int i = 0; i < len; i++) ps[i] = f_to_bf16_rne(pv[i]);
+            }
+        }
+        /* encode the state */
+        for (int k = 0; k < ns && sf != S_FP32; k++) {
+            if (sf == S_BF16) {
+                uint16_t *s = (uint16_t *)R->slot[k] + t;
+                uint32_t w = weyl(i0, seed[k + 1]);
+                for (int i = 0; i < len; i++, w += WEYL) s[i] = f_to_bf16_sr(S[k][i], w);
+            } else {
+                /* a short last block is encoded as the reference pads it: with zeros */
+                for (int i = len; i < BLOCK; i++) S[k][i] = 0.0f;
+                encode8(S[k], (uint8_t *)R->slot[k] + t, &R->scale[k][t / BLOCK], i0, seed[k + 1],
+                        k == 0 || alg == ALG_LION);
+            }
+        }
+    }
+}
+
+/* The common cases get loops specialized at compile time (algorithm, parameter mode, state
+ * format, slot count); amsgrad and skip_nonfinite share one loop with run-time flags per
+ * (algorithm, mode, format): a smaller library, built faster. */
+static __attribute__((noinline, optimize("no-unswitch-loops"))) void
+piece_flags(const ctx_t *C, const int alg, const row_t *R, void *param, const void *grad, int64_t a, int64_t b,
+            const int pm, const int sf) {
+    const args_t *A = C->A;
+    if (pm == P_NATIVE && sf == S_FP32)
+        piece_fp32(C, alg, R, (float *)param, (const float *)grad, a, b, A->nslots, A->ams, A->skip);
+    else
+        piece_tiled(C, alg, R, param, grad, a, b, pm, sf, A->nslots, A->ams, A->skip);
+}
+
+#define FORMAT(ALG, NS, PM, SF)                                                                   \
+    if (pm == PM && sf == SF) {                                                                   \
+        if (PM == P_NATIVE && SF == S_FP32)                                                       \
+            piece_fp32(C, ALG, R, (float *)param, (const float *)grad, a, b, NS, 0, 0);          \
+        else                                                                                      \
+            piece_tiled(C, ALG, R, param, grad, a, b, PM, SF, NS, 0, 0);                          \
+        return;                                                                                   \
+    }
+#define FORMATS(ALG, NS)                                                                          \
+    FORMAT(ALG, NS, P_NATIVE, S_FP32) FORMAT(ALG, NS, P_NATIVE, S_BF16)                          \
+    FORMAT(ALG, NS, P_NATIVE, S_8BIT) FORMAT(ALG, NS, P_PLAIN, S_FP32)                           \
+    FORMAT(ALG, NS, P_PLAIN, S_BF16) FORMAT(ALG, NS, P_PLAIN, S_8BIT)                            \
+    FORMAT(ALG, NS, P_KAHAN, S_FP32) FORMAT(ALG, NS, P_KAHAN, S_BF16)                            \
+    FORMAT(ALG, NS, P_KAHAN, S_8BIT) FORMAT(ALG, NS, P_SR, S_FP32)                               \
+    FORMAT(ALG, NS, P_SR, S_BF16) FORMAT(ALG, NS, P_SR, S_8BIT)                                  \
+    FORMAT(ALG, NS, P_MASTER, S_FP32) FORMAT(ALG, NS, P_MASTER, S_BF16)                          \
+    FORMAT(ALG, NS, P_MASTER, S_8BIT)
+
+static void run_piece(const ctx_t *C, int64_t r, int64_t a, int64_t b) {
+    const args_t *A = C->A;
+    const row_t *R = A->rows + r;
+    void *param = A->param[r];
+    const void *grad = A->grad[r];
+    const int pm = A->pmode, sf = A->sfmt;
+    if (A->ams || A->skip) {
+        if (A->alg == ALG_ADAM) piece_flags(C, ALG_ADAM, R, param, grad, a, b, pm, sf);
+        else piece_flags(C, ALG_LION, R, param, grad, a, b, pm, sf);
+        return;
+    }
+    if (A->alg == ALG_ADAM) {
+        FORMATS(ALG_ADAM, 2)
+    } else { /* Lion: the formats a Lion user picks for speed; the rest share the generic loop */
+        FORMAT(ALG_LION, 1, P_NATIVE, S_FP32) FORMAT(ALG_LION, 1, P_NATIVE, S_BF16)
+        FORMAT(ALG_LION, 1, P_NATIVE, S_8BIT) FORMAT(ALG_LION, 1, P_KAHAN, S_BF16)
+        FORMAT(ALG_LION, 1, P_KAHAN, S_8BIT)
+        piece_flags(C, ALG_LION, R, param, grad, a, b, pm, sf);
+    }
+}
+
+/* ---- a share of the step: the work space is every selected tensor, each padded to whole blocks,
+ * end to end; a thread takes [lo, hi) of it (whole blocks: 8-bit blocks never straddle threads) */
+
+static void run_share(const ctx_t *C, const int64_t *start, int64_t lo, int64_t hi) {
+    const args_t *A = C->A;
+    /* the first tensor that ends after lo */
+    int64_t l = 0, h = A->nrows;
+    while (l < h) {
+        const int64_t mid = (l + h) / 2;
+        if (start[mid + 1] <= lo) l = mid + 1; else h = mid;
+    }
+    for (int64_t j = l; j < A->nrows && start[j] < hi; j++) {
+        const int64_t r = A->sel ? A->sel[j] : j;
+        const int64_t n = A->rows[r].n;
+        const int64_t a = lo > start[j] ? lo - start[j] : 0;
+        const int64_t b = hi - start[j] < n ? hi - start[j] : n;
+        if (a < b) run_piece(C, r, a, b);
+    }
+}
+
+/* ---- threads ------------------------------------------------------------------------------ *
+ *
+ * Preferably torch's own OpenMP pool (GOMP_parallel, found by native.py in the process): its
+ * threads are alive, placed, and spinning right after torch's last parallel operation (the
+ * backward pass). Threads of our own would compete with those spinning threads for the cores:
+ * measured on 2 cores, 32M fp32 parameters, right after a torch parallel op: 16-18 ms with fresh
+ * pthreads, 9.8 ms on torch's pool (torch's fused step: 12.1 ms). Without an OpenMP runtime,
+ * pthreads are started per call. */
+
+/* Below this many elements per thread, handing work to another thread (waking a pool thread,
+ * or starting one) costs more than it saves. */
+#define MIN_PER_THREAD (1 << 15)
+#define MAX_THREADS 256
+
+typedef struct {
+    const ctx_t *C;
+    const int64_t *start;
+    int64_t share, total;
+    int nt;
+    int next; /* the next share to take; shares are taken, not assigned, so a smaller team
+               * than asked for still covers every share */
+    unsigned csr;
+} team_t;
+
+static void team_worker(void *arg) {
+    team_t *T = (team_t *)arg;
+    const unsigned old = GET_FP_MODE();
+    SET_FP_MODE(T->csr);
+    for (;;) {
+        const int k = __atomic_fetch_add(&T->next, 1, __ATOMIC_RELAXED);
+        if (k >= T->nt) break;
+        const int64_t lo = T->share * k, hi = lo + T->share < T->total ? lo + T->share : T->total;
+        if (lo < hi) run_share(T->C, T->start, lo, hi);
+    }
+    SET_FP_MODE(old); /* the pool's threads run torch's own work afterwards */
+}
+
+static void *pthread_worker(void *arg) {
+    team_worker(arg);
+    return NULL;
+}
+
+typedef void (*omp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+
+/* Returns 0, or -1 where memory for the table of starts could not be had (nothing was changed). */
+int adamkit_step(const args_t *A) {
+    if (A->nrows <= 0) return 0;
+    int64_t local[65];
+    int64_t *start = A->nrows < 64 ? local : (int64_t *)malloc((size_t)(A->nrows + 1) * sizeof(int64_t));
+    if (!start) return -1;
+    start[0] = 0;
+    for (int64_t j = 0; j < A->nrows; j++) {
+        const int64_t n = A->rows[A->sel ? A->sel[j] : j].n;
+        start[j + 1] = start[j] + (n + BLOCK - 1) / BLOCK * BLOCK;
+    }
+    const int64_t total = start[A->nrows];
+    ctx_t C;
+    make_ctx(A, &C);
+    int nt = A->nthreads < 1 ? 1 : (A->nthreads > MAX_THREADS ? MAX_THREADS : A->nthreads);
+    const int64_t most = (total + MIN_PER_THREAD - 1) / MIN_PER_THREAD;
+    if (most < nt) nt = most < 1 ? 1 : (int)most;
+    const int64_t share = ((total + nt - 1) / nt + BLOCK - 1) / BLOCK * BLOCK;
+    team_t T = {&C, start, share, total, nt, 0, GET_FP_MODE()};
+    if (nt > 1 && A->omp_parallel) {
+        ((omp_parallel_fn)A->omp_parallel)(team_worker, &T, (unsigned)nt, 0);
+    } else {
+        pthread_t tids[MAX_THREADS];
+        int running = 0;
+        for (int k = 1; k < nt; k++) running += pthread_create(&tids[running], NULL, pthread_worker, &T) == 0;
+        team_worker(&T); /* this thread takes shares too: every share is done even if none started */
+        for (int k = 0; k < running; k++) pthread_join(tids[k], NULL);
+    }
+    if (start != local) free(start);
+    return 0;
+}
+
+/* ---- aliasing ----------------------------------------------------------------------------- *
+ * The per-tensor backends read every gradient before writing any parameter of the same tensor,
+ * and tensor by tensor. A gradient that overlaps memory the step writes in another tensor, or at
+ * another offset of its own (p.grad = another parameter, or a view of one), would be read after a
+ * thread has written it. Returns the first selected row whose gradient overlaps a parameter it is
+ * not exactly, else -1; the caller copies such gradients first. O(n log n) on the pointers. */
+
+typedef struct { uintptr_t lo, hi; } span_t;
+static int cmp_span(const void *x, const void *y) {
+    const span_t *a = x, *b = y;
+    return a->lo < b->lo ? -1 : a->lo > b->lo;
+}
+
+int64_t adamkit_grad_overlap(const args_t *A, int32_t psize) {
+    if (A->nrows <= 0) return -1;
+    span_t *s = (span_t *)malloc((size_t)A->nrows * sizeof(span_t));
+    if (!s) return -2;
+    for (int64_t j = 0; j < A->nrows; j++) {
+        const int64_t r = A->sel ? A->sel[j] : j;
+        s[j].lo = (uintptr_t)A->param[r];
+        s[j].hi = s[j].lo + (uintptr_t)(A->rows[r].n * psize);
+    }
+    qsort(s, (size_t)A->nrows, sizeof(span_t), cmp_span);
+    /* reach[k]: the furthest end of spans 0..k, so one comparison rules most gradients out */
+    uintptr_t *reach = (uintptr_t *)malloc((size_t)A->nrows * sizeof(uintptr_t));
+    if (!reach) { free(s); return -2; }
+    for (int64_t k = 0; k < A->nrows; k++) reach[k] = k && reach[k - 1] > s[k].hi ? reach[k - 1] : s[k].hi;
+    int64_t bad = -1;
+    for (int64_t j = 0; j < A->nrows && bad < 0; j++) {
+        const int64_t r = A->sel ? A->sel[j] : j;
+        const uintptr_t glo = (uintptr_t)A->grad[r], ghi = glo + (uintptr_t)(A->rows[r].n * psize);
+        if (glo == ghi) continue;
+        int64_t l = 0, h = A->nrows; /* l: how many spans start below ghi */
+        while (l < h) {
+            const int64_t mid = (l + h) / 2;
+            if (s[mid].lo < ghi) l = mid + 1; else h = mid;
+        }
+        for (int64_t k = l - 1; k >= 0 && reach[k] > glo; k--) {
+            if (s[k].hi <= glo) continue;
+            if (s[k].lo == glo && glo == (uintptr_t)A->param[r]) continue; /* its own parameter */
+            bad = r;
+            break;
+        }
+    }
+    free(reach);
+    free(s);
+    return bad;
+}

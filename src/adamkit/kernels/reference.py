@@ -1,0 +1,118 @@
+"""The per-tensor backends' shared parts, and the reference backend: the spec.
+
+Composition: ``decode`` (storage -> compute dtype), the algorithm's update (through
+``optim.algorithm.apply_update``), ``encode`` (compute dtype -> storage). ``decode_all`` and
+``encode_all`` are the one place that composes them; the foreach backend and the compiled kernel
+call the same two functions, and the native kernel does the same in C.
+
+Every runner shares one signature, ``run(alg, items, scalars_of, flags)``, where ``items`` are
+:class:`Item` (one parameter with its gradient and stored state; step counters already
+incremented) and ``scalars_of(step)`` gives the algorithm's scalars for a step number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..optim.algorithm import Algorithm, Flags, apply_update
+from ..storage import quant8
+from ..storage.formats import (
+    Formats,
+    compute_dtype,
+    decode_param,
+    decode_state,
+    encode_param,
+    encode_state,
+    mix_seed,
+    param_aux_key,
+)
+
+
+@dataclass
+class Item:
+    """One parameter's share of a step: what a backend reads and writes for it.
+
+    ``t`` maps names to stored tensors: ``param``, ``grad``, each state slot, the 8-bit scales
+    (``<slot>_scale``) and the parameter's ``kahan_comp``/``master_weight``. They are the tensors
+    where they lie (for a DTensor parameter: its local shard and its state's local shards).
+    """
+
+    t: dict[str, torch.Tensor]
+    fmt: Formats
+    step: float  # the step number of this update (1-based)
+    uid: int  # a stable id of the parameter in its optimizer: seeds its rounding streams
+    offset: int = 0  # position of t's first element in its parameter (a chunk of a large tensor)
+
+
+def decode_all(alg: Algorithm, fmt: Formats, t: dict, flags: Flags, cdt: torch.dtype):
+    """Stored tensors -> compute-dtype (p, g, [slot values])."""
+    p = t["param"]
+    aux = param_aux_key(fmt.param)
+    slots = []
+    for slot in alg.active_slots(flags):
+        if fmt.state == "8bit":
+            name = slot.name
+            slots.append(quant8.decode(slot.signed, t[name], t[name + "_scale"], p.shape, cdt))
+        else:
+            slots.append(decode_state(fmt.state, t[slot.name], cdt))
+    return decode_param(fmt.param, p, t.get(aux), cdt), t["grad"].to(cdt), slots
+
+
+def encode_all(alg: Algorithm, fmt: Formats, t: dict, p, slots, flags: Flags, index, seeds):
+    """Compute-dtype (p, slots) -> {name: new stored value} for every tensor that changes.
+
+    ``index`` is each element's position (for stochastic rounding), ``seeds`` one independent
+    32-bit seed per stream (the parameter, then each slot) of this tensor and step.
+    """
+    out: dict[str, torch.Tensor] = {}
+    out["param"], aux = encode_param(fmt.param, p, t["param"].dtype, index, seeds[0])
+    if aux is not None:
+        out[param_aux_key(fmt.param)] = aux
+    for k, (slot, x) in enumerate(zip(alg.active_slots(flags), slots)):
+        name = slot.name
+        if fmt.state == "8bit":
+            # the compiled kernel passes (blocks, 256) values with their indices; per tensor,
+            # encode pads to whole blocks and numbers the padded elements itself
+            blocked = x.dim() == 2 and x.shape[1] == quant8.BLOCK
+            idx = index if blocked and index is not None and index.shape == x.shape else None
+            codes, out[name + "_scale"] = quant8.encode(slot.signed, x, idx, seeds[k + 1])
+            out[name] = codes.view(t[name].shape)
+        else:
+            out[name] = encode_state(fmt.state, x, index, seeds[k + 1])
+    return out
+
+
+def step_seeds(step: float, uid: int, n: int = 4) -> list[int]:
+    """Seeds of the rounding streams of one tensor at one step (the native kernel derives the
+    same ones in C: ``mix_seed`` there)."""
+    return [mix_seed(step, uid, k) for k in range(n)]
+
+
+def needs_index(fmt: Formats) -> bool:
+    return fmt.param in ("sr", "kahan") or fmt.state in ("bf16", "8bit")
+
+
+def index_and_seeds(it: Item):
+    if not needs_index(it.fmt):
+        return None, step_seeds(it.step, it.uid)
+    p = it.t["param"]
+    index = torch.arange(it.offset, it.offset + p.numel(), device=p.device).view(p.shape)
+    return index, step_seeds(it.step, it.uid)
+
+
+def run_reference(alg: Algorithm, items: list[Item], scalars_of: Callable, flags: Flags) -> None:
+    """The spec: one parameter at a time, out-of-place math, results copied back into storage.
+
+    ``copy_`` writes through any strides, so non-contiguous parameters and gradients whose strides
+    differ from the parameter's are updated element by element correctly.
+    """
+    for it in items:
+        cdt = compute_dtype(it.t["param"].dtype)
+        p, g, slots = decode_all(alg, it.fmt, it.t, flags, cdt)
+        new_p, new_slots = apply_update(alg, p, g, slots, scalars_of(it.step), flags)
+        index, seeds = index_and_seeds(it)
+        for name, value in encode_all(alg, it.fmt, it.t, new_p, new_slots, flags, index, seeds).items():
+            it.t[name].copy_(value)

@@ -1,0 +1,86 @@
+"""What an algorithm declares, and the engine's per-element wrapper around its update.
+
+An algorithm is a small declaration (see ``adam.py``, ``lion.py``):
+
+- its state slots (:class:`Slot`): name, sign (8-bit codes for signed values differ from those for
+  magnitudes), the group option that enables the slot (AMSGrad's running maximum), bytes;
+- its hyperparameters: defaults and a ``check`` that turns a group into validated floats;
+- its scalars: a ``NamedTuple`` whose first field is ``grad_sign`` (-1 to maximize), computed on the
+  host from the hyperparameters and the step number;
+- its update, written once on fp32 (or fp64) values with Python operators and a few methods
+  (``lerp``, ``sqrt``, ``maximum``, ``sign``, ``add(alpha=)``) that work on tensors and on the
+  foreach backend's tensor lists alike; the reference backend runs it and tests hold every other
+  path to it;
+- the id of its body in the native kernel (``kernels/kernel.c``), if it has one.
+
+Storage formats, precision options, kernels, state dicts and the planner come from the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+
+class Flags(NamedTuple):
+    """Choices fixed per call (one compiled kernel per distinct value)."""
+
+    wd_mode: str  # "none", "l2", "decoupled", "full"; "runtime" in the compiled kernel
+    amsgrad: bool = False
+    maximize: bool | None = False  # None: the sign is taken from the scalars (compiled kernel)
+    skip_nonfinite: bool = False  # elements with a non-finite gradient keep every old value
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One state tensor an algorithm keeps per parameter, shaped like the parameter."""
+
+    name: str  # the state-dict key (torch's where torch has the algorithm)
+    signed: bool  # values of both signs (8-bit: signed codes) or magnitudes only
+    option: str | None = None  # the group option that enables it (None: always kept)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str  # for messages: "Adam", "Lion"
+    slots: tuple[Slot, ...]
+    check: Callable[[dict], dict]  # group -> validated hyperparameters (floats); raises on bad input
+    flags: Callable[[dict, dict], Flags]  # (group, checked hyperparameters) -> Flags
+    scalars: Callable[[dict, float, Flags], tuple]  # (hyperparameters, step, flags) -> Scalars
+    update: Callable[..., tuple]  # (p, g, slots, scalars, flags) -> (p, slots)
+    scalar_type: type  # the NamedTuple ``scalars`` returns (field order = the native kernel's)
+    native: int | None = None  # the body's id in kernel.c (ALG_*), None where it has none
+    # an optional runner on torch's own fused kernels, for when the native kernel is unavailable
+    torch_fused: Callable[..., bool] | None = None
+    state_keys: tuple[str, ...] = field(default=())  # extra per-parameter keys its state dicts hold
+
+    def active_slots(self, flags: Flags) -> tuple[Slot, ...]:
+        return tuple(s for s in self.slots if s.option is None or getattr(flags, s.option))
+
+    def slot_names(self, group: dict) -> tuple[str, ...]:
+        return tuple(s.name for s in self.slots if s.option is None or group.get(s.option, False))
+
+
+def where(cond, a, b):
+    """Elementwise ``cond ? a : b`` for tensors and the foreach backend's TensorLists."""
+    if hasattr(cond, "choose"):  # a TensorList (torch.Tensor.where has other semantics)
+        return cond.choose(a, b)
+    import torch
+
+    return torch.where(cond, a, b)
+
+
+def apply_update(alg: Algorithm, p, g, slots: list, s: Any, f: Flags):
+    """The engine's part of every update, around the algorithm's: with ``skip_nonfinite`` an element
+    whose gradient is inf/nan keeps its old parameter and state (the rest of its tensor and block
+    step normally); ``maximize`` flips the gradient's sign. Returns (p, slots)."""
+    if f.skip_nonfinite:
+        ok = g.isfinite()
+        np_, ns = apply_update(alg, p, where(ok, g, 0.0), slots, s, f._replace(skip_nonfinite=False))
+        return where(ok, np_, p), [where(ok, n, o) for n, o in zip(ns, slots)]
+    if f.maximize is None:
+        g = g * s.grad_sign
+    elif f.maximize:
+        g = -g
+    return alg.update(p, g, slots, s, f)

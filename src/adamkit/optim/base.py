@@ -1,0 +1,724 @@
+"""The generic optimizer every adamkit algorithm is a thin subclass of.
+
+It owns what algorithms share: parameter groups (validated when a group is created or changed, not
+re-validated every step), lazy state in the chosen storage formats, the dispatcher (the only place
+that knows backends, defaults and fallbacks), state-dict conversion between formats and with
+``torch.optim``, and the full-precision API of low-precision parameters. An algorithm module
+declares an :class:`~adamkit.optim.algorithm.Algorithm` and its constructor's signature.
+
+Parameters and gradients stay the user's tensors: every backend reads and writes them where they
+lie (a DTensor's local shard included). Only the optimizer's own state lives in tensors it owns.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+
+from ..kernels import compiled, native
+from ..kernels.foreach import run_foreach
+from ..kernels.reference import Item, run_reference
+from ..storage import quant8
+from ..storage.formats import (
+    LOW_PRECISION,
+    STATE_FORMATS,
+    Formats,
+    choose_formats,
+    init_param_aux,
+    param_aux_key,
+    state_dtype,
+)
+from .algorithm import Algorithm
+
+BACKENDS = ("auto", "reference", "foreach", "fused")
+# torch's own fused kernels serve the formats they have (Adam/AdamW, fp32 or plain low-precision
+# parameters with state in their dtype) where the native kernel is unavailable; tests switch it off.
+USE_TORCH_FUSED = True
+
+_GRAD = operator.attrgetter("grad")
+_IS_SPARSE = operator.attrgetter("is_sparse")
+_AUX_KEYS = ("kahan_comp", "master_weight")
+# Group keys torch.optim's optimizers read in step(); kept in our groups with torch-compatible
+# values so that state dicts move between torch and adamkit both ways.
+_TORCH_GROUP_DEFAULTS = {"capturable": False, "differentiable": False}
+# Group options of the engine, shared by every algorithm: how state is stored and which backend
+# runs. They are this process's choice: load_state_dict keeps them (and converts the state).
+STORAGE_OPTIONS = ("kahan_sum", "stochastic_rounding", "master_weights", "state_format", "min_8bit_size")
+ENGINE_DEFAULTS = dict(
+    maximize=False,
+    kahan_sum=None,
+    stochastic_rounding=False,
+    master_weights=False,
+    state_format=None,
+    min_8bit_size=4096,
+    skip_nonfinite=False,
+    backend="auto",
+    foreach=None,
+    fused=None,
+    capturable=False,
+    differentiable=False,
+)
+
+_fallback_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str, stacklevel: int = 4) -> None:
+    if key not in _fallback_warned:
+        _fallback_warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation helpers (algorithms use them in their ``check``)
+# --------------------------------------------------------------------------------------------------
+
+
+def as_float(name: str, value: Any) -> float:
+    """A hyperparameter as a float: Python numbers and one-element tensors are accepted."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
+        if value.is_complex():
+            raise TypeError(f"{name} must be real, got a complex tensor")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_nonneg(name: str, value: Any) -> float:
+    x = as_float(name, value)
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"Invalid {name}: {x}; it must be a finite number >= 0")
+    return x
+
+
+def check_betas(betas: Any, n: int = 2) -> tuple[float, ...]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != n:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    out = tuple(as_float(f"betas[{i}]", b) for i, b in enumerate(betas))
+    for i, b in enumerate(out):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b}; it must be in [0, 1)")
+    return out
+
+
+def check_bools(group: dict, keys: Iterable[str]) -> None:
+    for key in keys:
+        if not isinstance(group.get(key, False), bool):
+            raise TypeError(f"{key} must be a bool, got {group[key]!r}")
+
+
+def check_engine_options(group: dict) -> None:
+    """The storage, precision and backend options every algorithm has."""
+    check_bools(group, ("maximize", "stochastic_rounding", "master_weights", "skip_nonfinite"))
+    for key in ("capturable", "differentiable"):
+        if group.get(key, False):
+            raise ValueError(
+                f"{key}=True is not supported by adamkit; pass {key}=False (adamkit's kernels need no "
+                "CUDA-graph capture, and its step is not differentiable)"
+            )
+    kahan = group.get("kahan_sum")
+    if kahan is not None and not isinstance(kahan, bool):
+        raise TypeError(f"kahan_sum must be None or a bool, got {kahan!r}")
+    n_modes = bool(kahan) + group.get("stochastic_rounding", False) + group.get("master_weights", False)
+    if n_modes > 1:
+        raise ValueError(
+            "choose at most one of kahan_sum=True, stochastic_rounding=True, master_weights=True: "
+            "each is a complete recipe for low-precision parameters"
+        )
+    sf = group.get("state_format")
+    if sf is not None and sf not in STATE_FORMATS:
+        raise ValueError(f"Invalid state_format: {sf!r}; choose None or one of {STATE_FORMATS}")
+    m8 = group.get("min_8bit_size", 4096)
+    if isinstance(m8, bool) or not isinstance(m8, int) or m8 < 0:
+        raise ValueError(f"Invalid min_8bit_size: {m8!r}; it must be an int >= 0")
+    backend = group.get("backend", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r}; choose one of {BACKENDS}")
+
+
+def resolve_backend(backend: str, foreach: bool | None, fused: bool | None) -> str:
+    """Map torch's ``foreach=``/``fused=`` spellings onto ``backend``; conflicts raise.
+
+    As in torch: ``fused=True`` is the fused backend, ``foreach=True`` the multi-tensor one,
+    ``foreach=False`` the per-tensor loop, and ``fused=False`` means "not fused" (foreach, unless
+    foreach=False asks for the loop)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r}; choose one of {BACKENDS}")
+    if fused and foreach:
+        raise ValueError("fused=True and foreach=True cannot both be set; choose one backend")
+    if fused:
+        wanted = "fused"
+    elif foreach:
+        wanted = "foreach"
+    elif foreach is False:
+        wanted = "reference"
+    elif fused is False:
+        wanted = "foreach"
+    else:
+        return backend
+    if backend not in ("auto", wanted):
+        raise ValueError(f"backend={backend!r} conflicts with foreach={foreach}, fused={fused}")
+    return wanted
+
+
+def fused_unavailable_reason(alg: Algorithm) -> str | None:
+    """Why no fused kernel (native or compiled) can run here, or None if one can."""
+    if alg.native is not None and native.USE_NATIVE and native.load() is not None:
+        return None
+    problem = compiled.problem()
+    if problem is None:
+        return None
+    why = native.failure() if native.USE_NATIVE else "switched off"
+    if alg.native is None:
+        why = f"{alg.name} has no native body"
+    return f"native kernel: {why}; torch.compile kernel: {problem}"
+
+
+class Optimizer(torch.optim.Optimizer):
+    """The generic adamkit optimizer; see the module docstring. Subclasses set ``algorithm``."""
+
+    algorithm: ClassVar[Algorithm]
+
+    def __init__(self, params: Iterable, defaults: dict):
+        defaults = {**ENGINE_DEFAULTS, **defaults}
+        defaults["betas"] = (
+            tuple(defaults["betas"]) if isinstance(defaults.get("betas"), list) else defaults.get("betas")
+        )
+        if defaults["betas"] is None:
+            del defaults["betas"]
+        defaults["backend"] = resolve_backend(defaults["backend"], defaults["foreach"], defaults["fused"])
+        # Validate the defaults as a group would be validated, before anything is built.
+        probe = dict(defaults)
+        self._prepare_group(probe)
+        self.algorithm.check(probe)
+        check_engine_options(probe)
+        self._plans: dict[int, native.GroupPlan] = {}
+        self._checked: dict[int, tuple] = {}
+        super().__init__(params, defaults)
+        if any(g["backend"] == "fused" for g in self.param_groups):
+            reason = fused_unavailable_reason(self.algorithm)
+            if reason is not None and self.algorithm.torch_fused is None:
+                raise RuntimeError(f"backend='fused' is unavailable: {reason}; use backend='foreach'")
+
+    # ------------------------------------------------------------------------------------------
+    # groups
+    # ------------------------------------------------------------------------------------------
+
+    def _prepare_group(self, group: dict) -> None:
+        """Fill a new group's derived options (e.g. Adam's max_lr); algorithms override it."""
+
+    def __setstate__(self, state: dict) -> None:
+        # Checkpoints pickled by older versions get defaults for options added later.
+        super().__setstate__(state)
+        self._plans, self._checked = {}, {}
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def __getstate__(self) -> dict:
+        # The kernel's tables hold pointers; they are rebuilt on the next step after unpickling.
+        return {k: v for k, v in super().__getstate__().items() if k not in ("_plans", "_checked")}
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group (validated first: a bad group raises and leaves the optimizer unchanged)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        params = param_group.get("params")
+        if isinstance(params, set):
+            raise TypeError("optimizer params must be an ordered collection (a set has no order)")
+        params = [params] if isinstance(params, torch.Tensor) else list(params or [])
+        named = [p for p in params if isinstance(p, tuple)]
+        tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+        seen: set[int] = set()
+        existing = {id(p) for g in self.param_groups for p in g["params"]}
+        for p in tensors:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"optimizer params must be Tensors, got {type(p).__name__}")
+            if not p.is_leaf:
+                raise ValueError("can't optimize a non-leaf Tensor; pass the leaf parameter")
+            if not (p.is_floating_point() or p.is_complex()):
+                raise TypeError(f"parameters must be floating point, got dtype {p.dtype}")
+            if p.is_complex():
+                raise TypeError(
+                    "complex parameters are not supported; optimize torch.view_as_real(p) instead"
+                )
+            if id(p) in seen or id(p) in existing:
+                raise ValueError(
+                    "a parameter was given twice (in one group or in two groups); each parameter "
+                    "must appear exactly once"
+                )
+            seen.add(id(p))
+        merged = {**self.defaults, **param_group, "params": params}
+        if "backend" in param_group or "foreach" in param_group or "fused" in param_group:
+            merged["backend"] = resolve_backend(
+                merged.get("backend", "auto"), merged.get("foreach"), merged.get("fused")
+            )
+        self._prepare_group(merged)
+        self.algorithm.check(merged)
+        check_engine_options(merged)
+        fp32_params = False
+        for p in tensors:  # format options that cannot apply to a parameter's dtype fail here
+            choose_formats(
+                p.dtype,
+                merged["kahan_sum"],
+                merged["stochastic_rounding"],
+                merged["master_weights"],
+                merged["state_format"],
+            )
+            fp32_params |= p.dtype not in LOW_PRECISION
+        asked = [k for k in ("kahan_sum", "stochastic_rounding", "master_weights") if merged[k]]
+        if asked and fp32_params:
+            warn_once(
+                f"lowprec-{id(self)}",
+                f"adamkit: {', '.join(k + '=True' for k in asked)} applies to bfloat16/float16 parameters "
+                "only; this group's float32/float64 parameters are stepped in their own precision (cast "
+                "the model with model.to(torch.bfloat16) to use it)",
+            )
+        param_group.update({k: v for k, v in merged.items() if k != "params"})
+        param_group["params"] = tensors if not named else params
+        if named:
+            param_group.setdefault("param_names", [n for n, _ in named])
+        super().add_param_group(param_group)
+
+    def _hyper(self, index: int, group: dict) -> dict:
+        """The group's validated hyperparameters; validated again only when the group changed
+        (a scheduler's new lr, a user's edit), so a bad value raises before anything changes."""
+        key = tuple(
+            v.item()
+            if isinstance(v, torch.Tensor) and v.numel() == 1
+            else (v if not isinstance(v, list) else tuple(v))
+            for k, v in group.items()
+            if k not in ("params", "param_names")
+        )
+        cached = self._checked.get(index)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        hp = self.algorithm.check(group)
+        check_engine_options(group)
+        self._checked[index] = (key, hp)
+        return hp
+
+    # ------------------------------------------------------------------------------------------
+    # state
+    # ------------------------------------------------------------------------------------------
+
+    def _formats(self, group: dict, p: torch.Tensor) -> Formats:
+        fmt = choose_formats(
+            p.dtype,
+            group["kahan_sum"],
+            group["stochastic_rounding"],
+            group["master_weights"],
+            group["state_format"],
+        )
+        if fmt.state == "8bit" and p.numel() < group["min_8bit_size"]:
+            # Small tensors (norms, biases) keep fp32 state: their 8-bit saving is a few bytes and
+            # a 256-block would be mostly padding.
+            fmt = fmt._replace(state="fp32")
+        return fmt
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        """Create missing state of ``p``: step, slots in their format, Kahan/master buffer. For a
+        DTensor parameter, floating state is a DTensor of the parameter's placement."""
+        state = self.state[p]
+        fmt = self._formats(group, p)
+        if "step" not in state:
+            # step: a 0-D fp32 CPU tensor, as torch's non-fused optimizers keep it (state dicts interchange)
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        for slot in self.algorithm.slots:
+            if slot.name in state or (slot.option is not None and not group.get(slot.option, False)):
+                continue
+            if fmt.state == "8bit":
+                # 1 B/param of codes (padded to a 256-block) + 4 B per block of scale, on the
+                # parameter's local elements
+                n = native.local(p).numel()
+                state[slot.name], state[slot.name + "_scale"] = quant8.zeros(n, slot.signed, p.device)
+            else:
+                # 4 B/param in fp32, 2 in bf16/fp16 (the parameter's dtype by default)
+                state[slot.name] = torch.zeros_like(
+                    p, dtype=state_dtype(fmt.state), memory_format=torch.preserve_format
+                )
+        aux = param_aux_key(fmt.param)
+        if aux is not None and aux not in state:
+            state[aux] = init_param_aux(fmt.param, p)  # kahan_comp 2 B/param, master_weight 4 B/param
+        return state
+
+    def _item(self, p: torch.Tensor, group: dict, uid: int) -> Item:
+        state = self._init_state(p, group)
+        t = {k: native.local(v) for k, v in state.items() if k != "step"}
+        t["param"], t["grad"] = native.local(p), native.local(p.grad)
+        return Item(t, self._formats(group, p), float(state["step"]) + 1, uid)
+
+    # ------------------------------------------------------------------------------------------
+    # step
+    # ------------------------------------------------------------------------------------------
+
+    @torch._disable_dynamo
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss.
+
+        Under ``torch.compile`` the step runs eagerly (a graph break): the kernels are already
+        compiled, and tracing them would recompile whenever a step number or lr changes."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Pass 1: check everything, so that bad input raises before any state or parameter changes.
+        work = []
+        for index, group in enumerate(self.param_groups):
+            hp = self._hyper(index, group)
+            params = group["params"]
+            # map()/compress() keep these per-parameter loops in C (they run every step)
+            grads = list(map(_GRAD, params))
+            has = list(map(operator.is_not, grads, itertools.repeat(None)))
+            if any(map(_IS_SPARSE, itertools.compress(grads, has))):
+                raise RuntimeError(
+                    f"adamkit.{type(self).__name__} does not support sparse gradients; use "
+                    "torch.optim.SparseAdam or a dense embedding (sparse=False)"
+                )
+            work.append((index, group, hp, grads, has))
+        # Pass 2: update.
+        base = 1  # uid: the parameter's position in the optimizer, stable across save/load
+        for index, group, hp, grads, has in work:
+            if any(has):
+                self._step_group(index, group, hp, grads, has, base)
+            base += len(group["params"])
+        return loss
+
+    def _step_group(self, index: int, group: dict, hp: dict, grads: list, has: list, base: int) -> None:
+        """The dispatcher: the only place that knows backends, defaults and fallbacks."""
+        alg = self.algorithm
+        flags = alg.flags(group, hp)
+        scalars_of = lambda step: alg.scalars(hp, step, flags)  # noqa: E731
+        params = group["params"]
+        backend = group["backend"]
+        rest = None
+        if backend in ("auto", "fused") and alg.native is not None and native.USE_NATIVE:
+            lib = native.load()
+            if lib is not None:
+                options = tuple(group[k] for k in STORAGE_OPTIONS)
+                plan = self._plans.get(index)
+                if plan is None or not plan.matches(params, has, flags, options):
+                    for p, h in zip(params, has):
+                        if h:
+                            self._init_state(p, group)
+                    plan = native.GroupPlan(
+                        lib, alg, params, self.state, lambda p: self._formats(group, p), base, flags, options
+                    )
+                    self._plans[index] = plan
+                all_have = all(has)
+                for table in plan.tables:
+                    table.step(grads, has, all_have, scalars_of)
+                rest = [i for i in plan.loose if has[i]]
+        if rest is None:
+            rest = list(itertools.compress(range(len(params)), has))
+        if not rest:
+            return
+        items = [self._item(params[i], group, base + i) for i in rest]
+        counters = [self.state[params[i]]["step"] for i in rest]
+        if backend == "reference":
+            run_reference(alg, items, scalars_of, flags)
+        elif backend == "foreach":
+            run_foreach(alg, items, scalars_of, flags)
+        else:
+            self._run_unserved(items, hp, flags, scalars_of)
+        for c in counters:  # only now that every update succeeded
+            c.add_(1)
+
+    def _run_unserved(self, items: list[Item], hp: dict, flags, scalars_of) -> None:
+        """Items the native kernel does not serve under backend auto/fused: torch's own fused
+        kernel where it serves the formats, else the compiled kernel, else foreach."""
+        alg = self.algorithm
+        if (
+            alg.torch_fused is not None
+            and USE_TORCH_FUSED
+            and (native.load() is None or not native.USE_NATIVE)
+        ):
+            items = alg.torch_fused(items, hp, flags)
+        if not items:
+            return
+        leftover = [it for it in items if not all(t.is_contiguous() for t in it.t.values())]
+        todo = [it for it in items if all(t.is_contiguous() for t in it.t.values())]
+        problem = compiled.problem()
+        if problem is None:
+            for k, it in enumerate(todo):
+                try:
+                    compiled.run_compiled(alg, [it], scalars_of, flags)
+                except Exception:
+                    if compiled.problem() is None:
+                        raise  # not a compiler problem: a real error
+                    problem = compiled.problem()
+                    leftover += todo[k:]
+                    break
+        else:
+            leftover += todo
+        if problem is not None and todo:
+            warn_once(
+                "fallback-foreach",
+                f"adamkit: no fused kernel serves some parameters here ({fused_unavailable_reason(alg) or problem}); "
+                "they run on the foreach backend. Install a C compiler (gcc) to get the native kernel.",
+            )
+        if leftover:
+            run_foreach(alg, leftover, scalars_of, flags)
+
+    # ------------------------------------------------------------------------------------------
+    # full-precision values of low-precision parameters
+    # ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def full_precision_params(self) -> list[torch.Tensor]:
+        """fp32 values of every parameter, in group order: the master weight, or p + kahan_comp,
+        or the parameter itself. Save these to keep what the low-precision copy rounds away."""
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if "master_weight" in st:
+                    out.append(st["master_weight"].clone())
+                elif "kahan_comp" in st:
+                    out.append(p.detach().float() + st["kahan_comp"].float())
+                else:
+                    out.append(p.detach().clone())
+        return out
+
+    @torch.no_grad()
+    def load_full_precision_params(self, values: Iterable[torch.Tensor]) -> None:
+        """Set every parameter from full-precision values (e.g. an fp32 checkpoint), in group order.
+
+        A bf16/fp16 parameter gets the rounded value; with Kahan summation its compensation buffer
+        is seeded with the rounding remainder, with master weights the master copy gets the value,
+        so nothing of the fp32 weights is lost."""
+        values = list(values)
+        params = [(g, p) for g in self.param_groups for p in g["params"]]
+        if len(values) != len(params):
+            raise ValueError(f"got {len(values)} values for {len(params)} parameters")
+        for (_, p), v in zip(params, values):
+            if v.shape != p.shape:
+                raise ValueError(f"value of shape {tuple(v.shape)} for a parameter of shape {tuple(p.shape)}")
+        for (group, p), v in zip(params, values):
+            v = v.to(device=p.device, dtype=torch.float32 if p.dtype in LOW_PRECISION else p.dtype)
+            fmt = self._formats(group, p)
+            p.copy_(v)
+            if fmt.param in ("kahan", "master"):
+                st = self._init_state(p, group)
+                if fmt.param == "kahan":
+                    st["kahan_comp"].copy_(v - p.float())
+                else:
+                    st["master_weight"].copy_(v)
+
+    # ------------------------------------------------------------------------------------------
+    # state dicts
+    # ------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """torch's state dict, with each ``step`` a tensor of its own (the kernel keeps step
+        counters as views of one buffer, which ``torch.save`` would otherwise write whole), and
+        8-bit state marked with its parameter's shape (``param_shape``, int64), which loading checks:
+        codes alone only tell the number of blocks."""
+        sd = super().state_dict()
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}  # torch's entries are our live dicts
+        params = [p for g in self.param_groups for p in g["params"]]
+        for key, st in sd["state"].items():
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].clone()
+            if any(k.endswith("_scale") for k in st) and isinstance(key, int) and key < len(params):
+                st["param_shape"] = torch.tensor(list(params[key].shape), dtype=torch.int64)
+        return sd
+
+    def _state_keys(self) -> tuple[str, ...]:
+        slots = [s.name for s in self.algorithm.slots]
+        return (
+            "step",
+            "param_shape",
+            *slots,
+            *(s + "_scale" for s in slots),
+            *_AUX_KEYS,
+            *self.algorithm.state_keys,
+        )
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict from adamkit or from torch.optim's optimizer of the same algorithm.
+
+        Unlike ``torch.optim.Optimizer.load_state_dict`` it checks everything first (optimizer
+        kind, group and parameter counts, state shapes), raising without changing anything on a
+        mismatch, keeps each state tensor's dtype, copies tensors (no aliasing with the source), and
+        fills group options the source did not know (e.g. a torch state dict) from this optimizer.
+        """
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("not an optimizer state dict: expected a dict with 'state' and 'param_groups'")
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = pre_hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        alg = self.algorithm
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state dict has {len(saved_groups)} parameter groups, this optimizer has "
+                f"{len(self.param_groups)}; build the optimizer with the same groups"
+            )
+        id_map: dict[Any, torch.Tensor] = {}
+        group_of: dict[int, dict] = {}
+        new_groups = []
+        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"parameter group {i} has {len(group['params'])} parameters but the state dict's "
+                    f"has {len(saved['params'])}; build the optimizer over the same parameters"
+                )
+            missing = [k for k in self._required_group_keys() if k not in saved]
+            if missing:
+                raise ValueError(
+                    f"state dict group {i} lacks {missing}: it comes from another kind of optimizer "
+                    f"(only adamkit and torch.optim {alg.name} state dicts load here)"
+                )
+            new_group = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            new_group["params"] = group["params"]
+            if "param_names" in group:
+                new_group["param_names"] = group["param_names"]
+            self._loaded_group(new_group)
+            new_group["backend"] = group["backend"]  # the backend is this process's choice
+            # capturable/differentiable describe how the saving run stepped (e.g. a CUDA run of
+            # torch's capturable AdamW), not the state: this process steps its own way.
+            new_group.update(_TORCH_GROUP_DEFAULTS)
+            # How state is stored is this process's choice, like the backend: a state dict saved
+            # in fp32 loads into an 8-bit optimizer (converted) and the other way round.
+            for k in STORAGE_OPTIONS:
+                new_group[k] = group[k]
+            alg.check(new_group)
+            check_engine_options(new_group)
+            new_groups.append(new_group)
+            id_map.update(zip(saved["params"], group["params"]))
+            group_of.update({id(p): new_group for p in group["params"]})
+
+        new_state: dict[torch.Tensor, dict] = {}
+        required = [s.name for s in alg.slots if s.option is None]
+        for key, saved_state in state_dict["state"].items():
+            if key not in id_map:
+                raise ValueError(f"state dict has state for parameter {key!r}, which no group lists")
+            p = id_map[key]
+            unknown = set(saved_state) - set(self._state_keys())
+            if unknown or not saved_state:
+                raise ValueError(
+                    f"state of parameter {key!r} has keys {sorted(saved_state)}; a {alg.name} state has "
+                    f"{list(self._state_keys())} (is it from another optimizer?)"
+                )
+            for k in ("step", *required):
+                if k not in saved_state:
+                    raise ValueError(f"state of parameter {key!r} lacks {k!r}")
+            new_state[p] = self._convert_loaded_state(key, p, saved_state, group_of[id(p)])
+        for group in new_groups:
+            for slot in alg.slots:
+                if slot.option is None or not group.get(slot.option):
+                    continue
+                for p in group["params"]:
+                    if p in new_state and slot.name not in new_state[p]:
+                        raise ValueError(
+                            f"the state dict enables {slot.option} but has no {slot.name!r} for a parameter"
+                        )
+
+        # Everything checked: commit.
+        self._plans, self._checked = {}, {}  # the kernel's tables point at the old state
+        self.state = defaultdict(dict, new_state)
+        self.param_groups = new_groups
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _required_group_keys(self) -> tuple[str, ...]:
+        return ("lr", "betas", "weight_decay")
+
+    def _loaded_group(self, group: dict) -> None:
+        """Adjust a loaded group to this optimizer (e.g. AdamW's decoupled decay); algorithms override."""
+
+    def _convert_loaded_state(self, key, p: torch.Tensor, saved: dict, group: dict) -> dict:
+        """Check one parameter's saved state and convert it to this optimizer's formats.
+
+        Same format: tensors are copied bit for bit (resuming is bit-identical). Another format:
+        slots are decoded to fp32 and encoded again; Kahan/master buffers are derived from each
+        other (comp = master - round(master)) where one is saved and the other wanted."""
+
+        def bad(msg: str) -> ValueError:
+            return ValueError(f"state of parameter {key!r}: {msg}")
+
+        fmt = self._formats(group, p)
+        n = native.local(p).numel()
+        out: dict[str, torch.Tensor] = {}
+        step = saved["step"]
+        if not isinstance(step, torch.Tensor):
+            step = torch.tensor(float(step))
+        if step.numel() != 1:
+            raise bad("'step' must be a scalar")
+        out["step"] = step.detach().to(device="cpu", dtype=torch.float32).reshape(()).clone()
+        shape = saved.get("param_shape")  # 8-bit state dicts of this version have it
+        if shape is not None and [int(x) for x in shape] != list(p.shape):
+            raise bad(
+                f"its 8-bit state belongs to a parameter of shape {tuple(int(x) for x in shape)}, "
+                f"not {tuple(p.shape)}; the state dict belongs to another model"
+            )
+        for slot in self.algorithm.slots:
+            name = slot.name
+            if name not in saved:
+                continue
+            v = saved[name]
+            scale = saved.get(name + "_scale")
+            if scale is not None:  # 8-bit codes + block scales
+                if v.dtype != torch.uint8 or tuple(v.shape) != (quant8.padded(n),):
+                    raise bad(
+                        f"{name!r} holds 8-bit codes of shape {tuple(v.shape)}, expected "
+                        f"({quant8.padded(n)},) uint8 for a parameter of {n} elements"
+                    )
+                if tuple(scale.shape) != (quant8.blocks(n),):
+                    raise bad(
+                        f"{name + '_scale'!r} has shape {tuple(scale.shape)}, expected ({quant8.blocks(n)},)"
+                    )
+                if fmt.state == "8bit":
+                    out[name] = v.detach().to(p.device, copy=True)
+                    out[name + "_scale"] = scale.detach().to(p.device, dtype=torch.float32, copy=True)
+                    continue
+                value = quant8.decode(
+                    slot.signed, v.to(p.device), scale.to(p.device), native.local(p).shape, torch.float32
+                )
+            else:
+                if v.shape != p.shape:
+                    raise bad(
+                        f"{name!r} has shape {tuple(v.shape)} but its parameter has shape "
+                        f"{tuple(p.shape)}; the state dict belongs to another model"
+                    )
+                if not v.is_floating_point():
+                    raise TypeError(f"state[{key!r}][{name!r}] must be floating point, got {v.dtype}")
+                value = v.detach().to(p.device)
+            if fmt.state == "8bit":
+                codes, out[name + "_scale"] = quant8.encode(slot.signed, native.local(value).float())
+                out[name] = codes.view(-1)
+            else:
+                out[name] = value.to(state_dtype(fmt.state), copy=True)
+        comp, master = saved.get("kahan_comp"), saved.get("master_weight")
+        for name, t in (("kahan_comp", comp), ("master_weight", master)):
+            if t is not None and t.shape != p.shape:
+                raise bad(f"{name!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+        if fmt.param == "kahan":
+            if comp is not None:
+                out["kahan_comp"] = comp.detach().to(p.device, p.dtype, copy=True)
+            elif master is not None:  # the fp32 value's rounding remainder: nothing is lost
+                out["kahan_comp"] = (master.to(p.device, torch.float32) - p.detach().float()).to(p.dtype)
+        elif fmt.param == "master":
+            if master is not None:
+                out["master_weight"] = master.detach().to(p.device, torch.float32, copy=True)
+            elif comp is not None:
+                out["master_weight"] = p.detach().float() + comp.to(p.device).float()
+        elif comp is not None or master is not None:
+            raise bad(
+                f"it has {'kahan_comp' if comp is not None else 'master_weight'}, but this optimizer "
+                f"keeps the parameter as {fmt.param!r} ({p.dtype}); build it with the same "
+                "kahan_sum/master_weights options, or use load_full_precision_params()"
+            )
+        return out

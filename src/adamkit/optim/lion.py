@@ -1,0 +1,135 @@
+r"""Lion: evolved sign momentum (Chen et al., "Symbolic Discovery of Optimization Algorithms",
+NeurIPS 2023, arXiv 2302.06675).
+
+.. math::
+   \begin{aligned}
+     &c_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t \\
+     &\theta_t = \theta_{t-1}(1 - \gamma\lambda) - \gamma\,\mathrm{sign}(c_t) \\
+     &m_t = \beta_2 m_{t-1} + (1 - \beta_2) g_t
+   \end{aligned}
+
+One state slot (m: 4 B/param in fp32, half of Adam's). Every update has magnitude ``lr`` per
+element, so Lion wants a learning rate 3-10x smaller than AdamW's and a weight decay 3-10x larger
+(the product lr * wd sets the decay per step), as the paper advises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import torch
+
+from .algorithm import Algorithm, Flags, Slot
+from .base import Optimizer, check_betas, check_nonneg
+
+
+class Scalars(NamedTuple):
+    """Per-step scalars; the native kernel takes them in this order (kernel.c, L_*)."""
+
+    grad_sign: Any  # -1 when maximizing
+    decay: Any  # 1 - lr * wd
+    lr: Any
+    beta1: Any
+    one_minus_beta1: Any
+    beta2: Any
+    one_minus_beta2: Any
+
+
+def check(group: dict) -> dict:
+    lr = check_nonneg("lr", group["lr"])
+    wd = check_nonneg("weight_decay", group["weight_decay"])
+    b1, b2 = check_betas(group["betas"])
+    return dict(lr=lr, weight_decay=wd, beta1=b1, beta2=b2, wd_mode="decoupled" if wd else "none")
+
+
+def flags(group: dict, hp: dict) -> Flags:
+    return Flags(hp["wd_mode"], False, group["maximize"], group["skip_nonfinite"])
+
+
+def scalars(hp: dict, step: float, f: Flags) -> Scalars:
+    lr, b1, b2 = hp["lr"], hp["beta1"], hp["beta2"]
+    return Scalars(-1.0 if f.maximize else 1.0, 1.0 - lr * hp["weight_decay"], lr, b1, 1.0 - b1, b2, 1.0 - b2)
+
+
+def lion_update(p, g, slots: list, s: Scalars, f: Flags):
+    """One Lion step on compute-dtype values. Returns (p, [m])."""
+    m = slots[0]
+    c = m * s.beta1 + g * s.one_minus_beta1  # the interpolation whose sign is the update
+    if f.wd_mode in ("decoupled", "runtime"):
+        p = p * s.decay
+    p = p - c.sign() * s.lr
+    m = m * s.beta2 + g * s.one_minus_beta2
+    return p, [m]
+
+
+LION = Algorithm(
+    name="Lion",
+    slots=(Slot("exp_avg", signed=True),),  # m: 4 B/param fp32, 2 bf16, 1 + 4/256 8-bit
+    check=check,
+    flags=flags,
+    scalars=scalars,
+    update=lion_update,
+    scalar_type=Scalars,
+    native=1,  # ALG_LION in kernel.c
+)
+
+
+class Lion(Optimizer):
+    r"""Lion (see the module docstring for the update).
+
+    Args:
+        params: parameters or parameter groups (dicts).
+        lr: learning rate :math:`\gamma`. Default 1e-4 (Lion's updates are signs: use 3-10x less
+            than AdamW's lr).
+        betas: :math:`(\beta_1, \beta_2)`: the interpolation whose sign is the update, and the
+            momentum's decay. Default (0.9, 0.99).
+        weight_decay: :math:`\lambda`, decoupled: :math:`\theta \leftarrow \theta(1-\gamma\lambda)`.
+            Default 0.
+        maximize, kahan_sum, stochastic_rounding, master_weights, state_format, min_8bit_size,
+        skip_nonfinite, backend, foreach, fused: as for :class:`adamkit.AdamW`.
+
+    State per parameter: ``step`` and ``exp_avg`` m (4 B/param fp32, 2 bf16, ~1 8-bit).
+
+    Example:
+        >>> opt = adamkit.Lion(model.parameters(), lr=1e-4, weight_decay=0.1)
+    """
+
+    algorithm = LION
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | torch.Tensor = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        kahan_sum: bool | None = None,
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
+        state_format: str | None = None,
+        min_8bit_size: int = 4096,
+        skip_nonfinite: bool = False,
+        backend: str = "auto",
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ):
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=betas,
+                weight_decay=weight_decay,
+                maximize=maximize,
+                kahan_sum=kahan_sum,
+                stochastic_rounding=stochastic_rounding,
+                master_weights=master_weights,
+                state_format=state_format,
+                min_8bit_size=min_8bit_size,
+                skip_nonfinite=skip_nonfinite,
+                backend=backend,
+                foreach=foreach,
+                fused=fused,
+            ),
+        )
