@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import adamkit
-from adamkit import cli
-from adamkit.plan import (
+from adamkit.tools import cli
+from adamkit.tools.plan import (
     ModelSpec,
     Recipe,
     TensorSpec,

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from adamkit import cli, race, tasks
+from adamkit.tools import cli, race, tasks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

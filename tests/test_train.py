@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from adamkit import cli, tasks
-from adamkit.train import TrainConfig, fit, state_bytes, train, warmup_cosine
+from adamkit.tools import cli, tasks
+from adamkit.tools.train import TrainConfig, fit, state_bytes, train, warmup_cosine
 
 TINY = tasks.GPTConfig(context=32, d_model=32, n_layers=1, n_heads=2)
 TINY_FLAGS = ["--d-model", "32", "--layers", "1", "--heads", "2", "--context", "32", "--batch-size", "16"]

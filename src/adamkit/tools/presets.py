@@ -1,6 +1,6 @@
 """Built-in model shapes for the memory planner, written as Hugging Face ``config.json`` dictionaries.
 
-Presets go through the same reader as a user's ``config.json`` (``adamkit.plan.model_from_config``),
+Presets go through the same reader as a user's ``config.json`` (``adamkit.tools.plan.model_from_config``),
 so a preset is nothing but the published configuration's shape keys. The parameter count each
 gives is pinned in the tests against the published figure.
 """

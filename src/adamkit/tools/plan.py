@@ -50,7 +50,7 @@ References:
     ICLR 2020.
 
 Example:
-    >>> from adamkit.plan import plan
+    >>> from adamkit.tools.plan import plan
     >>> p = plan("llama-3-70b", ["mixed-bf16", "bf16-kahan-8bit"], zero_stage=3, devices=8,
     ...          device_memory=80)
     >>> print(p.table())
@@ -69,7 +69,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from ._presets import PRESETS
+from .presets import PRESETS
 
 GB = 1e9  # decimal gigabytes, as device vendors and the published tables count
 
@@ -313,7 +313,7 @@ def model_from_config_dict(cfg: dict, name: str = "config") -> ModelSpec:
 
 
 def model_from_preset(name: str) -> ModelSpec:
-    """A built-in model shape: one of :data:`adamkit._presets.PRESETS`."""
+    """A built-in model shape: one of :data:`adamkit.tools.presets.PRESETS`."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return model_from_config_dict(PRESETS[name], name)

@@ -12,10 +12,10 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
-    "train": ("adamkit.train", "train a small character-level GPT on CPython's bundled docs"),
-    "plan": ("adamkit.plan", "plan training memory: params, grads, optimizer state, per device"),
-    "bench": ("adamkit.bench", "benchmark optimizer steps against torch (and peers if installed)"),
-    "race": ("adamkit.race", "race optimizer/precision recipes on one task; PNG, table, JSON"),
+    "train": ("adamkit.tools.train", "train a small character-level GPT on CPython's bundled docs"),
+    "plan": ("adamkit.tools.plan", "plan training memory: params, grads, optimizer state, per device"),
+    "bench": ("adamkit.tools.bench", "benchmark optimizer steps against torch (and peers if installed)"),
+    "race": ("adamkit.tools.race", "race optimizer/precision recipes on one task; PNG, table, JSON"),
 }
 
 

@@ -200,10 +200,10 @@ def fit(
 ) -> TrainResult:
     """Train ``task``'s model from the initialisation of ``seed`` with one optimizer recipe.
 
-    ``task`` is a :class:`~adamkit.tasks.CharTask`, :class:`~adamkit.tasks.DigitsTask` or any
+    ``task`` is a :class:`~adamkit.tools.tasks.CharTask`, :class:`~adamkit.tools.tasks.DigitsTask` or any
     object with ``name``, ``build_model(seed)``, ``sampler(seed)``, ``val_batches()`` and
     ``loss(model, batch)``. The lr follows :func:`warmup_cosine`; ``lr=None`` takes the optimizer's
-    default from :data:`~adamkit.tasks.OPTIMIZERS`. The validation loss is measured before training
+    default from :data:`~adamkit.tools.tasks.OPTIMIZERS`. The validation loss is measured before training
     and at ``evals`` evenly spaced steps (the last one included). A non-finite training loss stops
     the run; the result then says where (``diverged_at``) and holds what was measured until then.
     """
