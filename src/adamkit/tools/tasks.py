@@ -392,17 +392,6 @@ def cast_model(model: nn.Module, precision: str) -> nn.Module:
     return model.to(PRECISIONS[precision].dtype)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: matrices/embeddings decay, biases and norm gains (1-D) do not."""
-    params = list(model.parameters())  # shared (tied) parameters appear once
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if rest:
-        groups.append({"params": rest, "weight_decay": 0.0})
-    return groups
-
-
 def optimizer_kwargs(optimizer: str, precision: str = "fp32", state: str = "default") -> dict[str, Any]:
     """The keyword arguments a (optimizer, precision, state) recipe passes beyond lr and decay."""
     for name, table, what in (
@@ -440,7 +429,7 @@ def build_optimizer(
     lr = spec.lr if lr is None else lr
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr}")
-    groups = param_groups(model, spec.weight_decay)
+    groups = adamkit.param_groups_weight_decay(model, spec.weight_decay)
     extra = {**PRECISIONS[precision].kwargs, **STATES[state]}
     try:
         return spec.factory(groups, lr=lr, **kwargs)

@@ -285,7 +285,9 @@ class TrainConfig:
     threads: int | None = None  # torch.set_num_threads for the run; None leaves torch's default
     evals: int = 10
     progress: bool = True
-    clip: float | None = None
+    # Gradient-norm clipping at 1.0 (as nanoGPT): without it, at lr 3e-3 one seed in three had a
+    # loss spike (seed 1: validation 1.86 against 1.47 with clipping).
+    clip: float | None = 1.0
 
 
 def train(config: TrainConfig | None = None) -> TrainResult:
@@ -384,7 +386,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--context", type=positive_int, default=m.context, help="characters (default: %(default)s)"
     )
-    parser.add_argument("--clip", type=float, default=None, help="clip the gradient norm")
+    parser.add_argument(
+        "--clip",
+        type=float,
+        default=d.clip,
+        help="clip the gradient's global norm to this before each step; 0: no clipping (default: %(default)s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -403,7 +410,7 @@ def run(args: argparse.Namespace) -> int:
             ),
             threads=args.threads,
             progress=not args.no_progress,
-            clip=args.clip,
+            clip=args.clip or None,
         )
         tasks.optimizer_kwargs(config.optimizer, config.precision, config.state)  # fail before building
     except ValueError as err:
