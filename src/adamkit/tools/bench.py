@@ -368,7 +368,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", default="bench.json", help="where to write the JSON results")
     parser.add_argument(
-        "--compile-overhead", action="store_true", help="also time the fused kernel's cold and warm first step"
+        "--compile-overhead",
+        action="store_true",
+        help="also time the fused kernel's cold and warm first step",
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import textwrap
 from dataclasses import dataclass
 
 
@@ -30,7 +31,7 @@ COMMANDS = {
         (
             "adamkit train",
             "adamkit train --precision bf16-kahan --state 8bit --seed 1",
-            "adamkit train --steps 300 --save run.pt && adamkit train --steps 600 --resume run.pt",
+            "adamkit train --save run.pt --stop-after 300 && adamkit train --resume run.pt --save run.pt",
             "adamkit train --sample 300",
         ),
     ),
@@ -41,7 +42,7 @@ COMMANDS = {
         "8-bit scales and (optionally) activations, per device under ZeRO 0-3. Nothing is allocated.",
         (
             "adamkit plan --params 7e9",
-            "adamkit plan --preset llama-3-8b --compare mixed-bf16,bf16-kahan,bf16-sr-8bit --device-memory 80",
+            "adamkit plan --preset llama-3-8b --compare mixed-bf16,bf16-sr-8bit --device-memory 80",
             "adamkit plan --config path/to/config.json --zero 3 --devices 8",
             "adamkit plan --module mymodel:build   # mymodel.py in the current directory",
         ),
@@ -107,7 +108,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         p = sub.add_parser(
             name,
             help=cmd.summary,
-            description=cmd.about,
+            description=textwrap.fill(cmd.about, 100),
             epilog="examples:\n" + "\n".join(f"  {e}" for e in cmd.examples),
             formatter_class=HelpFormatter,
         )

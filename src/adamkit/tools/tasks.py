@@ -207,6 +207,36 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
+@torch.no_grad()
+def generate(
+    model: GPT, corpus: CharCorpus, prompt: str, n: int, temperature: float = 0.8, seed: int = 0
+) -> str:
+    """``n`` characters sampled after ``prompt`` (softmax at ``temperature``, a seeded generator).
+
+    Raises:
+        ValueError: if the prompt has a character the corpus does not (the model has no code for it).
+    """
+    unknown = sorted(set(prompt) - set(corpus.chars))
+    if unknown or not prompt:
+        raise ValueError(
+            f"the prompt must be non-empty text of the corpus's characters; not in it: {unknown}"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    codes = corpus.encode(prompt)[None]
+    try:
+        for _ in range(n):
+            logits = model(codes[:, -model.cfg.context :])[0, -1].float()
+            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)
+            codes = torch.cat([codes, nxt[None]], dim=1)
+    finally:
+        model.train(was_training)
+    return corpus.decode(codes[0, len(prompt) :])
+
+
 # --------------------------------------------------------------------------------------------------
 # Tasks: a model, a training sampler, a fixed validation set and a loss
 # --------------------------------------------------------------------------------------------------
