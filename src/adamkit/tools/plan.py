@@ -1356,13 +1356,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     rec.add_argument("--compare", metavar="SPEC,SPEC,...", help="several recipes side by side")
     rec.add_argument(
-        "--optimizer", choices=list(OPTIMIZERS), default="adamw", help="default optimizer (adamw)"
+        "--optimizer", choices=list(OPTIMIZERS), default="adamw", help="the optimizer of recipes that name none (default: %(default)s)"
     )
     rec.add_argument(
         "--state-format",
         choices=["auto", "param", "fp32", "bf16", "8bit"],
         default="auto",
-        help="default optimizer state storage; auto: fp32 with master weights, else the param dtype",
+        help="state storage of recipes that name none; auto: fp32 with master weights, else the "
+        "parameters' dtype (default: %(default)s)",
     )
     rec.add_argument("--amsgrad", action="store_true", help="Adam/AdamW keep max_v")
     rec.add_argument("--grad-accum", action="store_true", help="an fp32 gradient-accumulation buffer")
@@ -1376,7 +1377,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dev.add_argument("--device-memory", type=float, metavar="GB", help="memory per device: fits yes/no")
     dev.add_argument("--batch-size", type=int, help="micro-batch per device, for activations")
     dev.add_argument("--seq-len", type=int, help="sequence length, for activations")
-    dev.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
+    dev.add_argument(
+        "--recompute",
+        choices=["none", "selective", "full"],
+        default="none",
+        help="activation recomputation: selective drops the attention scores, full keeps layer inputs",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

@@ -493,7 +493,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lr", type=positive_float, default=None, help=f"peak learning rate (default: {lrs})"
     )
     parser.add_argument(
-        "--batch-size", type=positive_int, default=d.batch_size, help="windows per step (default: %(default)s)"
+        "--batch-size",
+        type=positive_int,
+        default=d.batch_size,
+        help="windows per step (default: %(default)s)",
     )
     parser.add_argument(
         "--precision",
