@@ -422,13 +422,16 @@ def plot(result: RaceResult | dict[str, Any], path: str | Path | None = None) ->
         diff.axhline(0, color="black", lw=0.8)
         diff.set(
             xlabel="step",
-            ylabel=f"val loss minus {ref}'s (nats; log scale beyond ±0.05)",
+            ylabel=f"minus {ref}'s val loss (nats)",
             title=f"relative to fp32 AdamW ({ref}): below 0 is better",
         )
         # Early steps differ by tenths, the end by hundredths: a symmetric log scale shows both.
         diff.set_yscale("symlog", linthresh=0.05, linscale=1.5)
         ticks = [-0.5, -0.2, -0.1, -0.05, -0.025, 0, 0.025, 0.05, 0.1, 0.2, 0.5]
         diff.set_yticks(ticks, [f"{t:+g}" if t else "0" for t in ticks])
+        diff.text(
+            0.99, 0.01, "linear within ±0.05, log beyond", transform=diff.transAxes, ha="right", fontsize=8
+        )
     for ax in (curves, diff):
         ax.grid(alpha=0.3)
 
