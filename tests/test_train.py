@@ -200,7 +200,7 @@ def test_other_optimizers_run(optimizer, state_bytes):
 
 
 def test_divergence_is_reported():
-    result = tiny_train(optimizer="sgd", lr=1e6, steps=20)
+    result = tiny_train(optimizer="sgd", lr=1e6, steps=20, clip=None)  # clipping would tame it
     assert result.diverged_at is not None and result.diverged_at <= 20
     assert math.isnan(result.val_loss)
 

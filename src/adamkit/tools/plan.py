@@ -1356,7 +1356,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     rec.add_argument("--compare", metavar="SPEC,SPEC,...", help="several recipes side by side")
     rec.add_argument(
-        "--optimizer", choices=list(OPTIMIZERS), default="adamw", help="the optimizer of recipes that name none (default: %(default)s)"
+        "--optimizer",
+        choices=list(OPTIMIZERS),
+        default="adamw",
+        help="the optimizer of recipes that name none (default: %(default)s)",
     )
     rec.add_argument(
         "--state-format",
