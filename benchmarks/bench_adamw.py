@@ -6,7 +6,7 @@ python benchmarks/bench_adamw.py --threads 2 --compile-overhead
 import sys
 from pathlib import Path
 
-from adamkit.cli import main
+from adamkit.tools.cli import main
 
 if __name__ == "__main__":
     out = Path(__file__).parent / "results" / "bench.json"

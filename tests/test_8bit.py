@@ -258,7 +258,7 @@ def test_mismatched_8bit_state_rejected_unchanged():
 
 def test_state_bytes_per_param_on_the_benchmark_model():
     """The transformer of the benchmark (200 tensors; norms and biases stay fp32), scaled down."""
-    from adamkit.bench import transformer_shapes
+    from adamkit.tools.bench import transformer_shapes
 
     shapes = transformer_shapes(d=128, layers=4, vocab=512, ctx=256)
     ps = [torch.randn(s, requires_grad=True) for s in shapes]

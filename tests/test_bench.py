@@ -2,7 +2,7 @@
 
 import json
 
-from adamkit import bench, cli
+from adamkit.tools import bench, cli
 
 
 def test_bench_cli_writes_json(tmp_path, capsys):

@@ -209,7 +209,7 @@ def assert_sr(actual, exact, what, where=None, stats=None, key=None):
     count_far(stats, key, _bits(a) == _bits(hi), t, inexact)
 
 
-# The 8-bit format (documented in adamkit._quant): blocks of 256 with scale a, the block's largest
+# The 8-bit format (documented in adamkit.storage.quant8): blocks of 256 with scale a, the block's largest
 # finite magnitude; m stored as c + 128 with x = a c|c| / 127^2, v as c with x = a (c / 254)^4;
 # non-finite values as a marker (m: 0, v: 255) that decodes to nan.
 Q8 = {"exp_avg": (2, 127), "exp_avg_sq": (4, 254), "max_exp_avg_sq": (4, 254)}

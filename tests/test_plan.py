@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
 from torch import nn
 
 import adamkit
-from adamkit import cli
-from adamkit.plan import (
+from adamkit.tools import cli
+from adamkit.tools.plan import (
     ModelSpec,
     Recipe,
     TensorSpec,
@@ -124,6 +125,12 @@ def test_zero_shards_components_by_stage():
         ("llama-3-8b", 8_030_261_248),
         ("llama-3-70b", 70_553_706_496),
         ("mistral-7b", 7_241_732_096),
+        ("bert-base-uncased", 109_482_240),
+        ("bert-large-uncased", 335_141_888),
+        ("roberta-base", 124_645_632),
+        ("t5-small", 60_506_624),
+        ("t5-base", 222_903_552),
+        ("flan-t5-base", 247_577_856),
     ],
 )
 def test_preset_parameter_counts(name, count):
@@ -197,9 +204,98 @@ def test_config_json_grouped_query_attention_and_tying(tmp_path):
     assert model_from_config(path).n_params == untied + 2 * (64 + 32 + 32 + 64)
 
 
+# The shape keys of the published config.json files (other keys omitted); counts as the real
+# models report them (BertModel with its pooler, T5ForConditionalGeneration, DistilBertModel).
+BERT_BASE_UNCASED_CONFIG = {
+    "architectures": ["BertForMaskedLM"],
+    "model_type": "bert",
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 512,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "type_vocab_size": 2,
+    "vocab_size": 30522,
+}
+T5_SMALL_CONFIG = {
+    "model_type": "t5",
+    "d_ff": 2048,
+    "d_kv": 64,
+    "d_model": 512,
+    "feed_forward_proj": "relu",
+    "num_decoder_layers": 6,
+    "num_heads": 8,
+    "num_layers": 6,
+    "relative_attention_num_buckets": 32,
+    "vocab_size": 32128,
+}
+FLAN_T5_SMALL_CONFIG = {
+    "model_type": "t5",
+    "d_ff": 1024,
+    "d_kv": 64,
+    "d_model": 512,
+    "feed_forward_proj": "gated-gelu",
+    "num_decoder_layers": 8,
+    "num_heads": 6,
+    "num_layers": 8,
+    "relative_attention_num_buckets": 32,
+    "tie_word_embeddings": False,
+    "vocab_size": 32128,
+}
+DISTILBERT_BASE_UNCASED_CONFIG = {
+    "model_type": "distilbert",
+    "dim": 768,
+    "hidden_dim": 3072,
+    "max_position_embeddings": 512,
+    "n_heads": 12,
+    "n_layers": 6,
+    "vocab_size": 30522,
+}
+
+
+@pytest.mark.parametrize(
+    "cfg, count",
+    [
+        (BERT_BASE_UNCASED_CONFIG, 109_482_240),
+        (T5_SMALL_CONFIG, 60_506_624),  # tied head, relative-position tables in both stacks
+        (FLAN_T5_SMALL_CONFIG, 76_961_152),  # gated MLP, untied head, 8+8 layers of 6 heads (384 inner)
+        (DISTILBERT_BASE_UNCASED_CONFIG, 66_362_880),
+    ],
+)
+def test_config_json_encoders_and_encoder_decoders(tmp_path, cfg, count):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    m = model_from_config(path)
+    assert m.n_params == count and m.hidden_size and m.num_layers and m.num_heads
+    # without model_type the reader goes by the keys
+    path.write_text(json.dumps({k: v for k, v in cfg.items() if k != "model_type"}))
+    if "n_layers" not in cfg:  # DistilBERT's keys say nothing unique
+        assert model_from_config(path).n_params == count
+
+
+def test_cli_config_bert(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(BERT_BASE_UNCASED_CONFIG))
+    assert cli.main(["plan", "--config", str(tmp_path), "--recipe", "fp32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"]["trainable"] == 109_482_240
+
+
+def test_cli_module_from_the_current_directory(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mymodel_cwd.py").write_text(
+        "import torch\ndef build():\n    return torch.nn.Linear(10, 3)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert cli.main(["plan", "--module", "mymodel_cwd:build", "--recipe", "fp32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["trainable"] == 33
+    assert str(tmp_path) not in sys.path  # put back
+    assert cli.main(["plan", "--module", "no_such_module_here:build"]) == 2
+    assert "current directory" in capsys.readouterr().err
+
+
 def test_config_json_unknown_model_type(tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({"model_type": "t5", "d_model": 512}))
+    path.write_text(json.dumps({"model_type": "whisper", "d_model": 512}))
     with pytest.raises(ValueError, match="module"):
         model_from_config(path)
     with pytest.raises(ValueError, match="no config.json"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import adamkit
-from adamkit.plan import adamkit_state_bytes
+from adamkit.tools.plan import adamkit_state_bytes
 from conftest import BACKENDS
 
 LR, WD = 1e-3, 1e-2

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from adamkit import cli, race, tasks
+from adamkit.tools import cli, race, tasks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -178,3 +178,81 @@ def test_a_failing_recipe_does_not_stop_the_race(monkeypatch, tmp_path):
     assert notes == [f"broken failed: {result.failed['broken']}"]
     assert "failed broken" in race.markdown(result)
     assert race.to_json(result)["failed"] == result.failed
+
+
+# ------------------------------------------------------------------------------------------------
+# The picture and the command's checks (no training: a race's JSON written by hand)
+# ------------------------------------------------------------------------------------------------
+
+
+def _run(curve, ms, state_bpp, rss_mib):
+    return {
+        "curve": [{"step": s, "wall_s": 0.1 * s, "val_loss": v} for s, v in curve],
+        "val_loss": curve[-1][1],
+        "ms_per_step": ms,
+        "state_bytes_per_param": state_bpp,
+        "peak_rss_bytes": None if rss_mib is None else int(rss_mib * 2**20),
+    }
+
+
+RACE_JSON = {
+    "description": "hand-written",
+    "steps": 20,
+    "seed": 0,
+    "threads": 1,
+    "recipes": {
+        "sgd-momentum": _run([(0, 4.0), (10, 3.0), (20, 2.6)], 10.0, 4.0, 50),
+        "adamkit-adamw": _run([(0, 4.0), (10, 2.5), (20, 2.0)], 12.0, 8.0, 60),
+        "8bit-state": _run([(0, 4.0), (10, 2.6), (20, 1.95)], 13.0, 2.08, None),
+    },
+}
+
+
+def test_relative_curves_subtract_fp32_adamw():
+    rel = race.relative_curves(RACE_JSON)
+    assert rel["adamkit-adamw"] == [(10, 0.0), (20, 0.0)]
+    assert rel["8bit-state"] == [(10, pytest.approx(0.1)), (20, pytest.approx(-0.05))]
+    without = {**RACE_JSON, "recipes": {"sgd-momentum": RACE_JSON["recipes"]["sgd-momentum"]}}
+    assert race.relative_curves(without) == {}
+
+
+def test_picture_shows_the_difference_memory_loss_and_time():
+    pytest.importorskip("matplotlib")
+    fig = race.plot(RACE_JSON)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert any("relative to fp32 AdamW" in t for t in titles)
+    for panel, values in [
+        ("optimizer state, bytes/param", [2.08, 8.0, 4.0]),  # the last recipe is the lowest bar
+        ("peak RSS growth (MiB)", [0.0, 60.0, 50.0]),
+        ("ms per training step (median)", [13.0, 12.0, 10.0]),
+    ]:
+        (ax,) = [a for a in fig.axes if a.get_title() == panel]
+        by_y = sorted(ax.patches, key=lambda b: b.get_y())  # lowest bar first: the last recipe
+        assert [round(b.get_width(), 2) for b in by_y] == values, panel
+    assert "n/a" in [t.get_text().strip() for a in fig.axes for t in a.texts]  # unknown RSS is said
+
+
+def test_cli_replot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "race.json").write_text(json.dumps(RACE_JSON))
+    assert cli.main(["race", "--replot", str(tmp_path)]) == 0
+    assert (tmp_path / "race.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["race", "--replot", str(tmp_path / "nowhere")]) == 2
+    assert "no race.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, missing, message",
+    [
+        (["--task", "digits", "--no-plot"], "sklearn", "pip install 'adamkit[digits]'"),
+        (["--quick"], "matplotlib", "pip install 'adamkit[plot]'"),
+    ],
+)
+def test_cli_checks_optional_dependencies_before_any_work(monkeypatch, capsys, args, missing, message):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == missing else real(n, *a))
+    assert cli.main(["race", *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and message in err  # nothing ran, not even the plan

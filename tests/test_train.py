@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from adamkit import cli, tasks
-from adamkit.train import TrainConfig, fit, state_bytes, train, warmup_cosine
+from adamkit.tools import cli, tasks
+from adamkit.tools.train import TrainConfig, fit, state_bytes, train, warmup_cosine
 
 TINY = tasks.GPTConfig(context=32, d_model=32, n_layers=1, n_heads=2)
 TINY_FLAGS = ["--d-model", "32", "--layers", "1", "--heads", "2", "--context", "32", "--batch-size", "16"]
@@ -18,9 +18,9 @@ TINY_FLAGS = ["--d-model", "32", "--layers", "1", "--heads", "2", "--context", "
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_train(**overrides) -> object:
+def tiny_train(save_to=None, stop_after=None, **overrides) -> object:
     config = dict(steps=30, model=TINY, batch_size=16, evals=3, progress=False)
-    return train(TrainConfig(**{**config, **overrides}))
+    return train(TrainConfig(**{**config, **overrides}), save=save_to, stop_after=stop_after)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def test_other_optimizers_run(optimizer, state_bytes):
 
 
 def test_divergence_is_reported():
-    result = tiny_train(optimizer="sgd", lr=1e6, steps=20)
+    result = tiny_train(optimizer="sgd", lr=1e6, steps=20, clip=None)  # clipping would tame it
     assert result.diverged_at is not None and result.diverged_at <= 20
     assert math.isnan(result.val_loss)
 
@@ -280,3 +280,62 @@ def test_cli_bad_combinations(capsys, args, message):
 def test_bf16_recipes_learn(precision):
     result = tiny_train(precision=precision, steps=20)
     assert result.val_loss < result.initial_val_loss - 0.3, precision
+
+
+# ------------------------------------------------------------------------------------------------
+# Clipping, checkpoints, samples
+# ------------------------------------------------------------------------------------------------
+
+
+def test_gradient_clipping_is_on_by_default(monkeypatch):
+    calls = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, c: calls.append(c) or real(ps, c))
+    tiny_train(steps=3)
+    assert calls == [1.0, 1.0, 1.0]
+    calls.clear()
+    tiny_train(steps=3, clip=None)
+    assert calls == []
+
+
+@pytest.mark.parametrize("recipe", [{}, {"precision": "bf16-sr", "state": "8bit"}])
+def test_resume_continues_bit_for_bit(tmp_path, recipe):
+    straight = tiny_train(steps=8, evals=4, **recipe)
+    path = tmp_path / "run.pt"
+    first = tiny_train(steps=8, evals=4, **recipe, save_to=path, stop_after=3)
+    assert len(first.train_losses) == 3 and not first.finished
+    resumed = train(TrainConfig(progress=False), resume=path)
+    assert resumed.finished and resumed.train_losses == straight.train_losses
+    assert [p.val_loss for p in resumed.curve] == [p.val_loss for p in straight.curve]
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_cli_save_resume_and_sample(tmp_path, capsys):
+    path = str(tmp_path / "run.pt")
+    base = ["train", "--steps", "6", "--no-progress", "--threads", "1", *TINY_FLAGS]
+    assert cli.main([*base, "--state", "bf16", "--save", path, "--stop-after", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "--state bf16" in out and "--precision fp32" in out and "clipped to 1" in out  # the header
+    assert "stopped after step 2 of 6; resume with --resume" in out
+    # the saved run's settings are taken; a conflicting one is refused, with what to drop
+    assert cli.main(["train", "--resume", path, "--state", "8bit"]) == 2
+    assert "drop --state" in capsys.readouterr().err
+    argv = ["train", "--resume", path, "--no-progress", "--sample", "40", "--prompt", "def "]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "--state bf16" in out and "at step 6" in out
+    sample = out.split("sample (temperature 0.8):\n")[1].rstrip("\n")
+    assert sample.startswith("def ") and len(sample) == 44
+    assert cli.main(["train", "--resume", str(tmp_path / "missing.pt")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_generate_is_seeded_and_checks_the_prompt():
+    corpus = tasks.char_corpus()
+    model = tasks.GPT(TINY)
+    a = tasks.generate(model, corpus, "The ", 50, seed=1)
+    assert len(a) == 50 and a == tasks.generate(model, corpus, "The ", 50, seed=1)
+    assert a != tasks.generate(model, corpus, "The ", 50, seed=2)
+    with pytest.raises(ValueError, match="not in it"):
+        tasks.generate(model, corpus, "\u2603", 5)

@@ -199,7 +199,7 @@ def load():
 @functools.cache
 def openmp_parallel() -> int | None:
     """The address of ``GOMP_parallel`` in the OpenMP runtime torch's own parallel operations use,
-    so that the kernel runs on torch's thread pool (see _kernel.c); None where torch does not
+    so that the kernel runs on torch's thread pool (see kernel.c); None where torch does not
     parallelize with OpenMP or its runtime is not found (the kernel then starts threads itself)."""
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None

@@ -239,7 +239,7 @@ class Adam(Optimizer):
             bf16/fp16 parameter is its rounded copy, the one the forward pass uses.
         state_format: how m, v (and max v) are stored: ``None`` (the parameter's dtype; fp32 for
             fp16 parameters), ``"fp32"`` (4 B each), ``"bf16"`` (2 B, stochastic rounding),
-            ``"8bit"`` (1 B + a 4 B scale per block of 256; see ``adamkit._quant``).
+            ``"8bit"`` (1 B + a 4 B scale per block of 256; see ``adamkit.storage.quant8``).
         min_8bit_size: tensors with fewer elements keep fp32 moments under ``"8bit"``.
         skip_nonfinite: an element whose gradient is inf/nan keeps its parameter and moments.
         backend: ``"auto"``, ``"reference"`` (per-tensor loop: the spec), ``"foreach"``

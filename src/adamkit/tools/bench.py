@@ -241,6 +241,7 @@ def bench(
     for case in cases or list(CASES):
         shapes = CASES[case](scale)
         n = sum(math.prod(s) for s in shapes)
+        progress(f"{case}: {len(chosen)} implementations, {warmup} warm-up + {repeats} timed rounds ...")
         runners = [_Runner(all_impls[name], shapes) for name in chosen]
         fns = [_timed(fn) for fn, _ in probes] + [r.step for r in runners]
         medians = interleaved_medians(fns, warmup, repeats)
@@ -339,14 +340,38 @@ def format_table(result: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cases", default="a,b,c", help="subset of cases a,b,c")
-    parser.add_argument("--impls", default=None, help="comma-separated implementation names")
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply parameter counts")
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
+    from .train import positive_float, positive_int
+
+    cases = "; ".join(CASES)
+    parser.add_argument("--cases", default="a,b,c", help=f"comma-separated subset of the cases ({cases})")
+    names = "; ".join(implementations())  # peers appear only when installed
+    parser.add_argument(
+        "--impls",
+        default=None,
+        metavar="NAME,NAME,...",
+        help=f"comma-separated implementations (default: all). Installed here: {names}",
+    )
+    parser.add_argument(
+        "--scale",
+        type=positive_float,
+        default=1.0,
+        help="multiply every case's parameter count (0.1 for a quick look)",
+    )
+    parser.add_argument(
+        "--repeats", type=positive_int, default=9, help="timed rounds per implementation; the median is kept"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed rounds first (allocation, kernel builds, caches)"
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
     parser.add_argument("--json", default="bench.json", help="where to write the JSON results")
-    parser.add_argument("--compile-overhead", action="store_true", help="also time cold/warm compile")
+    parser.add_argument(
+        "--compile-overhead",
+        action="store_true",
+        help="also time the fused kernel's cold and warm first step",
+    )
 
 
 def _parse_impls(text: str) -> list[str]:
@@ -368,7 +393,11 @@ def run(args: argparse.Namespace) -> int:
     letters = [c.strip() for c in args.cases.split(",") if c.strip()]
     cases = [next((k for k in CASES if k.startswith(f"{c}:")), c) for c in letters]
     impls = _parse_impls(args.impls) if args.impls else None
-    result = bench(cases, impls, args.scale, args.warmup, args.repeats, args.threads, progress=print)
+    try:
+        result = bench(cases, impls, args.scale, args.warmup, args.repeats, args.threads, progress=print)
+    except ValueError as err:
+        print(f"adamkit bench: error: {err} (see adamkit bench --help)", file=sys.stderr)
+        return 2
     if args.compile_overhead:
         import tempfile
 

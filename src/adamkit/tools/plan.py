@@ -50,7 +50,7 @@ References:
     ICLR 2020.
 
 Example:
-    >>> from adamkit.plan import plan
+    >>> from adamkit.tools.plan import plan
     >>> p = plan("llama-3-70b", ["mixed-bf16", "bf16-kahan-8bit"], zero_stage=3, devices=8,
     ...          device_memory=80)
     >>> print(p.table())
@@ -62,6 +62,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -69,7 +70,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from ._presets import PRESETS
+from .presets import PRESETS
 
 GB = 1e9  # decimal gigabytes, as device vendors and the published tables count
 
@@ -289,31 +290,153 @@ def _llama_tensors(cfg: dict) -> tuple[list[TensorSpec], dict]:
     return t, dict(hidden_size=h, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads)
 
 
+_BERT_LIKE = ("bert", "roberta", "xlm-roberta")
+
+
+def _bert_tensors(cfg: dict) -> tuple[list[TensorSpec], dict]:
+    """BERT / RoBERTa encoders as ``BertModel`` builds them (pooler included, no task head)."""
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads = cfg["num_attention_heads"]
+    t = [
+        TensorSpec("embeddings.word_embeddings.weight", (cfg["vocab_size"], h)),
+        TensorSpec("embeddings.position_embeddings.weight", (cfg.get("max_position_embeddings", 512), h)),
+        TensorSpec("embeddings.token_type_embeddings.weight", (cfg.get("type_vocab_size", 2), h)),
+        TensorSpec("embeddings.LayerNorm.weight", (h,)),
+        TensorSpec("embeddings.LayerNorm.bias", (h,)),
+    ]
+    for i in range(layers):
+        pre = f"encoder.layer.{i}."
+        for name, shape in (
+            ("attention.self.query", (h, h)),
+            ("attention.self.key", (h, h)),
+            ("attention.self.value", (h, h)),
+            ("attention.output.dense", (h, h)),
+            ("attention.output.LayerNorm", (h,)),
+            ("intermediate.dense", (inter, h)),
+            ("output.dense", (h, inter)),
+            ("output.LayerNorm", (h,)),
+        ):
+            t.append(TensorSpec(pre + name + ".weight", shape))
+            t.append(TensorSpec(pre + name + ".bias", (shape[0],)))
+    if cfg.get("add_pooling_layer", True):
+        t += [TensorSpec("pooler.dense.weight", (h, h)), TensorSpec("pooler.dense.bias", (h,))]
+    return t, dict(hidden_size=h, num_layers=layers, num_heads=heads, num_kv_heads=heads)
+
+
+def _distilbert_tensors(cfg: dict) -> tuple[list[TensorSpec], dict]:
+    """DistilBERT (``DistilBertModel``): BERT's layers under other key names; no token types, no pooler."""
+    h, inter, layers, heads = cfg["dim"], cfg["hidden_dim"], cfg["n_layers"], cfg["n_heads"]
+    t = [
+        TensorSpec("embeddings.word_embeddings.weight", (cfg["vocab_size"], h)),
+        TensorSpec("embeddings.position_embeddings.weight", (cfg.get("max_position_embeddings", 512), h)),
+        TensorSpec("embeddings.LayerNorm.weight", (h,)),
+        TensorSpec("embeddings.LayerNorm.bias", (h,)),
+    ]
+    for i in range(layers):
+        pre = f"transformer.layer.{i}."
+        for name, shape in (
+            ("attention.q_lin", (h, h)),
+            ("attention.k_lin", (h, h)),
+            ("attention.v_lin", (h, h)),
+            ("attention.out_lin", (h, h)),
+            ("sa_layer_norm", (h,)),
+            ("ffn.lin1", (inter, h)),
+            ("ffn.lin2", (h, inter)),
+            ("output_layer_norm", (h,)),
+        ):
+            t.append(TensorSpec(pre + name + ".weight", shape))
+            t.append(TensorSpec(pre + name + ".bias", (shape[0],)))
+    return t, dict(hidden_size=h, num_layers=layers, num_heads=heads, num_kv_heads=heads)
+
+
+def _t5_tensors(cfg: dict) -> tuple[list[TensorSpec], dict]:
+    """T5 / mT5 / Flan-T5 encoder-decoders (``T5ForConditionalGeneration``): no biases, weight-only
+    norms, relative position buckets in each stack's first layer, a cross-attention in every decoder
+    layer; ``gated-*`` feed-forwards (T5 v1.1, Flan-T5) have two input matrices. The output head
+    is tied to the shared embedding unless ``tie_word_embeddings`` is false (v1.1, mT5)."""
+    d, d_ff, heads = cfg["d_model"], cfg["d_ff"], cfg["num_heads"]
+    inner = heads * cfg.get("d_kv", d // heads)
+    enc_layers = cfg["num_layers"]
+    dec_layers = cfg.get("num_decoder_layers") or enc_layers
+    buckets = cfg.get("relative_attention_num_buckets", 32)
+    gated = str(cfg.get("feed_forward_proj", "relu")).startswith("gated")
+    wi = ("wi_0", "wi_1") if gated else ("wi",)
+    t = [TensorSpec("shared.weight", (cfg["vocab_size"], d))]
+
+    def attention(pre: str) -> list[TensorSpec]:
+        return [
+            TensorSpec(pre + "q.weight", (inner, d)),
+            TensorSpec(pre + "k.weight", (inner, d)),
+            TensorSpec(pre + "v.weight", (inner, d)),
+            TensorSpec(pre + "o.weight", (d, inner)),
+        ]
+
+    for stack, layers in (("encoder", enc_layers), ("decoder", dec_layers)):
+        for i in range(layers):
+            pre = f"{stack}.block.{i}.layer."
+            t += attention(pre + "0.SelfAttention.")
+            if i == 0:
+                t.append(TensorSpec(pre + "0.SelfAttention.relative_attention_bias.weight", (buckets, heads)))
+            t.append(TensorSpec(pre + "0.layer_norm.weight", (d,)))
+            ff = "1"
+            if stack == "decoder":
+                t += attention(pre + "1.EncDecAttention.")
+                t.append(TensorSpec(pre + "1.layer_norm.weight", (d,)))
+                ff = "2"
+            t += [TensorSpec(f"{pre}{ff}.DenseReluDense.{w}.weight", (d_ff, d)) for w in wi]
+            t.append(TensorSpec(f"{pre}{ff}.DenseReluDense.wo.weight", (d, d_ff)))
+            t.append(TensorSpec(f"{pre}{ff}.layer_norm.weight", (d,)))
+        t.append(TensorSpec(f"{stack}.final_layer_norm.weight", (d,)))
+    if cfg.get("tie_word_embeddings") is False:
+        t.append(TensorSpec("lm_head.weight", (cfg["vocab_size"], d)))
+    # Activations: the paper's per-layer formula over both stacks is an estimate here (a decoder
+    # layer also holds cross-attention).
+    return t, dict(hidden_size=d, num_layers=enc_layers + dec_layers, num_heads=heads, num_kv_heads=heads)
+
+
+# model_type -> reader; the first key of a config without model_type that matches picks the reader.
+_READERS = {
+    "gpt2": _gpt2_tensors,
+    **dict.fromkeys(_LLAMA_LIKE, _llama_tensors),
+    **dict.fromkeys(_BERT_LIKE, _bert_tensors),
+    "distilbert": _distilbert_tensors,
+    **dict.fromkeys(("t5", "mt5"), _t5_tensors),
+}
+_GUESS_BY_KEY = (
+    ("n_embd", _gpt2_tensors),
+    ("d_ff", _t5_tensors),
+    ("type_vocab_size", _bert_tensors),
+    ("intermediate_size", _llama_tensors),
+)
+
+
 def model_from_config_dict(cfg: dict, name: str = "config") -> ModelSpec:
-    """A model from a Hugging Face config dictionary (GPT-2, Llama, Mistral, Mixtral or Qwen2 keys).
+    """A model from a Hugging Face config dictionary: GPT-2, Llama, Mistral, Mixtral, Qwen2, BERT,
+    RoBERTa, DistilBERT, T5, mT5 or Flan-T5 keys.
 
     Raises:
         ValueError: for a model type whose layer layout the reader does not know (build such a model
             with ``model_from_callable`` instead) or missing keys.
     """
     kind = cfg.get("model_type")
+    if kind is None:
+        reader = next((r for key, r in _GUESS_BY_KEY if key in cfg), None)
+    else:
+        reader = _READERS.get(kind)
+    if reader is None:
+        raise ValueError(
+            f"model_type {kind!r} is not known to the config reader (it reads {', '.join(_READERS)}); "
+            "build the model with --module MODULE:CALLABLE instead"
+        )
     try:
-        if kind == "gpt2" or (kind is None and "n_embd" in cfg):
-            tensors, shapes = _gpt2_tensors(cfg)
-        elif kind in _LLAMA_LIKE or (kind is None and "intermediate_size" in cfg):
-            tensors, shapes = _llama_tensors(cfg)
-        else:
-            raise ValueError(
-                f"model_type {kind!r} is not known to the config reader (it reads gpt2 and "
-                f"{', '.join(_LLAMA_LIKE)}); build the model with --module MODULE:CALLABLE instead"
-            )
+        tensors, shapes = reader(cfg)
     except KeyError as e:
         raise ValueError(f"config {name!r} lacks the key {e.args[0]!r}") from None
     return ModelSpec(name, tuple(tensors), **shapes)
 
 
 def model_from_preset(name: str) -> ModelSpec:
-    """A built-in model shape: one of :data:`adamkit._presets.PRESETS`."""
+    """A built-in model shape: one of :data:`adamkit.tools.presets.PRESETS`."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return model_from_config_dict(PRESETS[name], name)
@@ -357,10 +480,22 @@ def model_from_callable(spec: str) -> ModelSpec:
     mod_name, sep, attr = spec.partition(":")
     if not sep or not mod_name or not attr:
         raise ValueError(f"expected MODULE:CALLABLE (e.g. mypkg.models:build), got {spec!r}")
+    # Like `python -m`, a module in the current directory is found: users run `adamkit plan
+    # --module mymodel:build` next to mymodel.py. The path is put back afterwards.
+    added = os.getcwd() not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
     try:
         obj: Any = importlib.import_module(mod_name)
     except ImportError as e:
-        raise ValueError(f"cannot import {mod_name!r} for {spec!r}: {e}") from e
+        raise ValueError(
+            f"cannot import {mod_name!r} for {spec!r}: {e} (searched the current directory "
+            f"{os.getcwd()} and sys.path; run from the folder that holds the module, or add it "
+            "to PYTHONPATH)"
+        ) from e
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"{mod_name!r} has no attribute {attr!r}")
@@ -1221,13 +1356,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     rec.add_argument("--compare", metavar="SPEC,SPEC,...", help="several recipes side by side")
     rec.add_argument(
-        "--optimizer", choices=list(OPTIMIZERS), default="adamw", help="default optimizer (adamw)"
+        "--optimizer",
+        choices=list(OPTIMIZERS),
+        default="adamw",
+        help="the optimizer of recipes that name none (default: %(default)s)",
     )
     rec.add_argument(
         "--state-format",
         choices=["auto", "param", "fp32", "bf16", "8bit"],
         default="auto",
-        help="default optimizer state storage; auto: fp32 with master weights, else the param dtype",
+        help="state storage of recipes that name none; auto: fp32 with master weights, else the "
+        "parameters' dtype (default: %(default)s)",
     )
     rec.add_argument("--amsgrad", action="store_true", help="Adam/AdamW keep max_v")
     rec.add_argument("--grad-accum", action="store_true", help="an fp32 gradient-accumulation buffer")
@@ -1241,7 +1380,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dev.add_argument("--device-memory", type=float, metavar="GB", help="memory per device: fits yes/no")
     dev.add_argument("--batch-size", type=int, help="micro-batch per device, for activations")
     dev.add_argument("--seq-len", type=int, help="sequence length, for activations")
-    dev.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
+    dev.add_argument(
+        "--recompute",
+        choices=["none", "selective", "full"],
+        default="none",
+        help="activation recomputation: selective drops the attention scores, full keeps layer inputs",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

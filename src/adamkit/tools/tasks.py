@@ -207,6 +207,36 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
+@torch.no_grad()
+def generate(
+    model: GPT, corpus: CharCorpus, prompt: str, n: int, temperature: float = 0.8, seed: int = 0
+) -> str:
+    """``n`` characters sampled after ``prompt`` (softmax at ``temperature``, a seeded generator).
+
+    Raises:
+        ValueError: if the prompt has a character the corpus does not (the model has no code for it).
+    """
+    unknown = sorted(set(prompt) - set(corpus.chars))
+    if unknown or not prompt:
+        raise ValueError(
+            f"the prompt must be non-empty text of the corpus's characters; not in it: {unknown}"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    codes = corpus.encode(prompt)[None]
+    try:
+        for _ in range(n):
+            logits = model(codes[:, -model.cfg.context :])[0, -1].float()
+            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)
+            codes = torch.cat([codes, nxt[None]], dim=1)
+    finally:
+        model.train(was_training)
+    return corpus.decode(codes[0, len(prompt) :])
+
+
 # --------------------------------------------------------------------------------------------------
 # Tasks: a model, a training sampler, a fixed validation set and a loss
 # --------------------------------------------------------------------------------------------------
@@ -392,17 +422,6 @@ def cast_model(model: nn.Module, precision: str) -> nn.Module:
     return model.to(PRECISIONS[precision].dtype)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: matrices/embeddings decay, biases and norm gains (1-D) do not."""
-    params = list(model.parameters())  # shared (tied) parameters appear once
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if rest:
-        groups.append({"params": rest, "weight_decay": 0.0})
-    return groups
-
-
 def optimizer_kwargs(optimizer: str, precision: str = "fp32", state: str = "default") -> dict[str, Any]:
     """The keyword arguments a (optimizer, precision, state) recipe passes beyond lr and decay."""
     for name, table, what in (
@@ -440,7 +459,7 @@ def build_optimizer(
     lr = spec.lr if lr is None else lr
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr}")
-    groups = param_groups(model, spec.weight_decay)
+    groups = adamkit.param_groups_weight_decay(model, spec.weight_decay)
     extra = {**PRECISIONS[precision].kwargs, **STATES[state]}
     try:
         return spec.factory(groups, lr=lr, **kwargs)

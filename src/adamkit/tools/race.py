@@ -54,6 +54,8 @@ class Recipe:
         return ", ".join(parts)
 
 
+# The contenders, one row each: a new optimizer (say Lion, once tasks.OPTIMIZERS has a "lion" row)
+# joins the race with one line here, e.g. Recipe("lion", "lion").
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
@@ -209,7 +211,7 @@ def _race(
         runs={},
         recipes={n: RECIPES[n] for n in names},
     )
-    for name in names:
+    for i, name in enumerate(names, 1):
         recipe = RECIPES[name]
         why = unavailable(recipe)
         if why is not None:
@@ -225,7 +227,13 @@ def _race(
                 fit(the_task, recipe.optimizer, steps=untimed_steps, evals=1, progress=False, **kwargs)
             untimed_s = time.perf_counter() - t0
             run = fit(
-                the_task, recipe.optimizer, steps=steps, evals=evals, progress=progress, desc=name, **kwargs
+                the_task,
+                recipe.optimizer,
+                steps=steps,
+                evals=evals,
+                progress=progress,
+                desc=f"[{i}/{len(names)}] {name}",
+                **kwargs,
             )
         except Exception as err:  # one broken recipe must not cost the others their results
             result.failed[name] = _describe_error(err)
@@ -350,46 +358,126 @@ def to_json(result: RaceResult) -> dict[str, Any]:
     }
 
 
-def plot(result: RaceResult, path: str | Path) -> None:
-    """Write the validation curves (against steps and against training time) to a PNG.
+PLOT_MISSING = "race.png needs matplotlib: pip install 'adamkit[plot]' (or pip install matplotlib)"
+REFERENCES = ("adamkit-adamw", "torch-adamw")  # the fp32 AdamW curve others are drawn against
 
-    Raises ImportError naming the ``adamkit[plot]`` extra if matplotlib is missing.
+
+def _reference(names: list[str]) -> str | None:
+    return next((r for r in REFERENCES if r in names), None)
+
+
+def relative_curves(data: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """Each recipe's validation curve minus the fp32 AdamW one, at the steps both have (step 0 left
+    out: every recipe starts from the same weights). Empty without an fp32 AdamW run."""
+    runs = data["recipes"]
+    ref = _reference(list(runs))
+    if ref is None:
+        return {}
+    base = {p["step"]: p["val_loss"] for p in runs[ref]["curve"] if p["val_loss"] is not None}
+    return {
+        name: [
+            (p["step"], p["val_loss"] - base[p["step"]])
+            for p in run["curve"]
+            if p["step"] > 0 and p["val_loss"] is not None and p["step"] in base
+        ]
+        for name, run in runs.items()
+    }
+
+
+def plot(result: RaceResult | dict[str, Any], path: str | Path | None = None) -> Any:
+    """Write the race's picture to a PNG: a run from :func:`race` or its :func:`to_json` dictionary.
+
+    Top: validation loss against steps, and the same curves minus the fp32 AdamW curve (the
+    recipes differ by a few hundredths of a nat, invisible on the absolute scale). Bottom, one bar
+    per recipe: final validation loss, step time, optimizer-state bytes per parameter and peak
+    memory growth (what the low-precision recipes save).
+
+    Returns the matplotlib ``Figure`` (saved to ``path`` when given). Raises ImportError naming the
+    ``adamkit[plot]`` extra if matplotlib is missing.
     """
     try:
         from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
     except ImportError as err:
-        raise ImportError("race.png needs matplotlib: pip install 'adamkit[plot]' (or matplotlib)") from err
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    by_step, by_time = fig.subplots(1, 2, sharey=True)
-    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]  # overlapping curves stay visible
-    for i, (name, run) in enumerate(result.runs.items()):
-        ls, marker = styles[i % len(styles)]
-        steps = [p.step for p in run.curve]
-        (line,) = by_step.plot(steps, [p.val_loss for p in run.curve], ls=ls, marker=marker, ms=3, label=name)
-        by_time.plot(
-            [p.wall_s for p in run.curve],
-            [p.val_loss for p in run.curve],
-            ls=ls,
-            marker=marker,
-            ms=3,
-            color=line.get_color(),
+        raise ImportError(PLOT_MISSING) from err
+    data = to_json(result) if isinstance(result, RaceResult) else result
+    runs = data["recipes"]
+    names = list(runs)
+    ref = _reference(names)
+    relative = relative_curves(data)
+    fig = Figure(figsize=(13, 8.5), layout="constrained")
+    top, bottom = fig.add_gridspec(2, 1, height_ratios=[1.25, 1])
+    curves, diff = (fig.add_subplot(g) for g in top.subgridspec(1, 2))
+    bars = [fig.add_subplot(g) for g in bottom.subgridspec(1, 4, width_ratios=[1.25, 1, 1, 1])]
+    colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
+    styles = ["-", "--", "-.", ":"]  # with the colours, ten recipes stay apart
+    for i, name in enumerate(names):
+        pts = [p for p in runs[name]["curve"] if p["val_loss"] is not None]
+        kw = dict(color=colors[name], ls=styles[i % len(styles)], marker="o", ms=3, lw=1.6)
+        curves.plot([p["step"] for p in pts], [p["val_loss"] for p in pts], label=name, **kw)
+        if name in relative:
+            diff.plot([st for st, _ in relative[name]], [d for _, d in relative[name]], **kw)
+    curves.set(xlabel="step", ylabel="validation loss (nats)", title="validation loss")
+    curves.legend(fontsize=8, ncols=2)
+    if ref is not None:
+        diff.axhline(0, color="black", lw=0.8)
+        diff.set(
+            xlabel="step",
+            ylabel=f"minus {ref}'s val loss (nats)",
+            title=f"relative to fp32 AdamW ({ref}): below 0 is better",
         )
-    by_step.set(xlabel="step", ylabel="validation loss (nats)", title="against steps")
-    by_time.set(xlabel="training time (s)", title="against wall time")
-    for ax in (by_step, by_time):
+        # Early steps differ by tenths, the end by hundredths: a symmetric log scale shows both.
+        diff.set_yscale("symlog", linthresh=0.05, linscale=1.5)
+        ticks = [-0.5, -0.2, -0.1, -0.05, -0.025, 0, 0.025, 0.05, 0.1, 0.2, 0.5]
+        diff.set_yticks(ticks, [f"{t:+g}" if t else "0" for t in ticks])
+        diff.text(
+            0.99, 0.01, "linear within ±0.05, log beyond", transform=diff.transAxes, ha="right", fontsize=8
+        )
+    for ax in (curves, diff):
         ax.grid(alpha=0.3)
-    by_step.legend()
-    fig.suptitle(f"adamkit race: {result.description}\n{result.steps} steps, seed {result.seed}")
-    fig.savefig(path, dpi=110)
+
+    y = list(range(len(names)))[::-1]  # first recipe on top, as in the table
+    rss = [runs[n]["peak_rss_bytes"] for n in names]
+    panels = [  # lower is better in every panel
+        ("final validation loss (nats)", [runs[n]["val_loss"] for n in names], "{:.3f}"),
+        ("ms per training step (median)", [runs[n]["ms_per_step"] for n in names], "{:.0f}"),
+        ("optimizer state, bytes/param", [runs[n]["state_bytes_per_param"] for n in names], "{:.2f}"),
+        ("peak RSS growth (MiB)", [None if b is None else b / 2**20 for b in rss], "{:.0f}"),
+    ]
+    for ax, (title, values, fmt) in zip(bars, panels):
+        shown = [v if v is not None else 0.0 for v in values]
+        ax.barh(y, shown, color=[colors[n] for n in names])
+        for yi, v in zip(y, values):
+            ax.text(0, yi, " " + ("n/a" if v is None else fmt.format(v)), va="center", fontsize=8)
+        if title.startswith("final"):  # differences are small: start the axis near the lowest loss
+            finite = [v for v in values if v is not None]
+            if finite:
+                lo, hi = min(finite), max(finite)
+                ax.set_xlim(lo - 0.6 * (hi - lo + 1e-3), hi + 0.1 * (hi - lo + 1e-3))
+                for t in ax.texts:  # labels at the axis's start, not at 0
+                    t.set_x(ax.get_xlim()[0])
+        ax.set_title(title, fontsize=10)
+        ax.set_yticks(y, names if ax is bars[0] else [], fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(
+        f"adamkit race: {data['description']}\n{data['steps']} steps, seed {data['seed']}, "
+        f"{data['threads']} threads; same weights, batches and lr schedule for every recipe"
+    )
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig
 
 
-def write(result: RaceResult, out: str | Path, log: Callable[[str], None] = print) -> list[Path]:
-    """Write ``race.json``, ``race.md`` and (if matplotlib is installed) ``race.png`` into ``out``."""
+def write(
+    result: RaceResult, out: str | Path, log: Callable[[str], None] = print, png: bool = True
+) -> list[Path]:
+    """Write ``race.json``, ``race.md`` and (if ``png`` and matplotlib is installed) ``race.png``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "race.json", out / "race.md"]
     files[0].write_text(json.dumps(to_json(result), indent=1) + "\n")
     files[1].write_text(markdown(result))
+    if not png:
+        return files
     try:
         plot(result, out / "race.png")
         files.append(out / "race.png")
@@ -427,7 +515,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.set_num_threads (default: torch's; 1 with --quick)",
     )
     parser.add_argument("--out", default="adamkit-race", help="output directory (default: %(default)s)")
+    parser.add_argument("--no-plot", action="store_true", help="write race.json and race.md only")
+    parser.add_argument(
+        "--replot",
+        metavar="DIR",
+        help="train nothing: redraw DIR/race.png from DIR/race.json (a race written earlier)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _missing_dependency(args: argparse.Namespace) -> str | None:
+    """What the run would need and lacks, with the command that installs it (checked before any work)."""
+    import importlib.util
+
+    if args.task == "digits" and importlib.util.find_spec("sklearn") is None:
+        return "--task digits needs scikit-learn: pip install 'adamkit[digits]' (or pip install scikit-learn)"
+    if (args.replot or not args.no_plot) and importlib.util.find_spec("matplotlib") is None:
+        return PLOT_MISSING + ("" if args.replot else "; or pass --no-plot")
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -436,6 +541,18 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"adamkit race: error: {err}", file=sys.stderr)
         return 2
+    missing = _missing_dependency(args)
+    if missing:
+        print(f"adamkit race: error: {missing}", file=sys.stderr)
+        return 2
+    if args.replot:
+        source = Path(args.replot) / "race.json"
+        if not source.is_file():
+            print(f"adamkit race: error: no race.json in {args.replot!r}", file=sys.stderr)
+            return 2
+        plot(json.loads(source.read_text()), source.with_name("race.png"))
+        print(f"wrote {source.with_name('race.png')}")
+        return 0
     setting = SETTINGS[(args.task, args.quick)]
     steps = args.steps or setting.steps
     print(f"racing on {args.task} ({setting.model}): {steps} steps per recipe, seed {args.seed}")
@@ -458,7 +575,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print()
     print(markdown(result), end="")
-    files = write(result, args.out)
+    files = write(result, args.out, png=not args.no_plot)
     print("\nwrote " + ", ".join(str(f) for f in files))
     if result.failed:
         print(
