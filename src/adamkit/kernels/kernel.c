@@ -170,22 +170,28 @@ static AI void lion(float *p, float g, float *s, const float *hp) {
 }
 
 /* One element: the engine's part (skip_nonfinite, maximize) around the algorithm's body.
- * sp[k] points at slot k's fp32 value. */
-static AI void element(const int alg, float *pp, float g, float *const *sp, const float *hp, const int ns,
-                       const int ams, const int skip) {
-    float p = *pp, s[MAX_SLOTS] = {0.0f, 0.0f, 0.0f}, old[MAX_SLOTS] = {0.0f, 0.0f, 0.0f};
-    for (int k = 0; k < ns; k++) old[k] = s[k] = *sp[k];
+ * s0, s1, s2 point at the element's fp32 slot values (only the first ``ns`` are read). */
+static AI void element(const int alg, float *restrict pp, float g, float *restrict s0, float *restrict s1,
+                       float *restrict s2, const float *restrict hp, const int ns, const int ams,
+                       const int skip) {
+    const float p0 = *pp;
+    const float o0 = *s0, o1 = ns > 1 ? *s1 : 0.0f, o2 = ns > 2 ? *s2 : 0.0f;
+    float p = p0, s[MAX_SLOTS] = {o0, o1, o2};
     const int ok = fabsf(g) <= FLT_MAX;
     if (skip) g = ok ? g : 0.0f;
     g = g * hp[GRAD_SIGN];
     if (alg == ALG_ADAM) adam(&p, g, s, hp, ams);
     else lion(&p, g, s, hp);
     if (skip) {
-        p = ok ? p : *pp;
-        for (int k = 0; k < ns; k++) s[k] = ok ? s[k] : old[k];
+        p = ok ? p : p0;
+        s[0] = ok ? s[0] : o0;
+        s[1] = ok ? s[1] : o1;
+        s[2] = ok ? s[2] : o2;
     }
     *pp = p;
-    for (int k = 0; k < ns; k++) *sp[k] = s[k];
+    *s0 = s[0];
+    if (ns > 1) *s1 = s[1];
+    if (ns > 2) *s2 = s[2];
 }
 
 /* ---- 8-bit blocks: storage/quant8.py, decode_blocks / encode_blocks ------------------------------------- */
@@ -282,85 +288,88 @@ static AI void piece_fp32(const ctx_t *C, const int alg, const row_t *R, float *
     p += a;
     g += a;
     const int64_t n = b - a;
-    for (int64_t i = 0; i < n; i++) {
-        float *sp[MAX_SLOTS] = {s0 + i, s1 + i, s2 + i};
-        element(alg, p + i, g[i], sp, C->hp, ns, ams, skip);
+    for (int64_t i = 0; i < n; i++) element(alg, p + i, g[i], s0 + i, s1 + i, s2 + i, C->hp, ns, ams, skip);
+}
+
+/* One block of ``len`` elements starting at element t of a tensor: decoded into L1 tiles,
+ * updated, encoded back. ``len`` is BLOCK except in a tensor's last block; full blocks are inlined
+ * with the constant, so their loops vectorize without remainders. */
+static AI void tile(const ctx_t *C, const int alg, const row_t *R, void *param, const void *grad, const int64_t t,
+                    const int len, const uint32_t *seed, const int pm, const int sf, const int ns, const int ams,
+                    const int skip) {
+    float P[BLOCK], G[BLOCK], S[MAX_SLOTS][BLOCK];
+    const uint32_t i0 = (uint32_t)t;
+    /* the parameter and gradient as fp32: fp32 parameters and master weights in place */
+    float *restrict pv = pm == P_NATIVE ? (float *)param + t : (pm == P_MASTER ? (float *)R->aux + t : P);
+    const float *restrict gv = pm == P_NATIVE ? (const float *)grad + t : G;
+    if (pm != P_NATIVE) {
+        const uint16_t *ps = (const uint16_t *)param + t, *gs = (const uint16_t *)grad + t;
+        if (pm == P_KAHAN) {
+            const uint16_t *cs = (const uint16_t *)R->aux + t;
+            for (int i = 0; i < len; i++) P[i] = bf16_to_f(ps[i]) + bf16_to_f(cs[i]);
+        } else if (pm != P_MASTER) {
+            for (int i = 0; i < len; i++) P[i] = bf16_to_f(ps[i]);
+        }
+        for (int i = 0; i < len; i++) G[i] = bf16_to_f(gs[i]);
+    }
+    /* the state as fp32: fp32 slots in place, others decoded into tiles */
+    float *sv[MAX_SLOTS] = {S[0], S[1], S[2]};
+    for (int k = 0; k < ns; k++) {
+        if (sf == S_FP32) {
+            sv[k] = (float *)R->slot[k] + t;
+        } else if (sf == S_BF16) {
+            const uint16_t *s = (const uint16_t *)R->slot[k] + t;
+            for (int i = 0; i < len; i++) S[k][i] = bf16_to_f(s[i]);
+        } else {
+            decode8((const uint8_t *)R->slot[k] + t, R->scale[k][t / BLOCK], S[k], k == 0 || alg == ALG_LION);
+        }
+    }
+    float *restrict s0 = sv[0], *restrict s1 = sv[1], *restrict s2 = sv[2];
+    for (int i = 0; i < len; i++) element(alg, pv + i, gv[i], s0 + i, s1 + i, s2 + i, C->hp, ns, ams, skip);
+    /* encode the parameter */
+    if (pm != P_NATIVE) {
+        uint16_t *ps = (uint16_t *)param + t;
+        if (pm == P_KAHAN) {
+            uint16_t *cs = (uint16_t *)R->aux + t;
+            uint32_t w = weyl(i0, seed[0]);
+            for (int i = 0; i < len; i++, w += WEYL) {
+                const uint16_t h = f_to_bf16_rne(P[i]);
+                ps[i] = h;
+                cs[i] = f_to_bf16_sr(P[i] - bf16_to_f(h), w);
+            }
+        } else if (pm == P_SR) {
+            uint32_t w = weyl(i0, seed[0]);
+            for (int i = 0; i < len; i++, w += WEYL) ps[i] = f_to_bf16_sr(P[i], w);
+        } else {
+            for (int i = 0; i < len; i++) ps[i] = f_to_bf16_rne(pv[i]);
+        }
+    }
+    /* encode the state */
+    for (int k = 0; k < ns && sf != S_FP32; k++) {
+        if (sf == S_BF16) {
+            uint16_t *s = (uint16_t *)R->slot[k] + t;
+            uint32_t w = weyl(i0, seed[k + 1]);
+            for (int i = 0; i < len; i++, w += WEYL) s[i] = f_to_bf16_sr(S[k][i], w);
+        } else {
+            /* a short last block is encoded as the reference pads it: with zeros */
+            for (int i = len; i < BLOCK; i++) S[k][i] = 0.0f;
+            encode8(S[k], (uint8_t *)R->slot[k] + t, &R->scale[k][t / BLOCK], i0, seed[k + 1],
+                    k == 0 || alg == ALG_LION);
+        }
     }
 }
 
-/* every other combination: one block of 256 at a time, decoded into L1, updated, encoded back.
- * [a, b): a is a multiple of BLOCK; only the tensor's last block may be shorter. */
+/* every other combination: block by block. [a, b): a is a multiple of BLOCK; only the tensor's
+ * last block may be shorter. */
 static AI void piece_tiled(const ctx_t *C, const int alg, const row_t *R, void *param, const void *grad,
                            int64_t a, int64_t b, const int pm, const int sf, const int ns, const int ams,
                            const int skip) {
-    float P[BLOCK], G[BLOCK], S[MAX_SLOTS][BLOCK];
     const args_t *A = C->A;
     uint32_t seed[MAX_SLOTS + 1];
     for (int k = 0; k <= ns; k++) seed[k] = mix_seed(A->step, R->uid, k);
-    for (int64_t t = a; t < b; t += BLOCK) {
-        const int len = b - t < BLOCK ? (int)(b - t) : BLOCK;
-        const uint32_t i0 = (uint32_t)t;
-        /* the parameter and gradient as fp32: fp32 parameters and master weights in place */
-        float *restrict pv = pm == P_NATIVE ? (float *)param + t : (pm == P_MASTER ? (float *)R->aux + t : P);
-        const float *restrict gv = pm == P_NATIVE ? (const float *)grad + t : G;
-        if (pm != P_NATIVE) {
-            const uint16_t *ps = (const uint16_t *)param + t, *gs = (const uint16_t *)grad + t;
-            if (pm == P_KAHAN) {
-                const uint16_t *cs = (const uint16_t *)R->aux + t;
-                for (int i = 0; i < len; i++) P[i] = bf16_to_f(ps[i]) + bf16_to_f(cs[i]);
-            } else if (pm != P_MASTER) {
-                for (int i = 0; i < len; i++) P[i] = bf16_to_f(ps[i]);
-            }
-            for (int i = 0; i < len; i++) G[i] = bf16_to_f(gs[i]);
-        }
-        /* the state as fp32: fp32 slots in place, others decoded into tiles */
-        float *sv[MAX_SLOTS] = {S[0], S[1], S[2]};
-        for (int k = 0; k < ns; k++) {
-            if (sf == S_FP32) {
-                sv[k] = (float *)R->slot[k] + t;
-            } else if (sf == S_BF16) {
-                const uint16_t *s = (const uint16_t *)R->slot[k] + t;
-                for (int i = 0; i < len; i++) S[k][i] = bf16_to_f(s[i]);
-            } else {
-                decode8((const uint8_t *)R->slot[k] + t, R->scale[k][t / BLOCK], S[k], k == 0 || alg == ALG_LION);
-            }
-        }
-        for (int i = 0; i < len; i++) {
-            float *sp[MAX_SLOTS] = {sv[0] + i, sv[1] + i, sv[2] + i};
-            element(alg, pv + i, gv[i], sp, C->hp, ns, ams, skip);
-        }
-        /* encode the parameter */
-        if (pm != P_NATIVE) {
-            uint16_t *ps = (uint16_t *)param + t;
-            if (pm == P_KAHAN) {
-                uint16_t *cs = (uint16_t *)R->aux + t;
-                uint32_t w = weyl(i0, seed[0]);
-                for (int i = 0; i < len; i++, w += WEYL) {
-                    const uint16_t h = f_to_bf16_rne(P[i]);
-                    ps[i] = h;
-                    cs[i] = f_to_bf16_sr(P[i] - bf16_to_f(h), w);
-                }
-            } else if (pm == P_SR) {
-                uint32_t w = weyl(i0, seed[0]);
-                for (int i = 0; i < len; i++, w += WEYL) ps[i] = f_to_bf16_sr(P[i], w);
-            } else {
-                for (int i = 0; i < len; i++) ps[i] = f_to_bf16_rne(pv[i]);
-            }
-        }
-        /* encode the state */
-        for (int k = 0; k < ns && sf != S_FP32; k++) {
-            if (sf == S_BF16) {
-                uint16_t *s = (uint16_t *)R->slot[k] + t;
-                uint32_t w = weyl(i0, seed[k + 1]);
-                for (int i = 0; i < len; i++, w += WEYL) s[i] = f_to_bf16_sr(S[k][i], w);
-            } else {
-                /* a short last block is encoded as the reference pads it: with zeros */
-                for (int i = len; i < BLOCK; i++) S[k][i] = 0.0f;
-                encode8(S[k], (uint8_t *)R->slot[k] + t, &R->scale[k][t / BLOCK], i0, seed[k + 1],
-                        k == 0 || alg == ALG_LION);
-            }
-        }
-    }
+    int64_t t = a;
+    for (; t + BLOCK <= b; t += BLOCK) tile(C, alg, R, param, grad, t, BLOCK, seed, pm, sf, ns, ams, skip);
+    if (t < b) tile(C, alg, R, param, grad, t, (int)(b - t), seed, pm, sf, ns, ams, skip);
 }
 
 /* The common cases get loops specialized at compile time (algorithm, parameter mode, state
