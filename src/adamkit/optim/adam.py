@@ -141,7 +141,7 @@ def torch_fused(items: list, hp: dict, f: Flags) -> list:
             it.fmt.param in ("native", "plain")
             and it.fmt.state != "8bit"
             and it.t["exp_avg"].dtype == p.dtype
-            and type(p) is torch.Tensor
+            and type(p) in (torch.Tensor, torch.nn.Parameter)
             and p.is_contiguous()
         )
         if ok:

@@ -333,6 +333,7 @@ class Optimizer(torch.optim.Optimizer):
         if "step" not in state:
             # step: a 0-D fp32 CPU tensor, as torch's non-fused optimizers keep it (state dicts interchange)
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        self._conform_state(p, state, fmt)
         for slot in self.algorithm.slots:
             if slot.name in state or (slot.option is not None and not group.get(slot.option, False)):
                 continue
@@ -350,6 +351,33 @@ class Optimizer(torch.optim.Optimizer):
         if aux is not None and aux not in state:
             state[aux] = init_param_aux(fmt.param, p)  # kahan_comp 2 B/param, master_weight 4 B/param
         return state
+
+    @torch.no_grad()
+    def _conform_state(self, p: torch.Tensor, state: dict, fmt: Formats) -> None:
+        """Existing state in another format than the parameter now needs (``model.to(dtype)``
+        after a step): slots are converted (as ``load_state_dict`` converts them), and a Kahan or
+        master buffer that no longer applies is folded into the parameter, so nothing is lost."""
+        for slot in self.algorithm.slots:
+            v = state.get(slot.name)
+            if v is None:
+                continue
+            scale = state.get(slot.name + "_scale")
+            if fmt.state == "8bit":
+                if scale is None:
+                    codes, state[slot.name + "_scale"] = quant8.encode(slot.signed, native.local(v).float())
+                    state[slot.name] = codes.view(-1)
+            elif scale is not None:  # 8-bit codes, now a floating format
+                x = quant8.decode(slot.signed, v, scale, native.local(p).shape, torch.float32)
+                state[slot.name] = x.to(state_dtype(fmt.state))
+                del state[slot.name + "_scale"]
+            elif v.dtype != state_dtype(fmt.state):
+                state[slot.name] = v.to(state_dtype(fmt.state))
+        wanted = param_aux_key(fmt.param)
+        for key in _AUX_KEYS:
+            if key in state and key != wanted:
+                aux = state.pop(key)
+                if wanted is None:  # the parameter holds full precision now: keep the lost bits
+                    p.copy_(aux.float() + p.float() if key == "kahan_comp" else aux)
 
     def _item(self, p: torch.Tensor, group: dict, uid: int) -> Item:
         state = self._init_state(p, group)
