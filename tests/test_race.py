@@ -47,6 +47,19 @@ def test_quick_race_writes_json_with_a_curve_per_recipe(quick_race):
         assert run["state_bytes_per_param"] > 0
 
 
+def test_quick_race_runs_lion(quick_race):
+    """Lion's rows run (fp32; bf16 + Kahan with 8-bit state), at Lion's own lr, with half of
+    AdamW's state (m only; the tiny model's tensors are below min_8bit_size: fp32 m)."""
+    out, _ = quick_race
+    ran = json.loads((out / "race.json").read_text())["recipes"]
+    lion, adamw = ran["lion"], ran["adamkit-adamw"]
+    assert lion["optimizer"] == "adamkit.Lion" and lion["lr"] < adamw["lr"]
+    assert lion["state_bytes_per_param"] == pytest.approx(adamw["state_bytes_per_param"] / 2, rel=0.01)
+    kahan8 = ran["lion-bf16-kahan-8bit"]
+    assert kahan8["precision"] == "bf16-kahan" and kahan8["state"] == "8bit"
+    assert kahan8["val_loss"] < kahan8["initial_val_loss"] - 0.5
+
+
 def test_quick_race_every_adamkit_recipe_learns(quick_race):
     out, _ = quick_race
     ran = json.loads((out / "race.json").read_text())["recipes"]
@@ -143,7 +156,7 @@ def test_race_leaves_global_state_alone():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--recipes", "adamkit-adamw,lion"], "unknown recipe(s) lion"),
+        (["--recipes", "adamkit-adamw,lamb"], "unknown recipe(s) lamb"),
         (["--recipes", ","], "unknown recipe"),
     ],
 )

@@ -118,8 +118,8 @@ def test_build_optimizer_recipes():
 
 def test_recipe_errors():
     model = tasks.GPT(TINY)
-    with pytest.raises(ValueError, match="unknown optimizer 'lion'"):
-        tasks.build_optimizer(model, "lion")
+    with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
+        tasks.build_optimizer(model, "lamb")
     with pytest.raises(ValueError, match="unknown precision"):
         tasks.build_optimizer(model, precision="fp8")
     with pytest.raises(ValueError, match="need an adamkit optimizer"):
@@ -191,7 +191,9 @@ def test_adamkit_matches_torch_adamw():
     assert ours.train_losses == pytest.approx(theirs.train_losses, abs=1e-3)
 
 
-@pytest.mark.parametrize("optimizer, state_bytes", [("sgd", 4.0), ("torch-adamw", 8.0), ("adam", 8.0)])
+@pytest.mark.parametrize(
+    "optimizer, state_bytes", [("sgd", 4.0), ("torch-adamw", 8.0), ("adam", 8.0), ("lion", 4.0)]
+)
 def test_other_optimizers_run(optimizer, state_bytes):
     result = tiny_train(optimizer=optimizer)
     assert result.lr == tasks.OPTIMIZERS[optimizer].lr
@@ -250,7 +252,7 @@ def test_cli_sgd(capsys):
         (["--steps", "ten"], "--steps: expected a positive integer"),
         (["--lr", "-1"], "--lr: expected a finite number > 0"),
         (["--lr", "nan"], "--lr: expected a finite number > 0"),
-        (["--optimizer", "lion"], "--optimizer: invalid choice: 'lion'"),
+        (["--optimizer", "lamb"], "--optimizer: invalid choice: 'lamb'"),
         (["--precision", "fp8"], "--precision: invalid choice"),
         (["--state", "4bit"], "--state: invalid choice"),
         (["--threads", "0"], "--threads: expected a positive integer"),

@@ -19,7 +19,9 @@ any + ``8bit`` state          ..      ..      ..      m 1, v 1 + one fp32 scale 
 ============================  ======  ======  ======  =====================================
 
 plus ``max_v`` (like v) with amsgrad, an optional fp32 gradient-accumulation buffer (4), and a 4-byte
-``step`` per parameter *tensor* for optimizers that keep it as a tensor (Adam/AdamW do, like torch).
+``step`` per parameter *tensor* for optimizers that keep it as a tensor (Adam/AdamW do, like torch;
+adamkit's Lion too). Lion (``--optimizer lion``, or ``-lion`` in a recipe) keeps m only: 4 B/param
+of state in fp32, 2 in bf16, 1 + 4/256 in 8 bit, half of AdamW's.
 
 ZeRO (Rajbhandari et al., 2020) per device over :math:`N_d` devices: stage 1 divides optimizer state
 (master weights included) by :math:`N_d`, stage 2 also gradients, stage 3 also parameters. With
@@ -847,7 +849,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec("adam", "Adam", 4, ("m", "v"), reference="adamkit / torch.optim.Adam"),
         OptimizerSpec("sgd", "SGD", 0, (), reference="torch.optim.SGD, momentum=0"),
         OptimizerSpec("sgd-momentum", "SGD+momentum", 0, ("m",), reference="torch.optim.SGD momentum_buffer"),
-        OptimizerSpec("lion", "Lion", 0, ("m",), reference="lion-pytorch: exp_avg only"),
+        # m only: 4 B/param fp32, 2 bf16, 1 + 4/256 8-bit; adamkit.Lion keeps a 0-D step tensor
+        # like Adam (lion-pytorch keeps none: 4 bytes per tensor less)
+        OptimizerSpec("lion", "Lion", 4, ("m",), reference="adamkit.Lion / lion-pytorch: exp_avg"),
         OptimizerSpec(
             "adafactor", "Adafactor", 4, (), True, "torch.optim.Adafactor: row/col variance, beta1=None"
         ),
@@ -916,9 +920,14 @@ def model_state_bytes(model: ModelSpec, recipe: Recipe) -> dict[str, int]:
     return total
 
 
+# The planner's optimizers that adamkit implements (adamkit_state_bytes is exact for these).
+ADAMKIT_OPTIMIZERS = ("adamw", "adam", "lion")
+
+
 def adamkit_state_bytes(
     shapes: Iterable[Any],
     *,
+    optimizer: str = "adamw",
     state_format: str | None = None,
     amsgrad: bool = False,
     param_dtype: Any = "fp32",
@@ -927,14 +936,15 @@ def adamkit_state_bytes(
     block_size: int = BLOCK_SIZE,
     min_8bit_size: int = MIN_8BIT_SIZE,
 ) -> dict[str, int]:
-    """Bytes of ``adamkit.Adam``/``AdamW``'s state for parameters of these shapes, per component.
+    """Bytes of an adamkit optimizer's state for parameters of these shapes, per component.
 
     Meant to equal, to the byte, the sum of ``nbytes`` of the live state tensors after a step.
 
     Args:
         shapes: one shape (tuple, ``torch.Size``) or tensor per parameter.
+        optimizer: ``"adamw"``/``"adam"`` (m, v) or ``"lion"`` (m only).
         state_format: ``None`` (the parameter's dtype), ``"fp32"``, ``"bf16"`` or ``"8bit"``.
-        amsgrad: count ``max_exp_avg_sq``.
+        amsgrad: count ``max_exp_avg_sq`` (Adam/AdamW).
         param_dtype: the parameters' dtype (``torch.bfloat16``, ``"bf16"``...).
         kahan: a compensation buffer in the parameter dtype.
         master: an fp32 master copy.
@@ -943,6 +953,11 @@ def adamkit_state_bytes(
     Returns:
         ``{"step", "m", "v", "max_v", "scales", "kahan", "master"}`` in bytes (zeros included).
     """
+    if optimizer not in ADAMKIT_OPTIMIZERS:
+        raise ValueError(
+            f"adamkit has no {optimizer!r} optimizer; choose one of {', '.join(ADAMKIT_OPTIMIZERS)} "
+            "(plan() and parse_recipe() estimate the others)"
+        )
     dtype = _dtype_name(param_dtype)
     if state_format is None and dtype == "fp16":
         # adamkit keeps fp16 parameters' moments in fp32 by default (fp16 cannot hold typical g^2)
@@ -952,7 +967,7 @@ def adamkit_state_bytes(
         param_dtype=dtype,
         master_weights=master,
         kahan=kahan,
-        optimizer="adamw",
+        optimizer=optimizer,
         state_format=state_format,
         amsgrad=amsgrad,
         block_size=block_size,
@@ -1427,6 +1442,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 __all__ = [
+    "ADAMKIT_OPTIMIZERS",
     "COMPONENTS",
     "OPTIMIZERS",
     "PRECISIONS",

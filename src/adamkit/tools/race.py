@@ -54,8 +54,8 @@ class Recipe:
         return ", ".join(parts)
 
 
-# The contenders, one row each: a new optimizer (say Lion, once tasks.OPTIMIZERS has a "lion" row)
-# joins the race with one line here, e.g. Recipe("lion", "lion").
+# The contenders, one row each: a new optimizer (a row of tasks.OPTIMIZERS) joins the race with one
+# line here, e.g. Recipe("lion", "lion").
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
@@ -68,6 +68,8 @@ RECIPES: dict[str, Recipe] = {
         Recipe("bf16-master", "adamw", precision="bf16-master"),
         Recipe("bf16-state", "adamw", state="bf16"),
         Recipe("8bit-state", "adamw", state="8bit"),
+        Recipe("lion", "lion"),  # m only: 4 B/param of state
+        Recipe("lion-bf16-kahan-8bit", "lion", precision="bf16-kahan", state="8bit"),  # ~1 + 2 B/param
     )
 }
 

@@ -376,6 +376,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adam": OptimizerSpec("adamkit.Adam", adamkit.Adam, lr=3e-3, adamkit=True),
     "torch-adamw": OptimizerSpec("torch.optim.AdamW", torch.optim.AdamW, lr=3e-3, weight_decay=0.1),
     "sgd": OptimizerSpec("torch.optim.SGD", torch.optim.SGD, lr=0.05, kwargs={"momentum": 0.9}),
+    # Lion's update is lr * sign(c) per element, larger than Adam's: the paper advises a 3-10x smaller
+    # lr and a 3-10x larger decay (keeping lr * wd, the decay per step, about AdamW's: 3e-4).
+    "lion": OptimizerSpec("adamkit.Lion", adamkit.Lion, lr=1e-3, weight_decay=0.3, adamkit=True),
 }
 
 
@@ -435,7 +438,8 @@ def optimizer_kwargs(optimizer: str, precision: str = "fp32", state: str = "defa
     extra = {**PRECISIONS[precision].kwargs, **STATES[state]}
     if extra and not spec.adamkit:
         raise ValueError(
-            f"precision {precision!r} / state {state!r} need an adamkit optimizer (adam or adamw), "
+            f"precision {precision!r} / state {state!r} need an adamkit optimizer "
+            f"({', '.join(k for k, v in OPTIMIZERS.items() if v.adamkit)}), "
             f"not {optimizer!r}"
         )
     return {**spec.kwargs, **extra}
