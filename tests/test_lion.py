@@ -195,14 +195,8 @@ def test_inf_gradients_step_as_the_reference(dtype, param_kw, backend):
     run_and_compare(dtype, kw, backend, nonfinite="inf")
 
 
-# sign(nan): torch.sign (reference, foreach) gives 0, the native kernel (kernel.c, lion()) nan.
-NAN_SIGN_BUG = (
-    "engine bug: a nan gradient without skip_nonfinite makes c = nan; the reference and foreach "
-    "backends take torch.sign(nan) = 0 (optim/lion.py lion_update: c.sign()), so the parameter "
-    "silently keeps its value while m stays nan for good (the parameter never moves again), where "
-    "the native kernel (kernels/kernel.c lion(): c > 0 ? 1 : c < 0 ? -1 : c) gives nan, as its "
-    "comment says torch.sign does; the backends disagree, and the reference hides the failure"
-)
+# sign(nan) is nan on every backend (torch.sign(nan) is 0 on the CPU; lion_update keeps the nan):
+# a nan gradient shows as a nan parameter instead of freezing the element with m = nan for good.
 # (id, dtype, options, gradients): nan gradients, and inf ones into 8-bit state (whose
 # non-finite marker decodes to nan at the next step)
 NAN_ROWS = [
@@ -215,7 +209,7 @@ NAN_ROWS = [
 
 @pytest.mark.parametrize(
     "backend",
-    ["foreach", pytest.param("fused", marks=pytest.mark.xfail(strict=True, reason=NAN_SIGN_BUG))],
+    ["foreach", "fused"],
 )
 @pytest.mark.parametrize("dtype,kw,nonfinite", rows(NAN_ROWS))
 def test_nan_gradient_steps_as_the_reference(dtype, kw, nonfinite, backend):
@@ -224,11 +218,7 @@ def test_nan_gradient_steps_as_the_reference(dtype, kw, nonfinite, backend):
 
 @pytest.mark.parametrize(
     "backend",
-    [
-        pytest.param("reference", marks=pytest.mark.xfail(strict=True, reason=NAN_SIGN_BUG)),
-        pytest.param("foreach", marks=pytest.mark.xfail(strict=True, reason=NAN_SIGN_BUG)),
-        "fused",
-    ],
+    ["reference", "foreach", "fused"],
 )
 @pytest.mark.parametrize("dtype,kw,nonfinite", rows(NAN_ROWS))
 def test_nan_gradient_without_skip_makes_the_parameter_nan(dtype, kw, nonfinite, backend):

@@ -69,6 +69,9 @@ class TensorList:
     def isfinite(self):
         return TensorList([t.isfinite() for t in self.ts])
 
+    def isnan(self):
+        return TensorList([t.isnan() for t in self.ts])
+
     def choose(self, a, b):
         """``self ? a : b`` elementwise (self holds boolean masks)."""
         a_ts = a.ts if isinstance(a, TensorList) else [a] * len(self.ts)

@@ -164,7 +164,7 @@ static AI void adam(float *p, float g, float *s, const float *hp, const int ams)
 static AI void lion(float *p, float g, float *s, const float *hp) {
     const float m = s[0];
     const float c = m * hp[L_BETA1] + g * hp[L_OMB1];
-    const float sg = c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : c); /* torch.sign: 0 -> 0, nan -> nan */
+    const float sg = c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : c); /* sign: 0 -> 0, nan -> nan (lion_update) */
     *p = *p * hp[L_DECAY] - sg * hp[L_LR];
     s[0] = m * hp[L_BETA2] + g * hp[L_OMB2];
 }

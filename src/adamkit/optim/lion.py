@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .algorithm import Algorithm, Flags, Slot
+from .algorithm import Algorithm, Flags, Slot, where
 from .base import Optimizer, check_betas, check_nonneg
 
 
@@ -58,7 +58,9 @@ def lion_update(p, g, slots: list, s: Scalars, f: Flags):
     c = m * s.beta1 + g * s.one_minus_beta1  # the interpolation whose sign is the update
     if f.wd_mode in ("decoupled", "runtime"):
         p = p * s.decay
-    p = p - c.sign() * s.lr
+    # sign(nan) is nan, as the native kernel computes it: torch.sign(nan) gives 0 on the CPU, which
+    # would freeze an element whose gradient went nan (m stays nan) instead of showing the failure
+    p = p - where(c.isnan(), c, c.sign()) * s.lr
     m = m * s.beta2 + g * s.one_minus_beta2
     return p, [m]
 
