@@ -232,6 +232,15 @@ def is_dtensor(t) -> bool:
     return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
 
 
+def is_sharded(t) -> bool:
+    """Whether a DTensor is split between ranks (a Shard placement on a mesh dimension of more than
+    one rank); the answer is the same on every rank, whatever its local shard holds."""
+    if not is_dtensor(t):
+        return False
+    mesh = t.device_mesh
+    return any(pl.is_shard() and mesh.size(i) > 1 for i, pl in enumerate(t.placements))
+
+
 def local(t):
     """The tensor the kernel reads: a DTensor's local shard, else the tensor itself."""
     return t._local_tensor if is_dtensor(t) else t
@@ -271,10 +280,11 @@ class Table:
         n = len(members)
         rows = (Row * n)()
         keep = []  # the buffers the rows point into: alive while the table is
-        for j, (p, uid) in enumerate(zip(self.params, uids)):
+        for j, (p, loc, uid) in enumerate(zip(self.params, self.locals, uids)):
             st = state[p]
             r = rows[j]
-            r.n, r.uid = p.numel(), uid
+            # the local shard's length: a DTensor's numel() is its global one
+            r.n, r.uid = loc.numel(), uid
             aux = st.get("kahan_comp", st.get("master_weight"))
             if aux is not None:
                 r.aux = local(aux).data_ptr()

@@ -183,6 +183,26 @@ def fused_unavailable_reason(alg: Algorithm) -> str | None:
     return f"native kernel: {why}; torch.compile kernel: {problem}"
 
 
+def _placed_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A loaded state tensor with its parameter's placement. The kernels read the local shards of a
+    parameter and its state together, so state saved without sharding (a full checkpoint) or with
+    another placement would be read with the wrong length; a full tensor is cut locally (no
+    communication), a DTensor of another placement is gathered first (a collective: every rank
+    loads). Plain tensors for plain parameters pass through unchanged."""
+    t_dt, p_dt = native.is_dtensor(t), native.is_dtensor(p)
+    if not t_dt and not p_dt:
+        return t
+    if t_dt and p_dt and t.device_mesh == p.device_mesh and tuple(t.placements) == tuple(p.placements):
+        return t
+    if t_dt:
+        t = t.full_tensor()
+    if p_dt:
+        from torch.distributed.tensor import distribute_tensor  # DTensors exist: so does the module
+
+        t = distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None)
+    return t
+
+
 class Optimizer(torch.optim.Optimizer):
     """The generic adamkit optimizer; see the module docstring. Subclasses set ``algorithm``."""
 
@@ -304,8 +324,28 @@ class Optimizer(torch.optim.Optimizer):
             return cached[1]
         hp = self.algorithm.check(group)
         check_engine_options(group)
+        self._check_sharded_8bit(group)
         self._checked[index] = (key, hp)
         return hp
+
+    def _check_sharded_8bit(self, group: dict) -> None:
+        """8-bit state is refused for sharded DTensor parameters (FSDP2): its 256-element blocks
+        would be cut from each rank's local shard, so a step's result would depend on the world
+        size, and the codes (plain per-rank tensors) could not be resharded or saved by DCP.
+        Checked when the group is (re)validated, before anything changes; the answer depends on
+        global shapes and placements only, so every rank raises alike."""
+        if group["state_format"] != "8bit":
+            return
+        for p in group["params"]:
+            if native.is_sharded(p) and self._formats(group, p).state == "8bit":
+                raise ValueError(
+                    f"adamkit: state_format='8bit' does not support sharded DTensor parameters (FSDP2 "
+                    f"fully_shard; a parameter of shape {tuple(p.shape)} placed {tuple(p.placements)}): "
+                    "its quantization blocks would follow each rank's shard, so results would change "
+                    "with the world size and checkpoints could not be resharded. Use "
+                    "state_format='bf16' (2 B/param per moment), or raise min_8bit_size above the "
+                    "sharded parameters' sizes to keep their state in fp32"
+                )
 
     # ------------------------------------------------------------------------------------------
     # state
@@ -715,6 +755,12 @@ class Optimizer(torch.optim.Optimizer):
                 value = quant8.decode(
                     slot.signed, v.to(p.device), scale.to(p.device), native.local(p).shape, torch.float32
                 )
+                if native.is_dtensor(p):  # 8-bit codes are per local shard: the value is the shard
+                    from torch.distributed.tensor import DTensor
+
+                    value = DTensor.from_local(
+                        value, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                    )
             else:
                 if v.shape != p.shape:
                     raise bad(
@@ -723,7 +769,7 @@ class Optimizer(torch.optim.Optimizer):
                     )
                 if not v.is_floating_point():
                     raise TypeError(f"state[{key!r}][{name!r}] must be floating point, got {v.dtype}")
-                value = v.detach().to(p.device)
+                value = _placed_like(v.detach().to(p.device), p)
             if fmt.state == "8bit":
                 codes, out[name + "_scale"] = quant8.encode(slot.signed, native.local(value).float())
                 out[name] = codes.view(-1)
@@ -733,6 +779,8 @@ class Optimizer(torch.optim.Optimizer):
         for name, t in (("kahan_comp", comp), ("master_weight", master)):
             if t is not None and t.shape != p.shape:
                 raise bad(f"{name!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+        comp = None if comp is None else _placed_like(comp.detach().to(p.device), p)
+        master = None if master is None else _placed_like(master.detach().to(p.device), p)
         if fmt.param == "kahan":
             if comp is not None:
                 out["kahan_comp"] = comp.detach().to(p.device, p.dtype, copy=True)
