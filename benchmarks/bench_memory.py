@@ -23,7 +23,10 @@ CONTENDERS = {
     "adamkit fused, bf16 state": ("adamkit.AdamW(ps, backend='fused', state_format='bf16')", "float32"),
     "adamkit fused, 8-bit state": ("adamkit.AdamW(ps, backend='fused', state_format='8bit')", "float32"),
     "torch fused, bf16 params": ("torch.optim.AdamW(ps, fused=True)", "bfloat16"),
-    "adamkit fused, bf16 + Kahan, 8-bit state": ("adamkit.AdamW(ps, backend='fused', state_format='8bit')", "bfloat16"),
+    "adamkit fused, bf16 + Kahan, 8-bit state": (
+        "adamkit.AdamW(ps, backend='fused', state_format='8bit')",
+        "bfloat16",
+    ),
     "adamkit fused, Lion 8-bit state": ("adamkit.Lion(ps, backend='fused', state_format='8bit')", "bfloat16"),
 }
 
@@ -71,7 +74,8 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['name']} | {r['params'] / 2**20:.0f} | {r['state'] / 2**20:.0f} | {r['growth'] / 2**20:.0f} "
+            f"| {r['name']} | {r['params'] / 2**20:.0f} | {r['state'] / 2**20:.0f} "
+            f"| {r['growth'] / 2**20:.0f} "
             f"| {(r['growth'] - r['state']) / 2**20:.0f} | {r['growth_vs_params']:.2f}x |"
         )
     if args.json:

@@ -121,7 +121,10 @@ def test_no_native_kernel_uses_torchs_fused_kernel(monkeypatch):
     fused kernel on the tensors where they lie: the fallback never loses to torch. The same kernel
     gives the same bits as torch.optim.AdamW(fused=True)."""
     monkeypatch.setattr(native, "USE_NATIVE", False)
-    for cls, kw in ((adamkit.AdamW, {"weight_decay": 0.1}), (adamkit.Adam, {"weight_decay": 0.1, "amsgrad": True})):
+    for cls, kw in (
+        (adamkit.AdamW, {"weight_decay": 0.1}),
+        (adamkit.Adam, {"weight_decay": 0.1, "amsgrad": True}),
+    ):
         ours, theirs = mlp(), mlp()
         a = cls(ours.parameters(), lr=1e-2, **kw)
         b = getattr(torch.optim, cls.__name__)(theirs.parameters(), lr=1e-2, fused=True, **kw)

@@ -251,8 +251,9 @@ class Adam(Optimizer):
 
     State per parameter (bytes per parameter for fp32 parameters): ``step`` (a 0-D fp32 tensor),
     ``exp_avg`` m (4 B), ``exp_avg_sq`` v (4 B), ``max_exp_avg_sq`` (4 B, amsgrad only); 8-bit
-    moments add ``<name>_scale`` (4 B per block of 256) and ``param_shape`` (checked on load). With the default options keys, shapes and dtypes equal torch's,
-    so state dicts move between torch and adamkit both ways.
+    moments add ``<name>_scale`` (4 B per block of 256); their state dicts record ``param_shape``
+    (checked on load). With the default options keys, shapes and dtypes equal torch's, so state
+    dicts move between torch and adamkit both ways.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)

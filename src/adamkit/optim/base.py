@@ -532,7 +532,8 @@ class Optimizer(torch.optim.Optimizer):
         if problem is not None and todo:
             warn_once(
                 "fallback-foreach",
-                f"adamkit: no fused kernel serves some parameters here ({fused_unavailable_reason(alg) or problem}); "
+                "adamkit: no fused kernel serves some parameters here "
+                f"({fused_unavailable_reason(alg) or problem}); "
                 "they run on the foreach backend. Install a C compiler (gcc) to get the native kernel.",
             )
         if leftover:

@@ -21,7 +21,8 @@ Exactness where it matters:
   with beta2 = 0.999 the per-step change of v is far below a code step, so round-to-nearest would
   freeze v, and dithering the companded value would bias v upwards.
   Per element, |decode(encode(x)) - x| <= a * ((c+1)^k - c^k) / Q^k with c = floor(Q (|x|/a)^(1/k)),
-  (k, Q) = (2, 127) for signed and (4, 254) for unsigned slots. ``error_bound`` computes it; tests check it in fp64.
+  (k, Q) = (2, 127) for signed and (4, 254) for unsigned slots. ``error_bound`` computes it;
+  tests check it in fp64.
 - A non-finite value is stored as its own marker (m: stored 0, v: 254 + 1) and decodes to nan; the
   block scale is the largest *finite* magnitude, so one bad gradient element never spoils its block.
 """
