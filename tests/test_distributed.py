@@ -258,6 +258,24 @@ def _ddp_checks(rank: int) -> None:
     _train(m, opt, rank, 4)
     _assert_same_run(m, opt, tm, topt, exact=False, what="DDP AdamW fused")
 
+    # ZeroRedundancyOptimizer with parameters as views of its buckets: wave 1's flat layout took
+    # the parameters out of those views and the ranks silently diverged (6e-2 from torch)
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    losses = {}
+    for name, cls in (("torch", torch.optim.AdamW), ("adamkit", adamkit.AdamW)):
+        zm = DDP(_mlp())
+        zopt = ZeroRedundancyOptimizer(
+            zm.parameters(), optimizer_class=cls, parameters_as_bucket_view=True, **kw
+        )
+        losses[name] = _train(zm, zopt, rank, 4)
+        flat = torch.cat([p.detach().reshape(-1) for p in zm.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(WORLD)]
+        dist.all_gather(gathered, flat)
+        assert all(torch.equal(gathered[0], x) for x in gathered), f"ZeRO {name}: ranks diverged"
+        losses[name + "-params"] = flat
+    torch.testing.assert_close(losses["adamkit-params"], losses["torch-params"], rtol=1e-5, atol=1e-6)
+
 
 def test_ddp_fused_adamw_matches_torch():
     _spawn(_ddp_checks)
