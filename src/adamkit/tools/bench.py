@@ -4,12 +4,10 @@ Reports the machine's streaming bandwidth, then for each case and implementation
 time (after warm-up), the effective bandwidth (bytes per parameter stated), the share of the
 streaming limit and the ratio to torch's fused AdamW. Writes a JSON file next to the table.
 
-Gradients: each timed step starts from gradients as ``backward()`` leaves them. For torch that is
-one tensor per parameter. For adamkit's fused backend it is the flat gradient buffer its
-post-accumulate hooks fill during ``backward()``; the row "adamkit fused (fresh grads)" instead
-assigns new gradient tensors before every step (what happens when gradients do not come from
-``backward()``), which the native kernel reads where they lie (the torch.compile kernel, used for
-fp16/fp64, copies them into the flat buffer inside the timed step).
+Gradients: each timed step starts from gradients as ``backward()`` leaves them: one tensor per
+parameter, which every implementation reads where it lies. The row "adamkit fused (fresh grads)"
+assigns new gradient tensors before every step (as ``zero_grad(set_to_none=True)`` + ``backward()``
+does), so the kernel meets new pointers each step.
 """
 
 from __future__ import annotations
@@ -269,9 +267,12 @@ def bench(
 
 
 _OVERHEAD_SCRIPT = r"""
-import json, time, torch, adamkit
+import json, os, time, torch, adamkit
 torch.set_flush_denormal(True)
-ps = [torch.randn(1_000_000).requires_grad_() for _ in range(4)]
+# fp32 for the native kernel; fp16 for the compiled one (without the native kernel, fp32 AdamW
+# would run torch's own fused kernel, which compiles nothing)
+dtype = getattr(torch, os.environ.get("ADAMKIT_BENCH_DTYPE", "float32"))
+ps = [torch.randn(1_000_000).to(dtype).requires_grad_() for _ in range(4)]
 for p in ps: p.grad = torch.randn_like(p)
 # what any torch optimizer costs in a fresh process (torch.optim imports dynamo on first use)
 t = time.perf_counter()
@@ -279,7 +280,7 @@ torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
 torch_first = time.perf_counter() - t
 t = time.perf_counter()
 opt = adamkit.AdamW(ps, backend="fused")  # finds (or builds) the native kernel
-opt.step()  # builds the flat layout (and compiles, on torch.compile's kernel)
+opt.step()  # builds the kernel's tables (and compiles, on torch.compile's kernel)
 first = time.perf_counter() - t
 ts = []
 for _ in range(9):
@@ -294,7 +295,7 @@ def compile_overhead(cache_dir: str) -> dict:
     less a steady step, after the imports any torch.optim optimizer triggers. Cold: empty kernel
     caches under ``cache_dir`` (the native kernel is built, inductor compiles); warm: the same
     caches, filled by the cold run. Measured for the native kernel and for torch.compile's
-    (``ADAMKIT_NATIVE=0``, the kernel of fp16/fp64 parameters)."""
+    (``ADAMKIT_NATIVE=0`` and fp16 parameters, which only it serves)."""
     out = {}
     for kernel, native in (("", "1"), ("compiled_", "0")):
         env = dict(
@@ -302,6 +303,7 @@ def compile_overhead(cache_dir: str) -> dict:
             TORCHINDUCTOR_CACHE_DIR=os.path.join(cache_dir, "inductor"),
             ADAMKIT_CACHE_DIR=os.path.join(cache_dir, "adamkit"),
             ADAMKIT_NATIVE=native,
+            ADAMKIT_BENCH_DTYPE="float32" if native == "1" else "float16",
         )
         for label in ("cold", "warm"):
             res = subprocess.run(
