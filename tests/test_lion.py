@@ -106,6 +106,22 @@ def test_float64_matches_lion_pytorch(wd):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-12)
             torch.testing.assert_close(a.state[p]["exp_avg"], b.state[q]["exp_avg"], rtol=0, atol=1e-12)
     assert not torch.equal(ours[0].detach(), values[0])
+    # lion-pytorch's state dict (no step counter) continues in adamkit, and the other way round
+    moved = [q.detach().clone().requires_grad_() for q in theirs]
+    c = adamkit.Lion(moved, lr=LR, betas=(0.9, 0.99), weight_decay=wd, backend="reference")
+    c.load_state_dict(b.state_dict())
+    back = [p.detach().clone().requires_grad_() for p in ours]
+    d = lion_pytorch.Lion(back, lr=LR, betas=(0.9, 0.99), weight_decay=wd)
+    d.load_state_dict(a.state_dict())
+    for p, q, r, s in zip(moved, theirs, back, ours):
+        g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        p.grad, q.grad, r.grad, s.grad = g.clone(), g.clone(), g.clone(), g.clone()
+    for opt in (a, b, c, d):
+        opt.param_groups[0]["lr"] = LR
+        opt.step()
+    for p, q, r, s in zip(moved, theirs, back, ours):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-12)
+        torch.testing.assert_close(r.detach(), s.detach(), rtol=0, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -54,6 +54,9 @@ class Algorithm:
     # an optional runner on torch's own fused kernels, for when the native kernel is unavailable
     torch_fused: Callable[..., bool] | None = None
     state_keys: tuple[str, ...] = field(default=())  # extra per-parameter keys its state dicts hold
+    # whether the update reads the step number (bias corrections): state dicts without a "step"
+    # (e.g. lion-pytorch's) load into an algorithm that does not, as step 0
+    uses_step: bool = True
 
     def active_slots(self, flags: Flags) -> tuple[Slot, ...]:
         return tuple(s for s in self.slots if s.option is None or getattr(flags, s.option))

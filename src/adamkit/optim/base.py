@@ -681,7 +681,7 @@ class Optimizer(torch.optim.Optimizer):
                     f"state of parameter {key!r} has keys {sorted(saved_state)}; a {alg.name} state has "
                     f"{list(self._state_keys())} (is it from another optimizer?)"
                 )
-            for k in ("step", *required):
+            for k in ("step", *required) if alg.uses_step else required:
                 if k not in saved_state:
                     raise ValueError(f"state of parameter {key!r} lacks {k!r}")
             new_state[p] = self._convert_loaded_state(key, p, saved_state, group_of[id(p)])
@@ -721,7 +721,7 @@ class Optimizer(torch.optim.Optimizer):
         fmt = self._formats(group, p)
         n = native.local(p).numel()
         out: dict[str, torch.Tensor] = {}
-        step = saved["step"]
+        step = saved.get("step", 0.0)  # absent only where the algorithm does not use it
         if not isinstance(step, torch.Tensor):
             step = torch.tensor(float(step))
         if step.numel() != 1:

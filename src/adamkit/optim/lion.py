@@ -74,6 +74,7 @@ LION = Algorithm(
     update=lion_update,
     scalar_type=Scalars,
     native=1,  # ALG_LION in kernel.c
+    uses_step=False,  # no bias correction: lion-pytorch's state dicts (no "step") load
 )
 
 
