@@ -132,7 +132,7 @@ def torch_fused(items: list, hp: dict, f: Flags) -> list:
     buffer) with state in their dtype, no skip_nonfinite. Used only where the native kernel is
     unavailable, so that the fallback never loses to the optimizer the user switched from.
     Returns the items it did not serve. Its rounding order is torch's, not the reference's."""
-    if f.skip_nonfinite:
+    if f.skip_nonfinite or f.maximize is None:  # None: a gradient multiplier (clipping, loss scale)
         return items
     served, rest = {}, []
     for it in items:
@@ -248,6 +248,21 @@ class Adam(Optimizer):
             ``foreach=False`` means ``"reference"``, ``fused=True`` means ``"fused"``,
             ``fused=False`` means "not fused" (``"foreach"``).
         capturable, differentiable: accepted for signature compatibility; only ``False`` is supported.
+        max_grad_norm: clip the global L2 norm of the step's gradients, exactly as
+            ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` before ``step()``
+            (:math:`g \leftarrow g \min(1, \frac{c}{\|g\|_2 + 10^{-6}})`), but fused: the
+            coefficient multiplies each gradient in the kernel as it is read (the gradients are not
+            rewritten). ``opt.last_grad_norm`` holds the norm. With ``gradient_release`` the
+            *previous* step's global norm is used (the first step is not clipped): see the README.
+        skip_nonfinite_steps: skip the whole step (parameters, state, step counters unchanged)
+            when any gradient has an inf/nan; counted in ``opt.skipped_steps``. One host
+            synchronization per step. ``torch.amp.GradScaler`` works as with torch's fused
+            optimizers: its unscale is folded into the kernels, a step it finds inf/nan in is skipped.
+        gradient_release: step each parameter inside ``loss.backward()`` as soon as its gradient
+            is accumulated, and free that gradient (peak memory loses the gradient buffer:
+            4 B/param for fp32 gradients). ``step()`` and ``zero_grad()`` stay callable (they do
+            nothing to released parameters); every backward is a step (no gradient accumulation);
+            refused with DDP and with GradScaler; not kept through pickling or deepcopy.
 
     State per parameter (bytes per parameter for fp32 parameters): ``step`` (a 0-D fp32 tensor),
     ``exp_avg`` m (4 B), ``exp_avg_sq`` v (4 B), ``max_exp_avg_sq`` (4 B, amsgrad only); 8-bit
@@ -285,6 +300,9 @@ class Adam(Optimizer):
         backend: str = "auto",
         foreach: bool | None = None,
         fused: bool | None = None,
+        gradient_release: bool = False,
+        max_grad_norm: float | None = None,
+        skip_nonfinite_steps: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
     ):
@@ -312,6 +330,9 @@ class Adam(Optimizer):
                 capturable=capturable,
                 differentiable=differentiable,
             ),
+            gradient_release=gradient_release,
+            max_grad_norm=max_grad_norm,
+            skip_nonfinite_steps=skip_nonfinite_steps,
         )
         strong = [
             i for i, g in enumerate(self.param_groups) if g["decouple_lr"] and g["weight_decay"] >= 1e-3

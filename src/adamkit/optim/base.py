@@ -203,12 +203,117 @@ def _placed_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of ``grads``, computed as ``torch.nn.utils.clip_grad_norm_`` computes it
+    (a foreach norm per device and dtype, then the norm of the norms), in fp32 (fp64 if any gradient
+    is fp64) so that bf16/fp16 gradients, loss-scaled ones included, do not overflow their dtype."""
+    out_dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    by_kind: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    for g in grads:
+        by_kind[(g.device, g.dtype)].append(g)
+    norms = []
+    for (_, dtype), gs in by_kind.items():
+        want = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        norms.extend(torch._foreach_norm(gs, 2.0, dtype=want))
+    device = grads[0].device
+    total = torch.linalg.vector_norm(torch.stack([n.to(device, out_dtype) for n in norms]), 2.0)
+    if native.is_dtensor(total):  # FSDP2: the norms of the local shards, reduced
+        total = total.full_tensor()
+    return total
+
+
+def clip_coef(max_norm: float, norm: torch.Tensor) -> float:
+    """``min(1, max_norm / (norm + 1e-6))`` as clip_grad_norm_ computes it (in the norm's dtype)."""
+    return float(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+
+
+class _Release:
+    """Gradient release: each parameter is stepped by a post-accumulate-grad hook as soon as its
+    gradient is accumulated in backward, and its gradient freed (``p.grad = None``), so the step's
+    peak memory holds one gradient at a time instead of all of them.
+
+    Clipping (``max_grad_norm``) uses the *previous* step's global norm: the global norm of this
+    step is known only after the last hook, when every other parameter has already been stepped.
+    The hooks add up the squared norms on the device (no host synchronization per tensor); the
+    step closes at ``optimizer.step()`` (or when a parameter's hook fires again), which reads the
+    sum once. The first step is not clipped."""
+
+    def __init__(self):
+        self.handles: list = []
+        self.where: dict[int, tuple[int, int]] = {}  # id(p) -> (group index, position)
+        self.seen: set[int] = set()
+        self.sq: torch.Tensor | None = None  # this step's sum of squared gradient norms
+        self.scale = 1.0  # the clipping multiplier from the previous step's norm
+
+    def register(self, opt: "Optimizer", index: int) -> None:
+        ref = _weak(opt)
+        for i, p in enumerate(opt.param_groups[index]["params"]):
+            self.where[id(p)] = (index, i)
+            if p.requires_grad:
+                self.handles.append(p.register_post_accumulate_grad_hook(lambda q: _hook(ref, q)))
+
+    def end_step(self, opt: "Optimizer") -> None:
+        self.seen.clear()
+        if self.sq is None:
+            return
+        norm, self.sq = self.sq.sqrt(), None
+        value = float(norm)  # the one host synchronization of the step
+        if opt.max_grad_norm is not None and math.isfinite(value):
+            opt.last_grad_norm = value
+            self.scale = clip_coef(opt.max_grad_norm, norm)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def _weak(obj):
+    import weakref
+
+    return weakref.ref(obj)
+
+
+def _hook(ref, p: torch.Tensor) -> None:
+    opt = ref()  # the hooks outlive a deleted optimizer: then they do nothing
+    if opt is not None:
+        opt._release_hook(p)
+
+
 class Optimizer(torch.optim.Optimizer):
     """The generic adamkit optimizer; see the module docstring. Subclasses set ``algorithm``."""
 
     algorithm: ClassVar[Algorithm]
+    # torch.amp.GradScaler then passes its scale and found_inf (self.grad_scale, self.found_inf) to
+    # step() instead of unscaling the gradients itself: the unscale is folded into the kernels
+    _step_supports_amp_scaling = True
 
-    def __init__(self, params: Iterable, defaults: dict):
+    def __init__(
+        self,
+        params: Iterable,
+        defaults: dict,
+        *,
+        gradient_release: bool = False,
+        max_grad_norm: float | None = None,
+        skip_nonfinite_steps: bool = False,
+    ):
+        if not isinstance(gradient_release, bool) or not isinstance(skip_nonfinite_steps, bool):
+            raise TypeError("gradient_release and skip_nonfinite_steps must be bools")
+        if max_grad_norm is not None:
+            max_grad_norm = check_nonneg("max_grad_norm", max_grad_norm)
+            if max_grad_norm == 0:
+                raise ValueError("Invalid max_grad_norm: 0; it must be > 0 (or None: no clipping)")
+        if gradient_release and skip_nonfinite_steps:
+            raise ValueError(
+                "skip_nonfinite_steps=True cannot work with gradient_release=True: each parameter is "
+                "stepped during backward, before the gradients of the others exist, so a step cannot be "
+                "skipped as a whole; use skip_nonfinite=True (per element) with gradient release"
+            )
+        self.max_grad_norm = max_grad_norm
+        self.skip_nonfinite_steps = skip_nonfinite_steps
+        self.skipped_steps = 0  # whole steps skipped for a non-finite gradient (or GradScaler's found_inf)
+        self.last_grad_norm: float | None = None  # the global gradient norm the last clipping used
+        self._release = _Release() if gradient_release else None
         defaults = {**ENGINE_DEFAULTS, **defaults}
         defaults["betas"] = (
             tuple(defaults["betas"]) if isinstance(defaults.get("betas"), list) else defaults.get("betas")
@@ -238,6 +343,11 @@ class Optimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         # Checkpoints pickled by older versions get defaults for options added later.
+        state.setdefault("max_grad_norm", None)
+        state.setdefault("skip_nonfinite_steps", False)
+        state.setdefault("skipped_steps", 0)
+        state.setdefault("last_grad_norm", None)
+        state["_release"] = None  # hooks live on the parameters: not pickled, not restored
         super().__setstate__(state)
         self._plans, self._checked = {}, {}
         for group in self.param_groups:
@@ -246,7 +356,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict:
         # The kernel's tables hold pointers; they are rebuilt on the next step after unpickling.
-        return {k: v for k, v in super().__getstate__().items() if k not in ("_plans", "_checked")}
+        return {k: v for k, v in super().__getstate__().items() if k not in ("_plans", "_checked", "_release")}
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group (validated first: a bad group raises and leaves the optimizer unchanged)."""
@@ -308,6 +418,8 @@ class Optimizer(torch.optim.Optimizer):
         if named:
             param_group.setdefault("param_names", [n for n, _ in named])
         super().add_param_group(param_group)
+        if getattr(self, "_release", None) is not None:
+            self._release.register(self, len(self.param_groups) - 1)
 
     def _hyper(self, index: int, group: dict) -> dict:
         """The group's validated hyperparameters; validated again only when the group changed
@@ -440,6 +552,17 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._release is not None:
+            if getattr(self, "found_inf", None) is not None:
+                raise RuntimeError(
+                    "adamkit: GradScaler cannot drive gradient_release=True: the parameters were "
+                    "stepped in backward, before it could check the gradients for inf/nan; use "
+                    "bf16 autocast (no loss scaling) or gradient_release=False"
+                )
+            # the backward's parameters were stepped by their hooks (their gradients are None now);
+            # this closes the step (the global norm for the next clipping) and steps what is left:
+            # gradients assigned by hand, or set without accumulation (FSDP2's sharded gradients)
+            self._release.end_step(self)
         # Pass 1: check everything, so that bad input raises before any state or parameter changes.
         work = []
         for index, group in enumerate(self.param_groups):
@@ -454,19 +577,118 @@ class Optimizer(torch.optim.Optimizer):
                     "torch.optim.SparseAdam or a dense embedding (sparse=False)"
                 )
             work.append((index, group, hp, grads, has))
+        # The whole step's decisions (clipping, loss-scale, skip): one host synchronization.
+        gscale = self._whole_step_scale([g for *_, grads, has in work for g in itertools.compress(grads, has)])
+        if gscale is None:
+            self.skipped_steps += 1
+            return loss
         # Pass 2: update.
         base = 1  # uid: the parameter's position in the optimizer, stable across save/load
         for index, group, hp, grads, has in work:
             if any(has):
-                self._step_group(index, group, hp, grads, has, base)
+                self._step_group(index, group, hp, grads, has, base, gscale)
             base += len(group["params"])
         return loss
 
-    def _step_group(self, index: int, group: dict, hp: dict, grads: list, has: list, base: int) -> None:
-        """The dispatcher: the only place that knows backends, defaults and fallbacks."""
+    @torch._disable_dynamo
+    @torch.no_grad()
+    def _release_hook(self, p: torch.Tensor) -> None:
+        """Step one parameter whose gradient backward has just accumulated, then free the gradient
+        (gradient_release=True): the dispatcher's ordinary path on a one-row selection."""
+        rel = self._release
+        g = p.grad
+        if rel is None or g is None:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1 and not native.is_dtensor(p):
+                raise RuntimeError(
+                    "adamkit: gradient_release=True in a multi-process job on plain parameters "
+                    "(DistributedDataParallel): the hook would step with this rank's gradient before "
+                    "DDP's all-reduce; use FSDP2 (fully_shard) or gradient_release=False"
+                )
+        if g.is_sparse:
+            raise RuntimeError(f"adamkit.{type(self).__name__} does not support sparse gradients")
+        if id(p) in rel.seen:  # a second backward without step(): close the previous step
+            rel.end_step(self)
+        rel.seen.add(id(p))
+        index, i = rel.where[id(p)]
+        group = self.param_groups[index]
+        params = group["params"]
+        hp = self._hyper(index, group)
+        if "step" not in self.state.get(p, {}):
+            # state for the whole group at once: the native kernel's tables are built once, not
+            # once per parameter as each first gradient arrives
+            for q in params:
+                if q.requires_grad:
+                    self._init_state(q, group)
+        if self.max_grad_norm is not None:
+            sq = torch.linalg.vector_norm(native.local(g), 2.0, dtype=torch.float32).square()
+            rel.sq = sq if rel.sq is None else rel.sq + sq.to(rel.sq.device)
+        grads = [None] * len(params)
+        has = [False] * len(params)
+        grads[i], has[i] = g, True
+        base = 1 + sum(len(gr["params"]) for gr in self.param_groups[:index])
+        self._step_group(index, group, hp, grads, has, base, rel.scale)
+        p.grad = None
+
+    def _whole_step_scale(self, grads: list) -> float | None:
+        """The multiplier of every gradient in this step, or None to skip the step.
+
+        Folds GradScaler's unscale (``self.grad_scale``, set by ``GradScaler.step`` because
+        ``_step_supports_amp_scaling`` is True, as for torch's fused optimizers) and global-norm
+        clipping (``max_grad_norm``: ``min(1, max_norm / (norm + 1e-6))``, torch's
+        ``clip_grad_norm_`` formula) into one scalar that the kernels multiply each gradient by as
+        they read it: the gradients are neither rewritten nor copied. The step is skipped when
+        GradScaler found an inf/nan (``self.found_inf``) or, with ``skip_nonfinite_steps``, when the
+        global norm is not finite (an inf/nan anywhere). One device-to-host copy per step."""
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        need_norm = self.max_grad_norm is not None or self.skip_nonfinite_steps
+        if not grads or (grad_scale is None and found_inf is None and not need_norm):
+            return 1.0
+        host = []  # device scalars read back together
+        if need_norm:
+            norm = total_norm(grads)
+            if grad_scale is not None:  # the norm of the unscaled gradients
+                norm = norm / grad_scale.to(norm.device, norm.dtype)
+            host.append(norm.reshape(()).double().cpu())
+        if found_inf is not None:
+            host.append(found_inf.reshape(()).double().cpu())
+        if grad_scale is not None:
+            # GradScaler unscales by this fp32 reciprocal (its _unscale_grads_)
+            host.append(grad_scale.double().reciprocal().float().double().reshape(()).cpu())
+        values = torch.stack(host).tolist() if host else []
+        scale = 1.0
+        if grad_scale is not None:
+            scale = values.pop()
+        if found_inf is not None and values.pop() != 0:
+            return None
+        if need_norm:
+            norm_value = values.pop()
+            if self.skip_nonfinite_steps and not math.isfinite(norm_value):
+                return None
+            if self.max_grad_norm is not None:
+                self.last_grad_norm = norm_value
+                scale *= clip_coef(self.max_grad_norm, norm)
+        return scale
+
+    def _step_group(
+        self, index: int, group: dict, hp: dict, grads: list, has: list, base: int, gscale: float = 1.0
+    ) -> None:
+        """The dispatcher: the only place that knows backends, defaults and fallbacks.
+
+        ``gscale`` multiplies every gradient as it is read (clipping, loss-scale): it is folded into
+        the scalars' ``grad_sign``, which every backend multiplies g by (the per-tensor ones when
+        ``Flags.maximize`` is None, as the compiled kernel always does)."""
         alg = self.algorithm
         flags = alg.flags(group, hp)
         scalars_of = lambda step: alg.scalars(hp, step, flags)  # noqa: E731
+        if gscale != 1.0:
+            plain_scalars = scalars_of
+
+            def scalars_of(step):
+                s = plain_scalars(step)
+                return s._replace(grad_sign=s.grad_sign * gscale)
         params = group["params"]
         backend = group["backend"]
         rest = None
@@ -493,6 +715,8 @@ class Optimizer(torch.optim.Optimizer):
             return
         items = [self._item(params[i], group, base + i) for i in rest]
         counters = [self.state[params[i]]["step"] for i in rest]
+        if gscale != 1.0:
+            flags = flags._replace(maximize=None)  # the sign and scale come from the scalars
         if backend == "reference":
             run_reference(alg, items, scalars_of, flags)
         elif backend == "foreach":

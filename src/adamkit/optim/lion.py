@@ -90,7 +90,8 @@ class Lion(Optimizer):
         weight_decay: :math:`\lambda`, decoupled: :math:`\theta \leftarrow \theta(1-\gamma\lambda)`.
             Default 0.
         maximize, kahan_sum, stochastic_rounding, master_weights, state_format, min_8bit_size,
-        skip_nonfinite, backend, foreach, fused: as for :class:`adamkit.AdamW`.
+        skip_nonfinite, backend, foreach, fused, max_grad_norm, skip_nonfinite_steps,
+        gradient_release: as for :class:`adamkit.AdamW`.
 
     State per parameter: ``step`` and ``exp_avg`` m (4 B/param fp32, 2 bf16, ~1 8-bit).
 
@@ -117,6 +118,9 @@ class Lion(Optimizer):
         backend: str = "auto",
         foreach: bool | None = None,
         fused: bool | None = None,
+        gradient_release: bool = False,
+        max_grad_norm: float | None = None,
+        skip_nonfinite_steps: bool = False,
     ):
         super().__init__(
             params,
@@ -135,4 +139,7 @@ class Lion(Optimizer):
                 foreach=foreach,
                 fused=fused,
             ),
+            gradient_release=gradient_release,
+            max_grad_norm=max_grad_norm,
+            skip_nonfinite_steps=skip_nonfinite_steps,
         )

@@ -451,8 +451,10 @@ def build_optimizer(
     lr: float | None = None,
     precision: str = "fp32",
     state: str = "default",
+    **engine: Any,
 ) -> torch.optim.Optimizer:
     """The optimizer of a recipe over ``model``'s parameters (already cast to the recipe's dtype).
+    ``engine``: adamkit engine options (``gradient_release``, ``max_grad_norm``), adamkit only.
 
     Raises:
         ValueError: an unknown name, or precision/state options on a non-adamkit optimizer.
@@ -464,9 +466,11 @@ def build_optimizer(
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr}")
     groups = adamkit.param_groups_weight_decay(model, spec.weight_decay)
-    extra = {**PRECISIONS[precision].kwargs, **STATES[state]}
+    if engine and not spec.adamkit:
+        raise ValueError(f"{', '.join(engine)} need an adamkit optimizer, not {optimizer!r}")
+    extra = {**PRECISIONS[precision].kwargs, **STATES[state], **engine}
     try:
-        return spec.factory(groups, lr=lr, **kwargs)
+        return spec.factory(groups, lr=lr, **kwargs, **engine)
     except TypeError as err:
         if not extra:
             raise

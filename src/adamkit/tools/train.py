@@ -223,6 +223,7 @@ def fit(
     progress: bool = True,
     desc: str | None = None,
     clip: float | None = None,
+    grads: str = "clip_grad_norm",
     save: str | Path | None = None,
     resume: dict | None = None,
     stop_after: int | None = None,
@@ -241,6 +242,9 @@ def fit(
     sampler's RNG and the curves so far, plus ``meta``) at every evaluation and at the end;
     ``resume`` (a loaded checkpoint) continues it, bit for bit as if it had not stopped.
     ``stop_after`` ends the run after that step (an interruption on purpose, to resume later).
+    ``grads``: how ``clip`` is applied: ``"clip_grad_norm"`` (torch's, before the step), ``"fused"``
+    (the optimizer's ``max_grad_norm``: the same result, no extra pass) or ``"release"``
+    (``gradient_release=True``; clipping by the previous step's global norm).
     ``model`` and ``optimizer`` of the run are kept on the result's ``model`` attribute for sampling.
     """
     if not isinstance(steps, int) or steps < 1:
@@ -251,7 +255,14 @@ def fit(
     t_start = time.perf_counter()
     with _PeakRSS() as peak:
         model = tasks.cast_model(task.build_model(seed), precision)
-        opt = tasks.build_optimizer(model, optimizer, lr=lr, precision=precision, state=state)
+        if grads not in GRAD_MODES:
+            raise ValueError(f"unknown grads mode {grads!r}; choose one of {', '.join(GRAD_MODES)}")
+        engine: dict = {}
+        if grads != "clip_grad_norm":
+            engine = {"max_grad_norm": clip} if clip is not None else {}
+            if grads == "release":
+                engine["gradient_release"] = True
+        opt = tasks.build_optimizer(model, optimizer, lr=lr, precision=precision, state=state, **engine)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
         sample = task.sampler(seed)
         val = task.val_batches()
@@ -292,7 +303,7 @@ def fit(
             loss = task.loss(model, sample())
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if clip is not None:
+            if clip is not None and grads == "clip_grad_norm":
                 # Rescale the whole gradient to norm <= clip: one outlier batch cannot throw Adam's
                 # moments (and the weights) far off, which at lr 3e-3 spiked one seed in three.
                 nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -353,7 +364,11 @@ class TrainConfig:
     # Gradient-norm clipping at 1.0 (as nanoGPT): without it, at lr 3e-3 one seed in three had a
     # loss spike (seed 1: validation 1.86 against 1.47 with clipping).
     clip: float | None = 1.0
+    grads: str = "clip_grad_norm"  # GRAD_MODES: torch's clipping, the fused one, gradient release
 
+
+# How the gradient reaches the optimizer (--grads): see fit().
+GRAD_MODES = ("clip_grad_norm", "fused", "release")
 
 # The fields of TrainConfig that define the run (a resumed run must agree on them).
 RECIPE_FIELDS = (
@@ -366,6 +381,7 @@ RECIPE_FIELDS = (
     "state",
     "model",
     "clip",
+    "grads",
     "evals",
 )
 
@@ -438,6 +454,7 @@ def train(
             evals=config.evals,
             progress=config.progress,
             clip=config.clip,
+            grads=config.grads,
             save=save,
             resume=ckpt,
             stop_after=stop_after,
@@ -525,6 +542,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.clip,
         help="clip the gradient's global norm to this before each step; 0: off (default: %(default)s)",
     )
+    parser.add_argument(
+        "--grads",
+        choices=GRAD_MODES,
+        default=d.grads,
+        help="clip_grad_norm: torch's clipping before the step; fused: the optimizer's max_grad_norm "
+        "(same result, no extra pass); release: gradient release (no gradient buffer), clipped by the "
+        "previous step's global norm (default: %(default)s)",
+    )
     io = parser.add_argument_group("checkpoints and samples")
     io.add_argument(
         "--save",
@@ -562,6 +587,7 @@ _FLAGS = {
     "state": "--state",
     "model": "--d-model/--layers/--heads/--context",
     "clip": "--clip",
+    "grads": "--grads",
     "evals": "--evals",
 }
 
@@ -583,6 +609,7 @@ def describe(config: TrainConfig) -> str:
     m = config.model
     decay = f"weight decay {spec.weight_decay:g} (matrices only)" if spec.weight_decay else "no weight decay"
     clip = f"gradient norm clipped to {config.clip:g}" if config.clip else "no gradient clipping"
+    clip += f" ({config.grads})" if config.grads != "clip_grad_norm" else ""
     return (
         f"training a {m.n_layers}-layer GPT (d_model {m.d_model}, {m.n_heads} heads, context {m.context}) "
         f"on pydoc_data.topics\n"
@@ -609,6 +636,7 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
             progress=not args.no_progress,
             clip=args.clip or None,
+            grads=args.grads,
         )
         tasks.optimizer_kwargs(config.optimizer, config.precision, config.state)  # fail before building
         if args.sample < 0:

@@ -1,0 +1,184 @@
+"""Gradient release, fused clipping (max_grad_norm), whole-step non-finite skip, GradScaler."""
+
+import copy
+
+import pytest
+import torch
+
+import adamkit
+
+ALGS = {
+    "Adam": lambda ps, **kw: adamkit.Adam(ps, lr=1e-2, weight_decay=0.1, **kw),
+    "AdamW": lambda ps, **kw: adamkit.AdamW(ps, lr=1e-2, weight_decay=0.1, **kw),
+    "Lion": lambda ps, **kw: adamkit.Lion(ps, lr=1e-3, weight_decay=0.1, **kw),
+}
+BACKENDS = ("reference", "foreach", "auto")
+
+
+def model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3)).to(dtype)
+
+
+def batches(n, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(5, 6, generator=g).to(dtype) for _ in range(n)]
+
+
+def loss_of(m, x):
+    return (m(x).float() ** 2).sum()
+
+
+def flat_state(opt):
+    return [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+
+
+@pytest.mark.parametrize("alg", ALGS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_grad_norm_equals_clip_grad_norm_then_step(alg, backend):
+    a, b = model(), model()
+    oa = ALGS[alg](a.parameters(), backend=backend, max_grad_norm=0.5)
+    ob = ALGS[alg](b.parameters(), backend=backend)
+    for x in batches(3):
+        for m in (a, b):
+            loss_of(m, x).backward()
+        norm = torch.nn.utils.clip_grad_norm_(b.parameters(), 0.5)
+        assert norm > 0.5  # clipping is active
+        oa.step()
+        ob.step()
+        assert oa.last_grad_norm == pytest.approx(float(norm), rel=1e-6)
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+    for sa, sb in zip(flat_state(oa), flat_state(ob)):
+        torch.testing.assert_close(sa, sb, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("alg", ALGS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_nonfinite_steps_changes_nothing(alg, backend):
+    m = model()
+    opt = ALGS[alg](m.parameters(), backend=backend, skip_nonfinite_steps=True)
+    xs = batches(2)
+    loss_of(m, xs[0]).backward()
+    opt.step()
+    opt.zero_grad()
+    before = copy.deepcopy((list(m.parameters()), opt.state_dict()))
+    loss_of(m, xs[1]).backward()
+    m[0].weight.grad[1, 2] = float("nan")
+    opt.step()
+    assert opt.skipped_steps == 1
+    for p, q in zip(m.parameters(), before[0]):
+        assert torch.equal(p, q)
+    after = opt.state_dict()["state"]
+    for k, st in before[1]["state"].items():
+        for name, v in st.items():
+            assert torch.equal(after[k][name], v), name
+    m[0].weight.grad[1, 2] = 0.0
+    opt.step()  # a finite step goes through
+    assert opt.skipped_steps == 1 and float(opt.state[m[0].weight]["step"]) == 2
+
+
+@pytest.mark.parametrize("alg", ALGS)
+def test_grad_scaler_unscale_folded_and_found_inf_skips(alg):
+    a, b = model(), model()
+    oa, ob = ALGS[alg](a.parameters(), backend="reference"), ALGS[alg](b.parameters(), backend="reference")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x = batches(1)[0]
+    scaler.scale(loss_of(a, x)).backward()
+    loss_of(b, x).backward()
+    scaler.step(oa)  # unscale folded into the step: the gradients keep their scaled values
+    scaler.update()
+    assert a[0].weight.grad.abs().max() > 100 * b[0].weight.grad.abs().max()
+    ob.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb)
+    # an inf: the scaler skips the step and lowers its scale
+    oa.zero_grad()
+    scaler.scale(loss_of(a, x)).backward()
+    a[2].bias.grad[0] = float("inf")
+    before = [p.clone() for p in a.parameters()]
+    scaler.step(oa)
+    scaler.update()
+    assert oa.skipped_steps == 1 and scaler.get_scale() < 1024.0
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+    assert float(oa.state[a[0].weight]["step"]) == 1
+
+
+FORMATS = {
+    "fp64": (torch.float64, {}),
+    "fp64-bf16-state": (torch.float64, {"state_format": "bf16"}),
+    "fp64-8bit": (torch.float64, {"state_format": "8bit", "min_8bit_size": 0}),
+    "fp32": (torch.float32, {}),
+    "bf16-kahan": (torch.bfloat16, {}),
+    "bf16-sr": (torch.bfloat16, {"stochastic_rounding": True, "kahan_sum": False}),
+    "bf16-master": (torch.bfloat16, {"master_weights": True, "kahan_sum": False}),
+}
+
+
+@pytest.mark.parametrize("alg", ALGS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gradient_release_equals_ordinary_step(alg, backend, fmt):
+    dtype, kw = FORMATS[fmt]
+    if backend == "auto" and dtype == torch.float64:
+        pytest.skip("fp64 under auto runs torch.compile: covered by reference/foreach")
+    a, b = model(dtype), model(dtype)
+    oa = ALGS[alg](a.parameters(), backend=backend, gradient_release=True, **kw)
+    ob = ALGS[alg](b.parameters(), backend=backend, **kw)
+    sa = torch.optim.lr_scheduler.StepLR(oa, 1, gamma=0.5)
+    sb = torch.optim.lr_scheduler.StepLR(ob, 1, gamma=0.5)
+    for x in batches(3, dtype):
+        loss_of(a, x).backward()
+        assert all(p.grad is None for p in a.parameters())  # stepped and freed in backward
+        oa.step()  # callable: does nothing to released parameters
+        oa.zero_grad()
+        loss_of(b, x).backward()
+        ob.step()
+        ob.zero_grad()
+        sa.step()
+        sb.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+    da, db = oa.state_dict(), ob.state_dict()
+    assert da["param_groups"] == db["param_groups"]
+    assert da["state"].keys() == db["state"].keys()
+    for k in da["state"]:
+        assert da["state"][k].keys() == db["state"][k].keys()
+        for name in da["state"][k]:
+            torch.testing.assert_close(da["state"][k][name], db["state"][k][name], rtol=0, atol=0)
+
+
+def test_release_clipping_uses_the_previous_steps_global_norm():
+    a, b = model(), model()
+    oa = adamkit.AdamW(a.parameters(), lr=1e-2, gradient_release=True, max_grad_norm=0.5)
+    ob = adamkit.AdamW(b.parameters(), lr=1e-2)
+    coef = 1.0  # the first step is not clipped
+    for x in batches(3):
+        loss_of(a, x).backward()
+        oa.step()
+        loss_of(b, x).backward()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in b.parameters()])
+        for p in b.parameters():
+            p.grad.mul_(coef)
+        ob.step()
+        ob.zero_grad()
+        assert oa.last_grad_norm == pytest.approx(float(norm), rel=1e-6)
+        coef = float(torch.clamp(0.5 / (norm + 1e-6), max=1.0))
+        assert coef < 1
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+
+
+def test_release_refusals():
+    m = model()
+    with pytest.raises(ValueError, match="skip_nonfinite_steps"):
+        adamkit.AdamW(m.parameters(), gradient_release=True, skip_nonfinite_steps=True)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        adamkit.AdamW(m.parameters(), max_grad_norm=0)
+    opt = adamkit.AdamW(m.parameters(), gradient_release=True)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(loss_of(m, batches(1)[0])).backward()
+    with pytest.raises(RuntimeError, match="GradScaler"):
+        scaler.step(opt)
