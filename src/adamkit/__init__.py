@@ -1,7 +1,7 @@
 """adamkit: the Adam family of optimizers for PyTorch, faster and leaner, as drop-in replacements."""
 
-from .optim import CAME, Adafactor, Adam, AdamMini, AdamW, Lamb, Lion
+from .optim import CAME, Adafactor, Adam, AdamMini, AdamW, Lamb, Lion, SophiaG
 from .param_groups import param_groups_weight_decay
 
 __version__ = "0.1.0"
-__all__ = ["Adafactor", "Adam", "AdamMini", "AdamW", "CAME", "Lamb", "Lion", "param_groups_weight_decay", "__version__"]
+__all__ = ["Adafactor", "Adam", "AdamMini", "AdamW", "CAME", "Lamb", "Lion", "SophiaG", "param_groups_weight_decay", "__version__"]

@@ -57,6 +57,12 @@ class TensorList:
     def sqrt(self):
         return TensorList(torch._foreach_sqrt(self.ts))
 
+    def abs(self):
+        return TensorList(torch._foreach_abs(self.ts))
+
+    def clamp_max(self, o):
+        return TensorList(torch._foreach_clamp_max(self.ts, o))
+
     def sign(self):
         return TensorList(torch._foreach_sign(self.ts))
 

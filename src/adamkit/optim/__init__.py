@@ -6,5 +6,6 @@ from .adam_mini import AdamMini
 from .came import CAME
 from .lamb import Lamb
 from .lion import Lion
+from .sophia import SophiaG
 
-__all__ = ["Adafactor", "Adam", "AdamMini", "AdamW", "CAME", "Lamb", "Lion"]
+__all__ = ["Adafactor", "Adam", "AdamMini", "AdamW", "CAME", "Lamb", "Lion", "SophiaG"]
