@@ -393,7 +393,7 @@ def test_bad_input_rejected_before_any_change(name, cls, kw, plan_name, between)
 def test_planner_state_bytes_exact(name, cls, kw, plan_name, between, dtype, fmt):
     shapes = [(64, 32), (3, 16, 8), (100,), ()]
     ps = [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
-    opt = cls(ps, **kw, **fmt)
+    opt = cls(ps, backend="foreach", **kw, **fmt)
     for p in ps:
         p.grad = torch.randn_like(p)
     opt.step()
@@ -415,3 +415,27 @@ def test_quick_race_rows_run():
     for name in names:
         run = result.runs[name]
         assert math.isfinite(run.val_loss) and run.val_loss < run.initial_val_loss, name
+
+
+@pytest.mark.compiled_kernel
+@pytest.mark.parametrize("dtype,fmt", [FORMATS[0], FORMATS[3]])
+def test_sophia_compiled_kernel_equals_reference_and_lr_never_recompiles(dtype, fmt):
+    """Sophia-G is elementwise: backend "fused" runs it on the torch.compile kernel (it has no C
+    body). Bit for bit the reference's; an lr schedule, weight decay and bs changes never recompile."""
+    kw = {"lr": 0.01, "rho": 0.05, "weight_decay": 0.1}
+    ref = make(adamkit.SophiaG, kw, dtype, fmt, backend="reference")
+    run = make(adamkit.SophiaG, kw, dtype, fmt, backend="fused")
+    drive(*ref, HESSIAN, 1, 14)
+    drive(*run, HESSIAN, 1, 14)  # compiles (or loads) the kernel
+    assert_same(run, ref, "step 1")
+    gen = torch.Generator().manual_seed(15)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for t in range(3):
+            gs = grads_for(ref[0], gen)
+            for ps, opt in (ref, run):
+                opt.param_groups[0]["lr"] = 0.01 / (t + 2)
+                opt.param_groups[0]["weight_decay"] = 0.05 * t
+                for p, g in zip(ps, gs):
+                    p.grad = g.clone()
+                opt.step(bs=3 + t)
+            assert_same(run, ref, f"step {t + 2}")
