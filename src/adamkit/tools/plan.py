@@ -986,7 +986,9 @@ def adamkit_state_bytes(
 
     Args:
         shapes: one shape (tuple, ``torch.Size``) or tensor per parameter.
-        optimizer: ``"adamw"``/``"adam"`` (m, v) or ``"lion"`` (m only).
+        optimizer: ``"adamw"``/``"adam"`` (m, v), ``"lion"`` (m only), or a variant of
+            :data:`ADAMKIT_SLOT_OPTIMIZERS` (counted from its slots' shape rules; extra components
+            ``"hessian"``, ``"confidence"``).
         state_format: ``None`` (the parameter's dtype), ``"fp32"``, ``"bf16"`` or ``"8bit"``.
         amsgrad: count ``max_exp_avg_sq`` (Adam/AdamW).
         param_dtype: the parameters' dtype (``torch.bfloat16``, ``"bf16"``...).
