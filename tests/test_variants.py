@@ -87,7 +87,10 @@ def adafactor_m_oracle(p, g, st, t, lr, beta1, eps1, eps2=1e-3, d=1.0, c=-0.8):
     st["r"] = [(1 - b2) * r + b2 * sum(x * x for x in g[i]) / C for i, r in enumerate(st["r"])]
     st["c"] = [(1 - b2) * c_ + b2 * sum(g[i][j] ** 2 for i in range(R)) / R for j, c_ in enumerate(st["c"])]
     mean_r = max(sum(st["r"]) / R, eps1)
-    u = [[g[i][j] / math.sqrt(max(st["r"][i] * st["c"][j] / mean_r, eps1 * eps1)) for j in range(C)] for i in range(R)]
+    u = [
+        [g[i][j] / math.sqrt(max(st["r"][i] * st["c"][j] / mean_r, eps1 * eps1)) for j in range(C)]
+        for i in range(R)
+    ]
     clip = max(1.0, math.sqrt(sum(x * x for row in u for x in row) / (R * C)) / d)
     st["m"] = [[beta1 * st["m"][i][j] + (1 - beta1) * u[i][j] / clip for j in range(C)] for i in range(R)]
     return [[p[i][j] - alpha * st["m"][i][j] for j in range(C)] for i in range(R)]
@@ -106,7 +109,9 @@ def test_adafactor_first_moment_matches_its_equations():
         opt.step()
         ref = adafactor_m_oracle(ref, g.tolist(), st, t, 0.05, 0.9, torch.finfo(torch.float64).eps)
         torch.testing.assert_close(p.detach(), torch.tensor(ref, dtype=torch.float64), rtol=1e-9, atol=0)
-        torch.testing.assert_close(opt.state[p]["exp_avg"], torch.tensor(st["m"], dtype=torch.float64), rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(
+            opt.state[p]["exp_avg"], torch.tensor(st["m"], dtype=torch.float64), rtol=1e-9, atol=1e-15
+        )
 
 
 @pytest.mark.parametrize("backend", ["reference", "foreach"])
@@ -123,9 +128,13 @@ def test_came_matches_came_pytorch_float64(backend):
 def test_sophia_matches_sophia_opt_float64(backend):
     sophia_opt = pytest.importorskip("sophia_opt")
     v = values(7)
-    ours = adamkit.SophiaG([x.clone().requires_grad_() for x in v], lr=0.03, rho=0.05, weight_decay=0.1, backend=backend)
+    ours = adamkit.SophiaG(
+        [x.clone().requires_grad_() for x in v], lr=0.03, rho=0.05, weight_decay=0.1, backend=backend
+    )
     theirs = sophia_opt.SophiaG([x.clone().requires_grad_() for x in v], lr=0.03, rho=0.05, weight_decay=0.1)
-    lockstep(ours, theirs, 6, 8, ("exp_avg", "hessian"), between=lambda o: o.update_hessian(), step_kw={"bs": 7})
+    lockstep(
+        ours, theirs, 6, 8, ("exp_avg", "hessian"), between=lambda o: o.update_hessian(), step_kw={"bs": 7}
+    )
 
 
 def test_sophia_update_hessian_leaves_params_and_momentum():
@@ -135,7 +144,9 @@ def test_sophia_update_hessian_leaves_params_and_momentum():
     p.grad = torch.ones(5, dtype=torch.float64)
     opt.update_hessian()  # before any step: state is created, step stays 0
     assert float(opt.state[p]["step"]) == 0 and torch.equal(p.detach(), v)
-    torch.testing.assert_close(opt.state[p]["hessian"], torch.full((5,), 0.01, dtype=torch.float64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        opt.state[p]["hessian"], torch.full((5,), 0.01, dtype=torch.float64), rtol=0, atol=1e-15
+    )
     assert torch.equal(opt.state[p]["exp_avg"], torch.zeros(5, dtype=torch.float64))
     with pytest.raises(ValueError, match="bs"):
         opt.step(bs=0)
@@ -167,7 +178,10 @@ def test_lamb_matches_its_equation_float64(wd, backend):
             g = g.reshape(-1).tolist()
             m[i] = [b1 * a + (1 - b1) * x for a, x in zip(m[i], g)]
             s[i] = [b2 * a + (1 - b2) * x * x for a, x in zip(s[i], g)]
-            r = [(a / (1 - b1**t)) / (math.sqrt(c / (1 - b2**t)) + eps) + wd * w for a, c, w in zip(m[i], s[i], ref[i])]
+            r = [
+                (a / (1 - b1**t)) / (math.sqrt(c / (1 - b2**t)) + eps) + wd * w
+                for a, c, w in zip(m[i], s[i], ref[i])
+            ]
             pn, rn = math.sqrt(sum(w * w for w in ref[i])), math.sqrt(sum(x * x for x in r))
             phi = pn / rn if pn > 0 and rn > 0 else 1.0
             ref[i] = [w - lr * phi * x for w, x in zip(ref[i], r)]
@@ -203,10 +217,14 @@ def test_adam_mini_matches_its_equations_float64(backend):
                     m[i][k][j] = b1 * m[i][k][j] + (1 - b1) * x
                     ref[i][k][j] = ref[i][k][j] * (1 - lr * wd) - lr * (m[i][k][j] / (1 - b1**t)) / denom
         for i, p in enumerate(ps):
-            torch.testing.assert_close(p.detach(), torch.tensor(ref[i], dtype=torch.float64).view(p.shape), rtol=1e-9, atol=1e-15)
+            torch.testing.assert_close(
+                p.detach(), torch.tensor(ref[i], dtype=torch.float64).view(p.shape), rtol=1e-9, atol=1e-15
+            )
             st = opt.state[p]["exp_avg_sq"]
             assert st.numel() == blocks[i]
-            torch.testing.assert_close(st.reshape(-1), torch.tensor(vv[i], dtype=torch.float64), rtol=1e-9, atol=0)
+            torch.testing.assert_close(
+                st.reshape(-1), torch.tensor(vv[i], dtype=torch.float64), rtol=1e-9, atol=0
+            )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -241,7 +259,7 @@ def make(cls, kw, dtype, fmt, backend="foreach", seed=0):
 
 def drive(ps, opt, between, steps, seed):
     gen = torch.Generator().manual_seed(seed)
-    for t in range(steps):
+    for _ in range(steps):
         for p, g in zip(ps, grads_for(ps, gen)):
             p.grad = g
         opt.step()
@@ -350,7 +368,13 @@ def test_lr_change_takes_effect_and_lr_zero_freezes(name, cls, kw, plan_name, be
     assert not torch.equal(ps[0].detach(), frozen[0])
 
 
-BAD = [("lr", -1.0), ("lr", float("nan")), ("weight_decay", -0.1), ("maximize", "yes"), ("skip_nonfinite", True)]
+BAD = [
+    ("lr", -1.0),
+    ("lr", float("nan")),
+    ("weight_decay", -0.1),
+    ("maximize", "yes"),
+    ("skip_nonfinite", True),
+]
 
 
 @pytest.mark.parametrize("name,cls,kw,plan_name,between", ROWS)
@@ -410,7 +434,9 @@ def test_quick_race_rows_run():
     from adamkit.tools import race
 
     names = ["adafactor", "came", "adam-mini", "lamb"]
-    result = race.race("gpt", names, quick=True, steps=6, evals=1, untimed_steps=0, progress=False, log=lambda *a: None)
+    result = race.race(
+        "gpt", names, quick=True, steps=6, evals=1, untimed_steps=0, progress=False, log=lambda *a: None
+    )
     assert set(result.runs) == set(names), (result.failed, result.skipped)
     for name in names:
         run = result.runs[name]

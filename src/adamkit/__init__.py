@@ -4,4 +4,7 @@ from .optim import CAME, Adafactor, Adam, AdamMini, AdamW, Lamb, Lion, SophiaG
 from .param_groups import param_groups_weight_decay
 
 __version__ = "0.1.0"
-__all__ = ["Adafactor", "Adam", "AdamMini", "AdamW", "CAME", "Lamb", "Lion", "SophiaG", "param_groups_weight_decay", "__version__"]
+__all__ = [
+    "CAME", "Adafactor", "Adam", "AdamMini", "AdamW", "Lamb", "Lion", "SophiaG",
+    "param_groups_weight_decay", "__version__",
+]  # fmt: skip

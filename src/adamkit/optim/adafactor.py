@@ -7,7 +7,8 @@ For a parameter of :math:`\ge 2` dimensions (factored over its last two, of size
 .. math::
    \begin{aligned}
      &\hat\beta_{2,t} = 1 - t^{c} \quad (c = \text{beta2\_decay} \le 0),\quad
-       \rho_t = \min(\gamma, 1/\sqrt t),\quad \alpha_t = \max(\epsilon_2, \mathrm{RMS}(\theta_{t-1}))\,\rho_t \\
+       \rho_t = \min(\gamma, 1/\sqrt t),\quad
+       \alpha_t = \max(\epsilon_2, \mathrm{RMS}(\theta_{t-1}))\,\rho_t \\
      &\theta_{t-1} \leftarrow \theta_{t-1}(1 - \gamma\lambda) \\
      &r_t = \hat\beta_{2,t} r_{t-1} + (1-\hat\beta_{2,t})\,\mathrm{mean}_{\text{cols}}(g_t^2),\quad
       c_t = \hat\beta_{2,t} c_{t-1} + (1-\hat\beta_{2,t})\,\mathrm{mean}_{\text{rows}}(g_t^2) \\
@@ -128,8 +129,12 @@ def adafactor_update(p, g, slots: list, s: Scalars, f: Flags):
     if f.wd_mode == "decoupled":
         p = p * s.decay
     if row is not None:  # factored over the last two dimensions
-        row = row.lerp(torch.linalg.vector_norm(g, dim=-1, keepdim=True).square() / g.size(-1), s.one_minus_beta2_t)
-        col = col.lerp(torch.linalg.vector_norm(g, dim=-2, keepdim=True).square() / g.size(-2), s.one_minus_beta2_t)
+        row = row.lerp(
+            torch.linalg.vector_norm(g, dim=-1, keepdim=True).square() / g.size(-1), s.one_minus_beta2_t
+        )
+        col = col.lerp(
+            torch.linalg.vector_norm(g, dim=-2, keepdim=True).square() / g.size(-2), s.one_minus_beta2_t
+        )
         v_hat = (row @ col) / row.mean(dim=-2, keepdim=True).clamp(min=eps1)
     else:
         var = var.lerp(g * g, s.one_minus_beta2_t)

@@ -72,7 +72,9 @@ class Algorithm:
 
     def active_slots(self, flags: Flags) -> tuple[Slot, ...]:
         return tuple(
-            s for s in self.slots if s.option is None or s.option in flags.options or getattr(flags, s.option, False)
+            s
+            for s in self.slots
+            if s.option is None or s.option in flags.options or getattr(flags, s.option, False)
         )
 
     def slot_names(self, group: dict) -> tuple[str, ...]:

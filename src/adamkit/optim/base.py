@@ -726,7 +726,11 @@ class Optimizer(torch.optim.Optimizer):
                 if slot.option is None or not group.get(slot.option):
                     continue
                 for p in group["params"]:
-                    if p in new_state and slot.name not in new_state[p] and slot.shape_for(p.shape) is not None:
+                    if (
+                        p in new_state
+                        and slot.name not in new_state[p]
+                        and slot.shape_for(p.shape) is not None
+                    ):
                         raise ValueError(
                             f"the state dict enables {slot.option} but has no {slot.name!r} for a parameter"
                         )

@@ -52,7 +52,14 @@ def flags(group: dict, hp: dict) -> Flags:
 def scalars(hp: dict, step: float, f: Flags) -> Scalars:
     b1, b2 = hp["beta1"], hp["beta2"]
     return Scalars(
-        -1.0 if f.maximize else 1.0, hp["lr"], b1, b2, hp["eps"], hp["weight_decay"], 1 - b1**step, 1 - b2**step
+        -1.0 if f.maximize else 1.0,
+        hp["lr"],
+        b1,
+        b2,
+        hp["eps"],
+        hp["weight_decay"],
+        1 - b1**step,
+        1 - b2**step,
     )
 
 

@@ -58,7 +58,9 @@ def check(group: dict) -> dict:
 
 
 def flags(group: dict, hp: dict) -> Flags:
-    return Flags("decoupled" if hp["weight_decay"] else "none", False, group["maximize"], group["skip_nonfinite"])
+    return Flags(
+        "decoupled" if hp["weight_decay"] else "none", False, group["maximize"], group["skip_nonfinite"]
+    )
 
 
 def scalars(hp: dict, step: float, f: Flags) -> Scalars:
@@ -127,7 +129,9 @@ class SophiaG(Optimizer):
         **engine: Any,
     ):
         engine = engine_kwargs("SophiaG", engine)
-        super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, bs=5120, **engine))
+        super().__init__(
+            params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, bs=5120, **engine)
+        )
 
     def _required_group_keys(self) -> tuple[str, ...]:
         return ("lr", "betas", "rho", "weight_decay")
@@ -144,7 +148,7 @@ class SophiaG(Optimizer):
 
     @torch.no_grad()
     def update_hessian(self) -> None:
-        """:math:`h \leftarrow \beta_2 h + (1-\beta_2) g^2` from every ``p.grad`` (the sampled-label
+        r""":math:`h \leftarrow \beta_2 h + (1-\beta_2) g^2` from every ``p.grad`` (the sampled-label
         gradient), in each parameter's state format. Parameters, m and the step count are unchanged."""
         base = 1
         for index, group in enumerate(self.param_groups):
