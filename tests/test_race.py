@@ -156,7 +156,7 @@ def test_race_leaves_global_state_alone():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--recipes", "adamkit-adamw,lamb"], "unknown recipe(s) lamb"),
+        (["--recipes", "adamkit-adamw,adadelta"], "unknown recipe(s) adadelta"),
         (["--recipes", ","], "unknown recipe"),
     ],
 )

@@ -11,7 +11,7 @@ import torch
 
 from ..optim.algorithm import Algorithm, Flags, apply_update
 from ..storage.formats import Formats, compute_dtype
-from .reference import Item, decode_all, encode_all, index_and_seeds
+from .reference import Item, decode_all, encode_all, index_and_seeds, run_reference
 
 
 class TensorList:
@@ -56,6 +56,12 @@ class TensorList:
 
     def sqrt(self):
         return TensorList(torch._foreach_sqrt(self.ts))
+
+    def abs(self):
+        return TensorList(torch._foreach_abs(self.ts))
+
+    def clamp_max(self, o):
+        return TensorList(torch._foreach_clamp_max(self.ts, o))
 
     def sign(self):
         return TensorList(torch._foreach_sign(self.ts))
@@ -110,7 +116,15 @@ def _write_back(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
 
 
 def run_foreach(alg: Algorithm, items: list[Item], scalars_of: Callable, flags: Flags) -> None:
-    """Batches share device, dtypes, formats and step number, so every scalar is one Python float."""
+    """Batches share device, dtypes, formats and step number, so every scalar is one Python float.
+
+    Algorithms that are not elementwise (``Algorithm.elementwise=False``: per-tensor norms, row
+    means, slots of other shapes) run one tensor at a time through the reference loop: their
+    reductions would need one foreach kernel per tensor anyway, and their slots differ in shape
+    between parameters, so there is nothing to batch."""
+    if not alg.elementwise:
+        run_reference(alg, items, scalars_of, flags)
+        return
     buckets: dict[tuple, list[Item]] = defaultdict(list)
     for it in items:
         p = it.t["param"]

@@ -53,9 +53,12 @@ def decode_all(alg: Algorithm, fmt: Formats, t: dict, flags: Flags, cdt: torch.d
     aux = param_aux_key(fmt.param)
     slots = []
     for slot in alg.active_slots(flags):
-        if fmt.state == "8bit":
+        shape = slot.shape_for(p.shape)
+        if shape is None:  # not kept for a parameter of this shape (Slot.shape)
+            slots.append(None)
+        elif fmt.state == "8bit":
             name = slot.name
-            slots.append(quant8.decode(slot.signed, t[name], t[name + "_scale"], p.shape, cdt))
+            slots.append(quant8.decode(slot.signed, t[name], t[name + "_scale"], shape, cdt))
         else:
             slots.append(decode_state(fmt.state, t[slot.name], cdt))
     return decode_param(fmt.param, p, t.get(aux), cdt), t["grad"].to(cdt), slots
@@ -73,15 +76,21 @@ def encode_all(alg: Algorithm, fmt: Formats, t: dict, p, slots, flags: Flags, in
         out[param_aux_key(fmt.param)] = aux
     for k, (slot, x) in enumerate(zip(alg.active_slots(flags), slots)):
         name = slot.name
+        if x is None:  # not kept for this parameter's shape
+            continue
+        idx = index
+        if index is not None and slot.shape is not None and tuple(x.shape) != tuple(index.shape):
+            # a slot of its own shape (Slot.shape) numbers its own elements for stochastic rounding
+            idx = torch.arange(x.numel(), device=x.device).view(x.shape)
         if fmt.state == "8bit":
             # the compiled kernel passes (blocks, 256) values with their indices; per tensor,
             # encode pads to whole blocks and numbers the padded elements itself
             blocked = x.dim() == 2 and x.shape[1] == quant8.BLOCK
-            idx = index if blocked and index is not None and index.shape == x.shape else None
+            idx = idx if blocked and idx is not None and idx.shape == x.shape else None
             codes, out[name + "_scale"] = quant8.encode(slot.signed, x, idx, seeds[k + 1])
             out[name] = codes.view(t[name].shape)
         else:
-            out[name] = encode_state(fmt.state, x, index, seeds[k + 1])
+            out[name] = encode_state(fmt.state, x, idx, seeds[k + 1])
     return out
 
 
@@ -95,12 +104,17 @@ def needs_index(fmt: Formats) -> bool:
     return fmt.param in ("sr", "kahan") or fmt.state in ("bf16", "8bit")
 
 
+# streams per tensor on the per-tensor backends: the parameter and up to 7 slots (CAME has 6); the
+# first 4 are the native kernel's and the compiled kernel's (same values: mix_seed(step, uid, k))
+N_STREAMS = 8
+
+
 def index_and_seeds(it: Item):
     if not needs_index(it.fmt):
-        return None, step_seeds(it.step, it.uid)
+        return None, step_seeds(it.step, it.uid, N_STREAMS)
     p = it.t["param"]
     index = torch.arange(it.offset, it.offset + p.numel(), device=p.device).view(p.shape)
-    return index, step_seeds(it.step, it.uid)
+    return index, step_seeds(it.step, it.uid, N_STREAMS)
 
 
 def run_reference(alg: Algorithm, items: list[Item], scalars_of: Callable, flags: Flags) -> None:

@@ -1,6 +1,11 @@
 """The optimizers: one generic engine (``base``), one short module per algorithm."""
 
+from .adafactor import Adafactor
 from .adam import Adam, AdamW
+from .adam_mini import AdamMini
+from .came import CAME
+from .lamb import Lamb
 from .lion import Lion
+from .sophia import SophiaG
 
-__all__ = ["Adam", "AdamW", "Lion"]
+__all__ = ["Adafactor", "Adam", "AdamMini", "AdamW", "CAME", "Lamb", "Lion", "SophiaG"]

@@ -30,15 +30,25 @@ class Flags(NamedTuple):
     amsgrad: bool = False
     maximize: bool | None = False  # None: the sign is taken from the scalars (compiled kernel)
     skip_nonfinite: bool = False  # elements with a non-finite gradient keep every old value
+    options: tuple[str, ...] = ()  # slot options that are on (e.g. Adafactor's "beta1")
 
 
 @dataclass(frozen=True)
 class Slot:
-    """One state tensor an algorithm keeps per parameter, shaped like the parameter."""
+    """One state tensor an algorithm keeps per parameter, shaped like the parameter unless ``shape``
+    says otherwise (Adafactor's row/column statistics, Adam-mini's per-row v)."""
 
     name: str  # the state-dict key (torch's where torch has the algorithm)
     signed: bool  # values of both signs (8-bit: signed codes) or magnitudes only
     option: str | None = None  # the group option that enables it (None: always kept)
+    # parameter shape -> this slot's shape, or None where the slot is not kept for a parameter of
+    # that shape (Adafactor keeps row/col for matrices, a full variance for vectors). None: the
+    # parameter's shape. 8-bit storage encodes such a slot as its own flat blocks.
+    shape: Callable[[tuple], tuple | None] | None = None
+
+    def shape_for(self, param_shape) -> tuple | None:
+        """This slot's shape for a parameter of ``param_shape``; None where it is not kept."""
+        return tuple(param_shape) if self.shape is None else self.shape(tuple(param_shape))
 
 
 @dataclass(frozen=True)
@@ -57,9 +67,18 @@ class Algorithm:
     # whether the update reads the step number (bias corrections): state dicts without a "step"
     # (e.g. lion-pytorch's) load into an algorithm that does not, as step 0
     uses_step: bool = True
+    # False: ``update`` reduces over a tensor (norms, row means) or keeps slots of other shapes, so
+    # it runs on plain tensors only: the foreach backend and backend auto/fused run it one tensor at
+    # a time through the reference loop (no TensorList, no compiled kernel; see ``run_foreach``).
+    # Its slots may then be None (not kept for that parameter's shape: ``Slot.shape``).
+    elementwise: bool = True
 
     def active_slots(self, flags: Flags) -> tuple[Slot, ...]:
-        return tuple(s for s in self.slots if s.option is None or getattr(flags, s.option))
+        return tuple(
+            s
+            for s in self.slots
+            if s.option is None or s.option in flags.options or getattr(flags, s.option, False)
+        )
 
     def slot_names(self, group: dict) -> tuple[str, ...]:
         return tuple(s.name for s in self.slots if s.option is None or group.get(s.option, False))

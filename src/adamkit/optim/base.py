@@ -116,6 +116,24 @@ def check_bools(group: dict, keys: Iterable[str]) -> None:
             raise TypeError(f"{key} must be a bool, got {group[key]!r}")
 
 
+def refuse_skip_nonfinite(group: dict, name: str) -> None:
+    """For algorithms whose statistics mix elements (row means, norms): one element's inf/nan
+    cannot be skipped alone."""
+    if group.get("skip_nonfinite", False):
+        raise ValueError(
+            f"skip_nonfinite=True is not supported by adamkit.{name}: its statistics mix elements "
+            "(norms, row/column means), so a non-finite element cannot be skipped alone"
+        )
+
+
+def engine_kwargs(cls_name: str, kw: dict) -> dict:
+    """The engine's keyword arguments a variant passes through (``**engine``); others raise."""
+    unknown = sorted(set(kw) - set(ENGINE_DEFAULTS))
+    if unknown:
+        raise TypeError(f"{cls_name}() got unexpected keyword arguments {unknown}")
+    return kw
+
+
 def check_engine_options(group: dict) -> None:
     """The storage, precision and backend options every algorithm has."""
     check_bools(group, ("maximize", "stochastic_rounding", "master_weights", "skip_nonfinite"))
@@ -489,7 +507,22 @@ class Optimizer(torch.optim.Optimizer):
         for slot in self.algorithm.slots:
             if slot.name in state or (slot.option is not None and not group.get(slot.option, False)):
                 continue
-            if fmt.state == "8bit":
+            shape = slot.shape_for(p.shape)
+            if shape is None:  # not kept for a parameter of this shape
+                continue
+            if slot.shape is not None:  # a slot of its own shape (Adafactor's rows, Adam-mini's v)
+                if native.is_dtensor(p):
+                    raise NotImplementedError(
+                        f"adamkit.{self.algorithm.name} keeps {slot.name!r} of another shape than its "
+                        "parameter; DTensor (FSDP2/TP) parameters are not supported for it yet"
+                    )
+                if fmt.state == "8bit":  # its own flat blocks: 1 B/element padded + 4 B per block
+                    state[slot.name], state[slot.name + "_scale"] = quant8.zeros(
+                        math.prod(shape), slot.signed, p.device
+                    )
+                else:
+                    state[slot.name] = torch.zeros(shape, dtype=state_dtype(fmt.state), device=p.device)
+            elif fmt.state == "8bit":
                 # 1 B/param of codes (padded to a 256-block) + 4 B per block of scale, on the
                 # parameter's local elements
                 n = native.local(p).numel()
@@ -519,7 +552,7 @@ class Optimizer(torch.optim.Optimizer):
                     codes, state[slot.name + "_scale"] = quant8.encode(slot.signed, native.local(v).float())
                     state[slot.name] = codes.view(-1)
             elif scale is not None:  # 8-bit codes, now a floating format
-                x = quant8.decode(slot.signed, v, scale, native.local(p).shape, torch.float32)
+                x = quant8.decode(slot.signed, v, scale, slot.shape_for(native.local(p).shape), torch.float32)
                 state[slot.name] = x.to(state_dtype(fmt.state))
                 del state[slot.name + "_scale"]
             elif v.dtype != state_dtype(fmt.state):
@@ -738,6 +771,9 @@ class Optimizer(torch.optim.Optimizer):
             items = alg.torch_fused(items, hp, flags)
         if not items:
             return
+        if not alg.elementwise:  # reductions and odd-shaped slots: per tensor (see run_foreach)
+            run_reference(alg, items, scalars_of, flags)
+            return
         leftover = [it for it in items if not all(t.is_contiguous() for t in it.t.values())]
         todo = [it for it in items if all(t.is_contiguous() for t in it.t.values())]
         problem = compiled.problem()
@@ -894,11 +930,11 @@ class Optimizer(torch.optim.Optimizer):
             group_of.update({id(p): new_group for p in group["params"]})
 
         new_state: dict[torch.Tensor, dict] = {}
-        required = [s.name for s in alg.slots if s.option is None]
         for key, saved_state in state_dict["state"].items():
             if key not in id_map:
                 raise ValueError(f"state dict has state for parameter {key!r}, which no group lists")
             p = id_map[key]
+            required = [s.name for s in alg.slots if s.option is None and s.shape_for(p.shape) is not None]
             unknown = set(saved_state) - set(self._state_keys())
             if unknown or not saved_state:
                 raise ValueError(
@@ -914,7 +950,11 @@ class Optimizer(torch.optim.Optimizer):
                 if slot.option is None or not group.get(slot.option):
                     continue
                 for p in group["params"]:
-                    if p in new_state and slot.name not in new_state[p]:
+                    if (
+                        p in new_state
+                        and slot.name not in new_state[p]
+                        and slot.shape_for(p.shape) is not None
+                    ):
                         raise ValueError(
                             f"the state dict enables {slot.option} but has no {slot.name!r} for a parameter"
                         )
@@ -963,6 +1003,10 @@ class Optimizer(torch.optim.Optimizer):
                 continue
             v = saved[name]
             scale = saved.get(name + "_scale")
+            want = slot.shape_for(p.shape)
+            if want is None:
+                raise bad(f"it has {name!r}, which is not kept for a parameter of shape {tuple(p.shape)}")
+            n = native.local(p).numel() if slot.shape is None else math.prod(want)
             if scale is not None:  # 8-bit codes + block scales
                 if v.dtype != torch.uint8 or tuple(v.shape) != (quant8.padded(n),):
                     raise bad(
@@ -978,8 +1022,9 @@ class Optimizer(torch.optim.Optimizer):
                     out[name + "_scale"] = scale.detach().to(p.device, dtype=torch.float32, copy=True)
                     continue
                 value = quant8.decode(
-                    slot.signed, v.to(p.device), scale.to(p.device), native.local(p).shape, torch.float32
-                )
+                    slot.signed, v.to(p.device), scale.to(p.device),
+                    native.local(p).shape if slot.shape is None else want, torch.float32,
+                )  # fmt: skip
                 if native.is_dtensor(p):  # 8-bit codes are per local shard: the value is the shard
                     from torch.distributed.tensor import DTensor
 
@@ -987,9 +1032,9 @@ class Optimizer(torch.optim.Optimizer):
                         value, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
                     )
             else:
-                if v.shape != p.shape:
+                if tuple(v.shape) != want:
                     raise bad(
-                        f"{name!r} has shape {tuple(v.shape)} but its parameter has shape "
+                        f"{name!r} has shape {tuple(v.shape)}, expected {want} for a parameter of shape "
                         f"{tuple(p.shape)}; the state dict belongs to another model"
                     )
                 if not v.is_floating_point():

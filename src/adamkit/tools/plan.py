@@ -922,6 +922,50 @@ def model_state_bytes(model: ModelSpec, recipe: Recipe) -> dict[str, int]:
 
 # The planner's optimizers that adamkit implements (adamkit_state_bytes is exact for these).
 ADAMKIT_OPTIMIZERS = ("adamw", "adam", "lion")
+# adamkit's variants, counted from their slots' shape rules (``Slot.shape``): (class, slot options)
+ADAMKIT_SLOT_OPTIMIZERS = {
+    "adafactor": ("Adafactor", ()),
+    "adafactor-m": ("Adafactor", ("beta1",)),
+    "came": ("CAME", ()),
+    "adam-mini": ("AdamMini", ()),
+    "lamb": ("Lamb", ()),
+    "sophia": ("SophiaG", ()),
+}
+# slot name -> component
+_SLOT_COMPONENT = {"exp_avg": "m", "max_exp_avg_sq": "max_v", "hessian": "hessian"}
+
+
+def _slot_state_bytes(shapes, optimizer, state_format, param_dtype, kahan, master, block, min_8bit):
+    """Bytes of an adamkit variant's live state, from its algorithm's slots: each slot of a parameter
+    has ``prod(slot.shape_for(shape))`` elements in the state format; 8-bit (parameters of at least
+    ``min_8bit`` elements) stores every slot as its own blocks (1 B/element padded + 4 B/block)."""
+    import adamkit
+
+    cls_name, options = ADAMKIT_SLOT_OPTIMIZERS[optimizer]
+    alg = getattr(adamkit, cls_name).algorithm
+    dtype = _dtype_name(param_dtype)
+    fmt = state_format or ("fp32" if dtype == "fp16" else dtype)
+    out = dict.fromkeys(("step", "m", "v", "max_v", "scales", "kahan", "master"), 0)
+    for s in shapes:
+        shape = tuple(getattr(s, "shape", s))
+        n = math.prod(shape)
+        out["step"] += 4  # a 0-D fp32 tensor per parameter
+        eight = fmt == "8bit" and n >= min_8bit
+        for slot in alg.slots:
+            k = slot.shape_for(shape)
+            if k is None or (slot.option is not None and slot.option not in options):
+                continue
+            k = math.prod(k)
+            comp = _SLOT_COMPONENT.get(slot.name, "confidence" if "_res" in slot.name else "v")
+            if eight:
+                payload, scales = blockwise_8bit_bytes(k, block_size=block, scale_bytes=SCALE_BYTES)
+                out["scales"] = out.get("scales", 0) + scales
+            else:
+                payload = DTYPE_BYTES["fp32" if fmt == "8bit" else fmt] * k
+            out[comp] = out.get(comp, 0) + payload
+        out["kahan"] += DTYPE_BYTES[dtype] * n if kahan else 0
+        out["master"] += 4 * n if master else 0
+    return out
 
 
 def adamkit_state_bytes(
@@ -942,7 +986,9 @@ def adamkit_state_bytes(
 
     Args:
         shapes: one shape (tuple, ``torch.Size``) or tensor per parameter.
-        optimizer: ``"adamw"``/``"adam"`` (m, v) or ``"lion"`` (m only).
+        optimizer: ``"adamw"``/``"adam"`` (m, v), ``"lion"`` (m only), or a variant of
+            :data:`ADAMKIT_SLOT_OPTIMIZERS` (counted from its slots' shape rules; extra components
+            ``"hessian"``, ``"confidence"``).
         state_format: ``None`` (the parameter's dtype), ``"fp32"``, ``"bf16"`` or ``"8bit"``.
         amsgrad: count ``max_exp_avg_sq`` (Adam/AdamW).
         param_dtype: the parameters' dtype (``torch.bfloat16``, ``"bf16"``...).
@@ -953,6 +999,10 @@ def adamkit_state_bytes(
     Returns:
         ``{"step", "m", "v", "max_v", "scales", "kahan", "master"}`` in bytes (zeros included).
     """
+    if optimizer in ADAMKIT_SLOT_OPTIMIZERS:
+        return _slot_state_bytes(
+            shapes, optimizer, state_format, param_dtype, kahan, master, block_size, min_8bit_size
+        )
     if optimizer not in ADAMKIT_OPTIMIZERS:
         raise ValueError(
             f"adamkit has no {optimizer!r} optimizer; choose one of {', '.join(ADAMKIT_OPTIMIZERS)} "

@@ -70,6 +70,10 @@ RECIPES: dict[str, Recipe] = {
         Recipe("8bit-state", "adamw", state="8bit"),
         Recipe("lion", "lion"),  # m only: 4 B/param of state
         Recipe("lion-bf16-kahan-8bit", "lion", precision="bf16-kahan", state="8bit"),  # ~1 + 2 B/param
+        Recipe("adafactor", "adafactor"),  # factored v: ~0 B/param on matrices
+        Recipe("came", "came"),  # m + factored v and confidence: ~4 B/param
+        Recipe("adam-mini", "adam-mini"),  # m + one v per row: ~4 B/param
+        Recipe("lamb", "lamb"),  # m, v: 8 B/param
     )
 }
 

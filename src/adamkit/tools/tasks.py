@@ -379,6 +379,16 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     # Lion's update is lr * sign(c) per element, larger than Adam's: the paper advises a 3-10x smaller
     # lr and a 3-10x larger decay (keeping lr * wd, the decay per step, about AdamW's: 3e-4).
     "lion": OptimizerSpec("adamkit.Lion", adamkit.Lion, lr=1e-3, weight_decay=0.3, adamkit=True),
+    # The memory-lean variants. Adafactor's lr caps a *relative* step (min(lr, 1/sqrt(t)) times the
+    # weight's RMS); LAMB's step is lr * ||p|| per tensor (trust ratio). Their lrs were picked on the
+    # quick race only (val loss: Adafactor 1e-2 4.16, 3e-2 3.15, 1e-1 2.58; LAMB 3e-3 4.42, 1e-2
+    # 4.09, 3e-2 3.03; AdamW 3e-3 3.10). CAME and Adam-mini take Adam-sized steps: AdamW's lr and
+    # decay (quick race 3.02 and 3.07). Sophia-G is not a row: it needs update_hessian() on
+    # sampled-label gradients, which the training loop does not produce.
+    "adafactor": OptimizerSpec("adamkit.Adafactor", adamkit.Adafactor, lr=1e-1, adamkit=True),
+    "came": OptimizerSpec("adamkit.CAME", adamkit.CAME, lr=3e-3, weight_decay=0.1, adamkit=True),
+    "adam-mini": OptimizerSpec("adamkit.AdamMini", adamkit.AdamMini, lr=3e-3, weight_decay=0.1, adamkit=True),
+    "lamb": OptimizerSpec("adamkit.Lamb", adamkit.Lamb, lr=3e-2, weight_decay=0.1, adamkit=True),
 }
 
 
