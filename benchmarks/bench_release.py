@@ -49,8 +49,12 @@ def measure(width: int = 2048, layers: int = 8, steps: int = 3) -> dict:
         res = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
         out[release] = json.loads(res.stdout.strip().splitlines()[-1])
     saving = out[False]["peak_rss_mib"] - out[True]["peak_rss_mib"]
-    return {"without": out[False], "with": out[True], "saving_mib": saving,
-            "saving_over_grad_bytes": saving / out[False]["grad_mib"]}
+    return {
+        "without": out[False],
+        "with": out[True],
+        "saving_mib": saving,
+        "saving_over_grad_bytes": saving / out[False]["grad_mib"],
+    }
 
 
 def main() -> None:

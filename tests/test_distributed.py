@@ -10,6 +10,7 @@ float32 tolerance (rtol 1.3e-6, atol 1e-5).
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import socket
@@ -41,6 +42,10 @@ def _entry(rank: int, fn, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         fn(rank)
+        # every rank done, and DDP/ZeRO objects (with their gloo work) gone, before the group is:
+        # a rank tearing down gloo while the other still talks to it aborts the process
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

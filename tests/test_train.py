@@ -118,8 +118,8 @@ def test_build_optimizer_recipes():
 
 def test_recipe_errors():
     model = tasks.GPT(TINY)
-    with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
-        tasks.build_optimizer(model, "lamb")
+    with pytest.raises(ValueError, match="unknown optimizer 'adadelta'"):
+        tasks.build_optimizer(model, "adadelta")
     with pytest.raises(ValueError, match="unknown precision"):
         tasks.build_optimizer(model, precision="fp8")
     with pytest.raises(ValueError, match="need an adamkit optimizer"):
@@ -252,7 +252,7 @@ def test_cli_sgd(capsys):
         (["--steps", "ten"], "--steps: expected a positive integer"),
         (["--lr", "-1"], "--lr: expected a finite number > 0"),
         (["--lr", "nan"], "--lr: expected a finite number > 0"),
-        (["--optimizer", "lamb"], "--optimizer: invalid choice: 'lamb'"),
+        (["--optimizer", "adadelta"], "--optimizer: invalid choice: 'adadelta'"),
         (["--precision", "fp8"], "--precision: invalid choice"),
         (["--state", "4bit"], "--state: invalid choice"),
         (["--threads", "0"], "--threads: expected a positive integer"),

@@ -374,7 +374,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict:
         # The kernel's tables hold pointers; they are rebuilt on the next step after unpickling.
-        return {k: v for k, v in super().__getstate__().items() if k not in ("_plans", "_checked", "_release")}
+        return {
+            k: v for k, v in super().__getstate__().items() if k not in ("_plans", "_checked", "_release")
+        }
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group (validated first: a bad group raises and leaves the optimizer unchanged)."""
@@ -611,7 +613,9 @@ class Optimizer(torch.optim.Optimizer):
                 )
             work.append((index, group, hp, grads, has))
         # The whole step's decisions (clipping, loss-scale, skip): one host synchronization.
-        gscale = self._whole_step_scale([g for *_, grads, has in work for g in itertools.compress(grads, has)])
+        gscale = self._whole_step_scale(
+            [g for *_, grads, has in work for g in itertools.compress(grads, has)]
+        )
         if gscale is None:
             self.skipped_steps += 1
             return loss
@@ -722,6 +726,7 @@ class Optimizer(torch.optim.Optimizer):
             def scalars_of(step):
                 s = plain_scalars(step)
                 return s._replace(grad_sign=s.grad_sign * gscale)
+
         params = group["params"]
         backend = group["backend"]
         rest = None
