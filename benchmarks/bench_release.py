@@ -4,8 +4,9 @@ A stack of fp32 Linear layers (>= 30M parameters) runs forward, backward and Ada
 small batch (activations are small next to the gradients); the child reports its peak RSS
 (``ru_maxrss``). glibc's malloc is told to serve large blocks by mmap always
 (``MALLOC_MMAP_THRESHOLD_``): its default raises that threshold after the first free, and freed heap
-memory then stays in the RSS, hiding what was freed. Without release the step holds every gradient (4 B/param) at once; with release
-one at a time, so the difference should be the gradient bytes.
+memory then stays in the RSS, hiding what was freed. Without release the step holds every
+gradient (4 B/param) at once; with release one at a time, so the difference should be the
+gradient bytes.
 
     PYTHONPATH=src python benchmarks/bench_release.py [--width 2048 --layers 8 --steps 3]
 """

@@ -47,7 +47,7 @@ def test_max_grad_norm_equals_clip_grad_norm_then_step(alg, backend):
         oa.step()
         ob.step()
         assert oa.last_grad_norm == pytest.approx(float(norm), rel=1e-6)
-        for m, o in ((a, oa), (b, ob)):
+        for o in (oa, ob):
             o.zero_grad()
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)

@@ -263,14 +263,14 @@ class _Release:
         self.sq: torch.Tensor | None = None  # this step's sum of squared gradient norms
         self.scale = 1.0  # the clipping multiplier from the previous step's norm
 
-    def register(self, opt: "Optimizer", index: int) -> None:
+    def register(self, opt: Optimizer, index: int) -> None:
         ref = _weak(opt)
         for i, p in enumerate(opt.param_groups[index]["params"]):
             self.where[id(p)] = (index, i)
             if p.requires_grad:
                 self.handles.append(p.register_post_accumulate_grad_hook(lambda q: _hook(ref, q)))
 
-    def end_step(self, opt: "Optimizer") -> None:
+    def end_step(self, opt: Optimizer) -> None:
         self.seen.clear()
         if self.sq is None:
             return
@@ -636,13 +636,13 @@ class Optimizer(torch.optim.Optimizer):
         g = p.grad
         if rel is None or g is None:
             return
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1 and not native.is_dtensor(p):
-                raise RuntimeError(
-                    "adamkit: gradient_release=True in a multi-process job on plain parameters "
-                    "(DistributedDataParallel): the hook would step with this rank's gradient before "
-                    "DDP's all-reduce; use FSDP2 (fully_shard) or gradient_release=False"
-                )
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_world_size() > 1 and not native.is_dtensor(p):
+            raise RuntimeError(
+                "adamkit: gradient_release=True in a multi-process job on plain parameters "
+                "(DistributedDataParallel): the hook would step with this rank's gradient before "
+                "DDP's all-reduce; use FSDP2 (fully_shard) or gradient_release=False"
+            )
         if g.is_sparse:
             raise RuntimeError(f"adamkit.{type(self).__name__} does not support sparse gradients")
         if id(p) in rel.seen:  # a second backward without step(): close the previous step
