@@ -4,8 +4,8 @@ parameters and gradients the model already holds, against the optimizer state's 
 Each contender runs in a fresh process (peak RSS only ever grows): it allocates N parameters of
 a transformer-like set of shapes and their gradients, touches them, records the peak RSS, runs two
 steps, and records it again. torch's fused AdamW grows it by its state (2x the fp32 parameters'
-bytes) plus a fixed amount (the thread pool's first parallel run, allocator arenas: ~75 MiB here,
-the same for every contender); the flat layout adamkit used to have needed 6x.
+bytes) plus a fixed amount (~74 MiB here, the same for every contender, torch's included); the
+flat layout adamkit used to have needed 6x.
 
     python benchmarks/bench_memory.py --params 64e6 --json benchmarks/results/memory.json
 """
