@@ -155,12 +155,64 @@ def _build(cc: str, out: Path) -> str | None:
 
 @functools.cache
 def load():
-    """The loaded library (``adamkit_step``, ``adamkit_grad_overlap``), or None where it cannot be
-    built here."""
+    """The loaded library (``adamkit_step``, ``adamkit_grad_overlap``): built here for this CPU,
+    else a wheel's prebuilt one; None where neither is available (``failure()`` says why)."""
     global _failure
     if os.environ.get("ADAMKIT_NATIVE", "1") == "0":
         _failure = "disabled by ADAMKIT_NATIVE=0"
         return None
+    lib = _build_and_load()
+    if lib is None:
+        lib = _load_prebuilt()  # a wheel's kernel, where this machine cannot build one
+    if lib is None:
+        return None
+    lib.adamkit_step.argtypes = [ctypes.POINTER(Args)]
+    lib.adamkit_step.restype = ctypes.c_int
+    lib.adamkit_grad_overlap.argtypes = [ctypes.POINTER(Args), ctypes.c_int32]
+    lib.adamkit_grad_overlap.restype = ctypes.c_int64
+    _failure = None
+    return lib
+
+
+# The wheel's kernels (setup.py), by x86-64 level, and the CPU flags each needs (/proc/cpuinfo).
+PREBUILT = Path(__file__).with_name("prebuilt")
+_V3 = {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"}
+LEVELS = {
+    "x86-64-v4": _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
+    "x86-64-v3": _V3,
+}
+loaded_from: str | None = None  # "built here" or "prebuilt <level>": what load() found
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.split(":", 1)[-1].split())
+
+
+def _load_prebuilt():
+    """The best prebuilt kernel this CPU runs, or None (keeping the reason a build failed)."""
+    global loaded_from
+    flags = _cpu_flags()
+    for level, needs in LEVELS.items():
+        path = PREBUILT / f"adamkit_kernel_{level}.so"
+        if path.exists() and needs <= flags:
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError:
+                continue
+            loaded_from = f"prebuilt {level}"
+            return lib
+    return None
+
+
+def _build_and_load():
+    """Build (once per machine, cached) and load the kernel for this CPU; None with ``_failure``
+    set where there is no compiler or the build fails."""
+    global _failure, loaded_from
     cc = find_compiler("CC", ("gcc", "cc", "clang"))
     if cc is None:
         _failure = "no C compiler found (set CC)"
@@ -188,11 +240,7 @@ def load():
             _failure = f"{type(e).__name__}: {e}"
     else:
         return None
-    lib.adamkit_step.argtypes = [ctypes.POINTER(Args)]
-    lib.adamkit_step.restype = ctypes.c_int
-    lib.adamkit_grad_overlap.argtypes = [ctypes.POINTER(Args), ctypes.c_int32]
-    lib.adamkit_grad_overlap.restype = ctypes.c_int64
-    _failure = None
+    loaded_from = "built here"
     return lib
 
 
