@@ -15,7 +15,8 @@ import torch
 
 import adamkit
 from adamkit.tools.plan import adamkit_state_bytes
-from test_kernel_parity import PARAMS, STATES, assert_bits, grads_of, roundtrip, rows, values_of
+from test_kernel_parity import PARAMS, STATES, assert_bits, grads_of, roundtrip, rows, step, values_of
+from test_kernel_parity import build as build_opt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,18 +138,7 @@ MATH = [
 
 
 def build(values, backend, sd=None, **kw):
-    ps = [v.detach().clone().requires_grad_() for v in values]
-    opt = adamkit.Lion(ps, lr=LR, backend=backend, min_8bit_size=0, **kw)
-    if sd is not None:
-        opt.load_state_dict(roundtrip(sd))
-    return ps, opt
-
-
-def step(run, grads):
-    ps, opt = run
-    for p, g in zip(ps, grads):
-        p.grad = g.clone()
-    opt.step()
+    return build_opt("Lion", values, backend, sd, **kw)
 
 
 def assert_same_run(run, ref, what):
