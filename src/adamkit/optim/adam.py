@@ -24,10 +24,9 @@ from .base import Optimizer, as_float, check_betas, check_bools, check_nonneg, w
 #   "full":      p <- p * (1 - (lr / max_lr) * wd)      (fully decoupled: decay independent of lr)
 # "none" is used when wd == 0 so that no backend multiplies by 1 or adds 0 * p (which would turn an
 # inf parameter into nan, unlike torch). "runtime" (the compiled kernel) applies both the L2 term
-# and the decay multiplier with values from the scalars (l2 = 0 or decay = 1 make them exact no-ops
-# for finite values), so one compiled kernel serves every mode.
+# (skipped where l2 = 0) and the decay multiplier (1 where not decoupled) with values from the
+# scalars, so one compiled kernel serves every mode.
 # --------------------------------------------------------------------------------------------------
-WD_MODES = ("none", "l2", "decoupled", "full", "runtime")
 
 SLOTS = (
     Slot("exp_avg", signed=True),  # m: 4 B/param fp32, 2 bf16, 1 + 4/256 8-bit

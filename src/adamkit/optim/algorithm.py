@@ -19,7 +19,7 @@ Storage formats, precision options, kernels, state dicts and the planner come fr
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 
@@ -62,8 +62,8 @@ class Algorithm:
     scalar_type: type  # the NamedTuple ``scalars`` returns (field order = the native kernel's)
     native: int | None = None  # the body's id in kernel.c (ALG_*), None where it has none
     # an optional runner on torch's own fused kernels, for when the native kernel is unavailable
-    torch_fused: Callable[..., bool] | None = None
-    state_keys: tuple[str, ...] = field(default=())  # extra per-parameter keys its state dicts hold
+    # (items, hyperparameters, flags) -> the items it did not serve
+    torch_fused: Callable[..., list] | None = None
     # whether the update reads the step number (bias corrections): state dicts without a "step"
     # (e.g. lion-pytorch's) load into an algorithm that does not, as step 0
     uses_step: bool = True
@@ -79,9 +79,6 @@ class Algorithm:
             for s in self.slots
             if s.option is None or s.option in flags.options or getattr(flags, s.option, False)
         )
-
-    def slot_names(self, group: dict) -> tuple[str, ...]:
-        return tuple(s.name for s in self.slots if s.option is None or group.get(s.option, False))
 
 
 def where(cond, a, b):

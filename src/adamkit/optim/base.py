@@ -876,7 +876,6 @@ class Optimizer(torch.optim.Optimizer):
             *slots,
             *(s + "_scale" for s in slots),
             *_AUX_KEYS,
-            *self.algorithm.state_keys,
         )
 
     def load_state_dict(self, state_dict: dict) -> None:
