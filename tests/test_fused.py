@@ -339,3 +339,28 @@ def test_noncontiguous_parameters_round_as_the_per_tensor_backends():
             opt.step()
         runs.append(ps[1].detach().clone())
     assert torch.equal(runs[0], runs[1])
+
+
+def test_gradients_aliasing_a_parameter_are_read_before_the_step_writes():
+    """A gradient that is a view of another parameter is read as it was when the step began, as
+    the per-tensor backends read it: the kernel's overlap check copies it first (the row stepped
+    earlier would otherwise have rewritten it). Other gradients, contiguous or not, are read where
+    they lie, and every p.grad stays the user's tensor."""
+    shapes = [(33, 7), (300,), (6, 5), (6, 5), (1000,)]
+    gen = torch.Generator().manual_seed(7)
+    ps = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    fused, ref, rps = pair(ps, lr=1e-2, weight_decay=0.1)
+    for _ in range(4):
+        gs = [torch.randn(s, generator=gen) for s in shapes]
+        gs[2] = gs[2].t().contiguous().t()  # non-contiguous: read through a contiguous copy
+        for p, q, g in zip(ps, rps, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        # parameter 3's gradient is parameter 0's first 30 values, which the kernel updates first
+        ps[3].grad = ps[0].detach().view(-1)[:30].view(6, 5)
+        rps[3].grad = rps[0].detach().view(-1)[:30].view(6, 5).clone()
+        own = [p.grad for p in ps]
+        fused.step()
+        ref.step()
+        assert all(p.grad is g for p, g in zip(ps, own))  # never replaced
+        assert_same(fused, ref, ps, rps)
+    assert native_ids(fused) == {id(p) for p in ps}

@@ -524,47 +524,26 @@ int adamkit_step(const args_t *A) {
  * The per-tensor backends read every gradient before writing any parameter of the same tensor,
  * and tensor by tensor. A gradient that overlaps memory the step writes in another tensor, or at
  * another offset of its own (p.grad = another parameter, or a view of one), would be read after a
- * thread has written it. Returns the first selected row whose gradient overlaps a parameter it is
- * not exactly, else -1; the caller copies such gradients first. O(n log n) on the pointers. */
+ * thread has written it. ``spans`` holds the table's parameters as (lo, hi, reach) triples sorted
+ * by lo, reach being the furthest hi so far (built once per table: parameters do not move while
+ * it lives). Returns the first selected row whose gradient overlaps a parameter it is not exactly,
+ * else -1; the caller copies such gradients first. O(log n) per gradient, no allocation. */
 
-typedef struct { uintptr_t lo, hi; } span_t;
-static int cmp_span(const void *x, const void *y) {
-    const span_t *a = x, *b = y;
-    return a->lo < b->lo ? -1 : a->lo > b->lo;
-}
-
-int64_t adamkit_grad_overlap(const args_t *A, int32_t psize) {
-    if (A->nrows <= 0) return -1;
-    span_t *s = (span_t *)malloc((size_t)A->nrows * sizeof(span_t));
-    if (!s) return -2;
+int64_t adamkit_grad_overlap(const args_t *A, int32_t psize, const uint64_t *spans, int64_t nspans) {
     for (int64_t j = 0; j < A->nrows; j++) {
         const int64_t r = A->sel ? A->sel[j] : j;
-        s[j].lo = (uintptr_t)A->param[r];
-        s[j].hi = s[j].lo + (uintptr_t)(A->rows[r].n * psize);
-    }
-    qsort(s, (size_t)A->nrows, sizeof(span_t), cmp_span);
-    /* reach[k]: the furthest end of spans 0..k, so one comparison rules most gradients out */
-    uintptr_t *reach = (uintptr_t *)malloc((size_t)A->nrows * sizeof(uintptr_t));
-    if (!reach) { free(s); return -2; }
-    for (int64_t k = 0; k < A->nrows; k++) reach[k] = k && reach[k - 1] > s[k].hi ? reach[k - 1] : s[k].hi;
-    int64_t bad = -1;
-    for (int64_t j = 0; j < A->nrows && bad < 0; j++) {
-        const int64_t r = A->sel ? A->sel[j] : j;
-        const uintptr_t glo = (uintptr_t)A->grad[r], ghi = glo + (uintptr_t)(A->rows[r].n * psize);
+        const uint64_t glo = (uint64_t)(uintptr_t)A->grad[r], ghi = glo + (uint64_t)(A->rows[r].n * psize);
         if (glo == ghi) continue;
-        int64_t l = 0, h = A->nrows; /* l: how many spans start below ghi */
+        int64_t l = 0, h = nspans; /* l: how many spans start below ghi */
         while (l < h) {
             const int64_t mid = (l + h) / 2;
-            if (s[mid].lo < ghi) l = mid + 1; else h = mid;
+            if (spans[3 * mid] < ghi) l = mid + 1; else h = mid;
         }
-        for (int64_t k = l - 1; k >= 0 && reach[k] > glo; k--) {
-            if (s[k].hi <= glo) continue;
-            if (s[k].lo == glo && glo == (uintptr_t)A->param[r]) continue; /* its own parameter */
-            bad = r;
-            break;
+        for (int64_t k = l - 1; k >= 0 && spans[3 * k + 2] > glo; k--) {
+            if (spans[3 * k + 1] <= glo) continue;
+            if (spans[3 * k] == glo && glo == (uint64_t)(uintptr_t)A->param[r]) continue; /* its own */
+            return r;
         }
     }
-    free(reach);
-    free(s);
-    return bad;
+    return -1;
 }

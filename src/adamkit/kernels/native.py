@@ -168,7 +168,12 @@ def load():
         return None
     lib.adamkit_step.argtypes = [ctypes.POINTER(Args)]
     lib.adamkit_step.restype = ctypes.c_int
-    lib.adamkit_grad_overlap.argtypes = [ctypes.POINTER(Args), ctypes.c_int32]
+    lib.adamkit_grad_overlap.argtypes = [
+        ctypes.POINTER(Args),
+        ctypes.c_int32,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+    ]
     lib.adamkit_grad_overlap.restype = ctypes.c_int64
     _failure = None
     return lib
@@ -344,6 +349,13 @@ class Table:
                     r.scale[k] = local(st[name + "_scale"]).data_ptr()
                     keep.append(st[name + "_scale"])
         self.rows, self.keep = rows, keep
+        # the parameters' byte spans sorted by start, with the furthest end so far (the overlap
+        # check's index): built once, as parameters do not move while the table lives
+        spans, reach = [], 0
+        for lo, hi in sorted((ptr, ptr + rows[j].n * self.psize) for j, ptr in enumerate(self.param_ptrs)):
+            reach = max(reach, hi)
+            spans += (lo, hi, reach)
+        self.spans = array.array("Q", spans)
         # step counters: one buffer, state["step"] its 0-D views
         self.steps = torch.tensor([float(state[p]["step"]) for p in self.params], dtype=torch.float32)
         for j, p in enumerate(self.params):
@@ -427,13 +439,15 @@ class Table:
     def _copy_aliased(self, gs: list, gp: array.array, keep: list) -> None:
         """Gradients overlapping memory the step writes (another parameter, or its own at another
         offset) are copied first: the per-tensor backends read each gradient before writing."""
-        a = self.args
-        while (bad := self.lib.adamkit_grad_overlap(ctypes.byref(a), self.psize)) >= 0:
+        a, spans = self.args, self.spans
+        while (
+            bad := self.lib.adamkit_grad_overlap(
+                ctypes.byref(a), self.psize, spans.buffer_info()[0], len(spans) // 3
+            )
+        ) >= 0:
             copy = gs[bad].clone()
             keep.append(copy)
             gp[bad] = copy.data_ptr()
-        if bad == -2:
-            raise MemoryError("adamkit's native kernel could not allocate its overlap check")
 
 
 class GroupPlan:
