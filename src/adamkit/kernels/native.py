@@ -436,6 +436,33 @@ class Table:
             self._check_uniform()
         del keep
 
+    def step_one(self, j: int, g: torch.Tensor, scalars_of) -> None:
+        """Step row ``j`` alone with gradient ``g`` (gradient release: a parameter stepped inside
+        backward as soon as its gradient is ready). Work independent of the table's size."""
+        if self.dt:
+            g = g._local_tensor
+        if not g.is_contiguous():
+            g = g.contiguous()
+        if not hasattr(self, "_one"):
+            self._one = array.array("Q", bytes(8 * len(self.members)))  # grad pointers by row
+        gp, keep = self._one, [g]
+        gp[j] = g.data_ptr()
+        sel = array.array("q", [j])
+        a = self.args
+        a.grad, a.sel, a.nrows = gp.buffer_info()[0], sel.buffer_info()[0], 1
+        a.nthreads = torch.get_num_threads()
+        self._copy_aliased({j: g}, gp, keep)
+        step = float(self.steps[j]) + 1
+        hp = [float(x) for x in scalars_of(step)]
+        a.hp[: len(hp)] = hp
+        a.step = int(step)
+        if self.lib.adamkit_step(ctypes.byref(a)) != 0:
+            raise MemoryError("adamkit's native kernel could not allocate its work table")
+        self.steps[j] += 1
+        self.uniform = None  # rows advance one by one; Table.step regroups them by step number
+        gp[j] = 0
+        del keep
+
     def _copy_aliased(self, gs: list, gp: array.array, keep: list) -> None:
         """Gradients overlapping memory the step writes (another parameter, or its own at another
         offset) are copied first: the per-tensor backends read each gradient before writing."""
@@ -477,6 +504,8 @@ class GroupPlan:
             Table(lib, alg, fmt, members, params, state, [uid_base + i for i in members], flags)
             for (fmt, _, _), members in kinds.items()
         ]
+        # group index -> (table, row): gradient release steps one row at a time
+        self.row_of = {i: (t, j) for t in self.tables for j, i in enumerate(t.members)}
 
     def matches(self, params: list, has: list[bool], flags, options: tuple) -> bool:
         return (

@@ -260,6 +260,9 @@ class _Release:
         self.handles: list = []
         self.where: dict[int, tuple[int, int]] = {}  # id(p) -> (group index, position)
         self.seen: set[int] = set()
+        # group index -> its native plan, checked once per backward: each hook then steps its one
+        # row directly (validating the plan per hook would cost O(group size) per parameter)
+        self.checked: dict[int, object] = {}
         self.sq: torch.Tensor | None = None  # this step's sum of squared gradient norms
         self.scale = 1.0  # the clipping multiplier from the previous step's norm
 
@@ -272,6 +275,7 @@ class _Release:
 
     def end_step(self, opt: Optimizer) -> None:
         self.seen.clear()
+        self.checked.clear()
         if self.sq is None:
             return
         norm, self.sq = self.sq.sqrt(), None
@@ -661,11 +665,25 @@ class Optimizer(torch.optim.Optimizer):
         if self.max_grad_norm is not None:
             sq = torch.linalg.vector_norm(native.local(g), 2.0, dtype=torch.float32).square()
             rel.sq = sq if rel.sq is None else rel.sq + sq.to(rel.sq.device)
-        grads = [None] * len(params)
-        has = [False] * len(params)
-        grads[i], has[i] = g, True
-        base = 1 + sum(len(gr["params"]) for gr in self.param_groups[:index])
-        self._step_group(index, group, hp, grads, has, base, rel.scale)
+        if index not in rel.checked:  # once per backward: is the group's native plan current?
+            plan = self._plans.get(index)
+            flags = self.algorithm.flags(group, hp)
+            options = tuple(group[k] for k in STORAGE_OPTIONS)
+            none = [False] * len(params)
+            ok = plan is not None and group["backend"] in ("auto", "fused") and native.USE_NATIVE
+            rel.checked[index] = plan if ok and plan.matches(params, none, flags, options) else None
+        plan = rel.checked[index]
+        hit = plan.row_of.get(i) if plan is not None else None
+        if hit is not None:  # one row of a table: O(1) in the group's size
+            table, j = hit
+            table.step_one(j, g, self._scalars_of(hp, self.algorithm.flags(group, hp), rel.scale))
+        else:  # the dispatcher (builds the plan the first time), on a one-parameter selection
+            grads = [None] * len(params)
+            has = [False] * len(params)
+            grads[i], has[i] = g, True
+            base = 1 + sum(len(gr["params"]) for gr in self.param_groups[:index])
+            self._step_group(index, group, hp, grads, has, base, rel.scale)
+            rel.checked.pop(index, None)  # a plan may have been built: check it at the next hook
         p.grad = None
 
     def _whole_step_scale(self, grads: list) -> float | None:
@@ -709,6 +727,18 @@ class Optimizer(torch.optim.Optimizer):
                 scale *= clip_coef(self.max_grad_norm, norm)
         return scale
 
+    def _scalars_of(self, hp: dict, flags, gscale: float):
+        """step -> the algorithm's scalars, with ``gscale`` folded into ``grad_sign``."""
+        alg = self.algorithm
+        if gscale == 1.0:
+            return lambda step: alg.scalars(hp, step, flags)
+
+        def scalars_of(step):
+            s = alg.scalars(hp, step, flags)
+            return s._replace(grad_sign=s.grad_sign * gscale)
+
+        return scalars_of
+
     def _step_group(
         self, index: int, group: dict, hp: dict, grads: list, has: list, base: int, gscale: float = 1.0
     ) -> None:
@@ -719,14 +749,7 @@ class Optimizer(torch.optim.Optimizer):
         ``Flags.maximize`` is None, as the compiled kernel always does)."""
         alg = self.algorithm
         flags = alg.flags(group, hp)
-        scalars_of = lambda step: alg.scalars(hp, step, flags)  # noqa: E731
-        if gscale != 1.0:
-            plain_scalars = scalars_of
-
-            def scalars_of(step):
-                s = plain_scalars(step)
-                return s._replace(grad_sign=s.grad_sign * gscale)
-
+        scalars_of = self._scalars_of(hp, flags, gscale)
         params = group["params"]
         backend = group["backend"]
         rest = None
