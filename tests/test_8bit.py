@@ -257,10 +257,11 @@ def test_mismatched_8bit_state_rejected_unchanged():
 
 
 def test_state_bytes_per_param_on_the_benchmark_model():
-    """The transformer of the benchmark (200 tensors; norms and biases stay fp32), scaled down."""
+    """The transformer of the benchmark (200 tensors; norms and biases stay fp32), scaled down to
+    rows of whole blocks (d = 256; rows of 8-bit state are padded to whole blocks of 256)."""
     from adamkit.tools.bench import transformer_shapes
 
-    shapes = transformer_shapes(d=128, layers=4, vocab=512, ctx=256)
+    shapes = transformer_shapes(d=256, layers=2, vocab=512, ctx=256)
     ps = [torch.randn(s, requires_grad=True) for s in shapes]
     opt = adamkit.AdamW(ps, state_format="8bit", backend="fused")
     for p in ps:

@@ -43,9 +43,10 @@ SAME_ROUNDING_STREAMS = True
 BACKENDS = ["foreach", "fused"]  # each compared with "reference"
 LR = 1e-2
 
-# 8-bit tensors of 3, 5 and 7 blocks of 256, two of them with a partial last block, plus tensors
-# smaller than a block (a 0-d scalar among them): 17 blocks in all (min_8bit_size=0 everywhere).
-SHAPES = [(), (7, 3), (3, 256), (1100,), (1700,)]
+# 8-bit tensors: matrices in rows (7 rows of one partial block, 3 rows of a full and a partial
+# block), vectors flat in 5 and 7 blocks with a partial last block, and a 0-d scalar: 27 blocks in
+# all (min_8bit_size=0 everywhere).
+SHAPES = [(), (7, 70), (3, 300), (1100,), (1700,)]
 
 # (id, parameter dtype, options): every way a parameter is stored
 PARAMS = [
@@ -216,14 +217,27 @@ Q8 = {"exp_avg": (2, 127), "exp_avg_sq": (4, 254), "max_exp_avg_sq": (4, 254)}
 
 
 def blocks_of(x: torch.Tensor) -> torch.Tensor:
+    """x's 8-bit blocks: rows of a >= 2-D tensor, each padded to whole blocks; else flat."""
+    if x.dim() >= 2:
+        r = x.detach().reshape(x.shape[0], -1).double()
+        return torch.nn.functional.pad(r, (0, -r.shape[1] % 256)).reshape(-1, 256)
     x = x.detach().reshape(-1).double()
     return torch.nn.functional.pad(x, (0, -x.numel() % 256)).view(-1, 256)
+
+
+def unblock(xb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Values of ``blocks_of(x)``'s layout back to x's elements, in order (padding dropped)."""
+    if x.dim() >= 2:
+        n = x[0].numel()
+        return xb.reshape(x.shape[0], -1)[:, :n].reshape(-1)
+    return xb.reshape(-1)[: x.numel()]
 
 
 def block_scales(x: torch.Tensor) -> torch.Tensor:
     """fp32 scales of fp32 values ``x``: each block's largest finite magnitude."""
     xb = blocks_of(x).float()
-    return torch.where(xb.isfinite(), xb.abs(), 0.0).amax(dim=1)
+    a = torch.where(xb.isfinite(), xb.abs(), 0.0).amax(dim=1)
+    return a.view(x.shape[0], -1) if x.dim() >= 2 else a  # rows: (rows, blocks per row)
 
 
 def decode8(name, codes, scales, n):
@@ -235,6 +249,8 @@ def decode8(name, codes, scales, n):
         x = torch.where(codes.view(-1, 256) == 0, float("nan"), a * c * c.abs() / q**k)
     else:
         x = torch.where(codes.view(-1, 256) == 255, float("nan"), a * c**k / q**k)
+    if codes.dim() == 2:  # rows of n / rows elements, each padded to whole blocks
+        return x.reshape(codes.shape[0], -1)[:, : n // codes.shape[0]].reshape(-1)
     return x.reshape(-1)[:n]
 
 
@@ -244,7 +260,7 @@ def error8(name, x):
     xb = blocks_of(x)
     a = torch.where(xb.isfinite(), xb.abs(), 0.0).amax(dim=1, keepdim=True)
     c = torch.floor(q * (xb.abs() / torch.where(a > 0, a, 1.0)) ** (1.0 / k))
-    return (a * ((c + 1) ** k - c**k) / q**k).reshape(-1)[: x.numel()] * (1 + 1e-6) + 1e-30
+    return unblock(a * ((c + 1) ** k - c**k) / q**k, x) * (1 + 1e-6) + 1e-30
 
 
 def assert_8bit(ts, name, exact, what, stats=None):
@@ -264,7 +280,7 @@ def assert_8bit(ts, name, exact, what, stats=None):
     xb = blocks_of(exact)
     a = torch.where(xb.isfinite(), xb.abs(), 0.0).amax(dim=1, keepdim=True)
     c = torch.floor(q * (xb.abs() / torch.where(a > 0, a, 1.0)) ** (1.0 / k))
-    lo, hi = (a * c**k / q**k).reshape(-1)[:n], (a * (c + 1) ** k / q**k).reshape(-1)[:n]
+    lo, hi = unblock(a * c**k / q**k, exact), unblock(a * (c + 1) ** k / q**k, exact)
     inside = fin & (hi > lo) & (want.abs() < hi)
     t = torch.where(inside, (want.abs() - lo) / torch.where(inside, hi - lo, 1.0), 0.0)
     count_far(stats, name, (got.abs() - hi).abs() < (got.abs() - lo).abs(), t, inside)

@@ -37,12 +37,14 @@ def _find_compiler_problem() -> str | None:
     return None
 
 
-def _kernel_body(t: dict, hp, seeds, *, alg: Algorithm, fmt: Formats, flags: Flags):
+def _kernel_body(t: dict, hp, seeds, offset, *, alg: Algorithm, fmt: Formats, flags: Flags):
     s = alg.scalar_type(*[hp[i] for i in range(len(alg.scalar_type._fields))])
     p, g, slots = decode_all(alg, fmt, t, flags, hp.dtype)
     new_p, new_slots = apply_update(alg, p, g, slots, s, flags)
     param = t["param"]
-    index = torch.arange(param.numel(), device=param.device).view(param.shape) if needs_index(fmt) else None
+    index = None
+    if needs_index(fmt):  # positions in the whole parameter (Item.offset), the rounding bits' index
+        index = (torch.arange(param.numel(), device=param.device) + offset).view(param.shape)
     # Writing back inside the compiled function lets inductor emit one loop that loads each input
     # once and stores each output once, nothing materialized between.
     for name, value in encode_all(alg, fmt, t, new_p, new_slots, flags, index, seeds).items():
@@ -89,10 +91,19 @@ def run_compiled(alg: Algorithm, items: list[Item], scalars_of: Callable, flags:
         cdt = compute_dtype(param.dtype)
         hp = torch.tensor([float(x) for x in scalars_of(it.step)], dtype=cdt, device=param.device)
         seeds = torch.tensor(step_seeds(it.step, it.uid), dtype=torch.int64, device=param.device)
+        offset = torch.tensor([it.offset], dtype=torch.int64, device=param.device)
         # 1-D views: one compiled graph for every rank (and inductor drops in-place writes to 0-D inputs)
         t = {k: v.view(-1) for k, v in it.t.items()}
+        rows = [v.shape[0] for k, v in it.t.items() if k.endswith("_scale") and v.dim() == 2]
+        if rows:  # 8-bit rows (quant8): (rows, L) values beside (rows, padded L) codes
+            if rows[0] == 0 or param.numel() == 0:
+                continue  # an empty local shard: nothing to step
+            t = {
+                k: v if v.dtype == torch.uint8 or k.endswith("_scale") else v.view(rows[0], -1)
+                for k, v in it.t.items()
+            }
         try:
-            _compiled(alg, it.fmt, rflags)(t, hp, seeds)
+            _compiled(alg, it.fmt, rflags)(t, hp, seeds, offset)
         except Exception as e:  # a missing or broken compiler surfaces here, on first use
             msg = str(e).lower()
             if "compil" in msg or "cpp" in msg or "cxx" in msg:

@@ -99,7 +99,7 @@ def _chunks(it: Item) -> list[Item]:
         return [it]
     flat = {k: v.view(-1) for k, v in it.t.items()}
     return [
-        Item({k: v[a : a + FOREACH_CHUNK] for k, v in flat.items()}, it.fmt, it.step, it.uid, a)
+        Item({k: v[a : a + FOREACH_CHUNK] for k, v in flat.items()}, it.fmt, it.step, it.uid, it.offset + a)
         for a in range(0, n, FOREACH_CHUNK)
     ]
 

@@ -12,7 +12,8 @@
  * a stable id that seeds its rounding streams) plus, per step, the parameter and gradient pointers
  * of each row. Parameters and gradients are read and written where the user keeps them; nothing
  * is copied into buffers of ours. Rounding bits of element i of a tensor come from (step, id, i),
- * exactly as the reference backend draws them, so every path rounds alike.
+ * i its position in the whole tensor (a shard's offset added), exactly as the reference backend
+ * draws them, so every path and every world size rounds alike.
  *
  * Why C and not only torch.compile: (1) 8-bit blocks. Each block of 256 is decoded, updated and
  * re-encoded while it sits in L1 (the new block scale needs the whole block first), so memory is
@@ -59,7 +60,16 @@ typedef struct {         /* one tensor; the optimizer's own buffers (fixed while
     void *aux;           /* kahan_comp (bf16) or master_weight (fp32), else NULL */
     void *slot[MAX_SLOTS];   /* state slots: fp32, bf16 or uint8 codes (padded to whole blocks) */
     float *scale[MAX_SLOTS]; /* 8-bit block scales, else NULL */
+    int64_t len;         /* row length: 8-bit codes are rows of ``len`` elements, each padded to whole
+                          * blocks (storage/quant8.py, rows), so blocks never cross a row; n otherwise */
+    int64_t index0;      /* the first element's position in the whole tensor (a shard's offset):
+                          * element e is rounded with the bits of index0 + e */
 } row_t;
+
+/* A row's work space: its elements, each 8-bit row padded to whole blocks (the codes' layout). */
+static inline int64_t space(const row_t *R) {
+    return R->len >= R->n ? R->n : R->n / R->len * ((R->len + BLOCK - 1) / BLOCK * BLOCK);
+}
 
 typedef struct {
     int64_t nrows;             /* rows to step */
@@ -291,21 +301,22 @@ static AI void piece_fp32(const ctx_t *C, const int alg, const row_t *R, float *
     for (int64_t i = 0; i < n; i++) element(alg, p + i, g[i], s0 + i, s1 + i, s2 + i, C->hp, ns, ams, skip);
 }
 
-/* One block of ``len`` elements starting at element t of a tensor: decoded into L1 tiles,
- * updated, encoded back. ``len`` is BLOCK except in a tensor's last block; full blocks are inlined
- * with the constant, so their loops vectorize without remainders. */
+/* One block of ``len`` elements starting at element e of a tensor, at position t of its work space
+ * (``space``: where its 8-bit codes lie; t == e but in rows): decoded into L1 tiles, updated,
+ * encoded back. ``len`` is BLOCK except in a row's last block; full blocks are inlined with the
+ * constant, so their loops vectorize without remainders. */
 static AI void tile(const ctx_t *C, const int alg, const row_t *R, void *param, const void *grad, const int64_t t,
-                    const int len, const uint32_t *seed, const int pm, const int sf, const int ns, const int ams,
-                    const int skip) {
+                    const int64_t e, const int len, const uint32_t *seed, const int pm, const int sf, const int ns,
+                    const int ams, const int skip) {
     float P[BLOCK], G[BLOCK], S[MAX_SLOTS][BLOCK];
-    const uint32_t i0 = (uint32_t)t;
+    const uint32_t i0 = (uint32_t)(R->index0 + e);
     /* the parameter and gradient as fp32: fp32 parameters and master weights in place */
-    float *restrict pv = pm == P_NATIVE ? (float *)param + t : (pm == P_MASTER ? (float *)R->aux + t : P);
-    const float *restrict gv = pm == P_NATIVE ? (const float *)grad + t : G;
+    float *restrict pv = pm == P_NATIVE ? (float *)param + e : (pm == P_MASTER ? (float *)R->aux + e : P);
+    const float *restrict gv = pm == P_NATIVE ? (const float *)grad + e : G;
     if (pm != P_NATIVE) {
-        const uint16_t *ps = (const uint16_t *)param + t, *gs = (const uint16_t *)grad + t;
+        const uint16_t *ps = (const uint16_t *)param + e, *gs = (const uint16_t *)grad + e;
         if (pm == P_KAHAN) {
-            const uint16_t *cs = (const uint16_t *)R->aux + t;
+            const uint16_t *cs = (const uint16_t *)R->aux + e;
             for (int i = 0; i < len; i++) P[i] = bf16_to_f(ps[i]) + bf16_to_f(cs[i]);
         } else if (pm != P_MASTER) {
             for (int i = 0; i < len; i++) P[i] = bf16_to_f(ps[i]);
@@ -316,9 +327,9 @@ static AI void tile(const ctx_t *C, const int alg, const row_t *R, void *param, 
     float *sv[MAX_SLOTS] = {S[0], S[1], S[2]};
     for (int k = 0; k < ns; k++) {
         if (sf == S_FP32) {
-            sv[k] = (float *)R->slot[k] + t;
+            sv[k] = (float *)R->slot[k] + e;
         } else if (sf == S_BF16) {
-            const uint16_t *s = (const uint16_t *)R->slot[k] + t;
+            const uint16_t *s = (const uint16_t *)R->slot[k] + e;
             for (int i = 0; i < len; i++) S[k][i] = bf16_to_f(s[i]);
         } else {
             decode8((const uint8_t *)R->slot[k] + t, R->scale[k][t / BLOCK], S[k], k == 0 || alg == ALG_LION);
@@ -328,9 +339,9 @@ static AI void tile(const ctx_t *C, const int alg, const row_t *R, void *param, 
     for (int i = 0; i < len; i++) element(alg, pv + i, gv[i], s0 + i, s1 + i, s2 + i, C->hp, ns, ams, skip);
     /* encode the parameter */
     if (pm != P_NATIVE) {
-        uint16_t *ps = (uint16_t *)param + t;
+        uint16_t *ps = (uint16_t *)param + e;
         if (pm == P_KAHAN) {
-            uint16_t *cs = (uint16_t *)R->aux + t;
+            uint16_t *cs = (uint16_t *)R->aux + e;
             uint32_t w = weyl(i0, seed[0]);
             for (int i = 0; i < len; i++, w += WEYL) {
                 const uint16_t h = f_to_bf16_rne(P[i]);
@@ -347,7 +358,7 @@ static AI void tile(const ctx_t *C, const int alg, const row_t *R, void *param, 
     /* encode the state */
     for (int k = 0; k < ns && sf != S_FP32; k++) {
         if (sf == S_BF16) {
-            uint16_t *s = (uint16_t *)R->slot[k] + t;
+            uint16_t *s = (uint16_t *)R->slot[k] + e;
             uint32_t w = weyl(i0, seed[k + 1]);
             for (int i = 0; i < len; i++, w += WEYL) s[i] = f_to_bf16_sr(S[k][i], w);
         } else {
@@ -359,17 +370,20 @@ static AI void tile(const ctx_t *C, const int alg, const row_t *R, void *param, 
     }
 }
 
-/* every other combination: block by block. [a, b): a is a multiple of BLOCK; only the tensor's
- * last block may be shorter. */
+/* every other combination: block by block. [a, b) is a range of the row's work space (``space``);
+ * a is a multiple of BLOCK; only a row's last block may be shorter. */
 static AI void piece_tiled(const ctx_t *C, const int alg, const row_t *R, void *param, const void *grad,
                            int64_t a, int64_t b, const int pm, const int sf, const int ns, const int ams,
                            const int skip) {
     const args_t *A = C->A;
     uint32_t seed[MAX_SLOTS + 1];
     for (int k = 0; k <= ns; k++) seed[k] = mix_seed(A->step, R->uid, k);
-    int64_t t = a;
-    for (; t + BLOCK <= b; t += BLOCK) tile(C, alg, R, param, grad, t, BLOCK, seed, pm, sf, ns, ams, skip);
-    if (t < b) tile(C, alg, R, param, grad, t, (int)(b - t), seed, pm, sf, ns, ams, skip);
+    const int64_t L = R->len, Lp = (L + BLOCK - 1) / BLOCK * BLOCK;
+    for (int64_t t = a; t < b; t += BLOCK) {
+        const int64_t row = t / Lp, col = t - row * Lp, e = row * L + col; /* work space -> element */
+        if (col + BLOCK <= L) tile(C, alg, R, param, grad, t, e, BLOCK, seed, pm, sf, ns, ams, skip);
+        else tile(C, alg, R, param, grad, t, e, (int)(L - col), seed, pm, sf, ns, ams, skip);
+    }
 }
 
 /* The common cases get loops specialized at compile time (algorithm, parameter mode, state
@@ -437,7 +451,7 @@ static void run_share(const ctx_t *C, const int64_t *start, int64_t lo, int64_t 
     }
     for (int64_t j = l; j < A->nrows && start[j] < hi; j++) {
         const int64_t r = A->sel ? A->sel[j] : j;
-        const int64_t n = A->rows[r].n;
+        const int64_t n = space(A->rows + r);
         const int64_t a = lo > start[j] ? lo - start[j] : 0;
         const int64_t b = hi - start[j] < n ? hi - start[j] : n;
         if (a < b) run_piece(C, r, a, b);
@@ -496,7 +510,7 @@ int adamkit_step(const args_t *A) {
     if (!start) return -1;
     start[0] = 0;
     for (int64_t j = 0; j < A->nrows; j++) {
-        const int64_t n = A->rows[A->sel ? A->sel[j] : j].n;
+        const int64_t n = space(A->rows + (A->sel ? A->sel[j] : j));
         start[j + 1] = start[j] + (n + BLOCK - 1) / BLOCK * BLOCK;
     }
     const int64_t total = start[A->nrows];

@@ -24,6 +24,7 @@ import ctypes
 import functools
 import hashlib
 import itertools
+import math
 import operator
 import os
 import platform
@@ -65,6 +66,8 @@ class Row(ctypes.Structure):
         ("aux", ctypes.c_void_p),
         ("slot", ctypes.c_void_p * MAX_SLOTS),
         ("scale", ctypes.c_void_p * MAX_SLOTS),
+        ("len", ctypes.c_int64),
+        ("index0", ctypes.c_int64),
     ]
 
 
@@ -294,6 +297,26 @@ def is_sharded(t) -> bool:
     return any(pl.is_shard() and mesh.size(i) > 1 for i, pl in enumerate(t.placements))
 
 
+def rows_whole(t) -> bool:
+    """Whether each rank holds whole rows (dim-0 slices) of DTensor ``t``, contiguous in the whole
+    tensor: every placement is Shard(0) or Replicate (FSDP2's and DDP-like placements)."""
+    return all(pl.is_replicate() or (type(pl).__name__ == "Shard" and pl.dim == 0) for pl in t.placements)
+
+
+def global_offset(t) -> int:
+    """The position in the whole tensor (row-major) of the first element of ``t``'s local shard:
+    0 for a plain tensor. Rounding bits are drawn from (step, tensor id, this + local index), so
+    they do not depend on how the tensor is split between ranks. For placements whose local
+    elements are not one contiguous range of the whole tensor (sharded along another dim) it is 0:
+    there, rounding follows the local shard."""
+    if not is_dtensor(t) or t.dim() == 0 or not rows_whole(t):
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return int(offset[0]) * math.prod(t.shape[1:])
+
+
 def local(t):
     """The tensor the kernel reads: a DTensor's local shard, else the tensor itself."""
     return t._local_tensor if is_dtensor(t) else t
@@ -338,6 +361,10 @@ class Table:
             r = rows[j]
             # the local shard's length: a DTensor's numel() is its global one
             r.n, r.uid = loc.numel(), uid
+            # 8-bit rows (quant8): the row length, blocks lie inside rows; else one row of n
+            in_rows = fmt.state == "8bit" and bool(names) and local(st[names[0]]).dim() == 2
+            r.len = max(1, math.prod(p.shape[1:])) if in_rows else r.n
+            r.index0 = global_offset(p)  # rounding bits follow the whole tensor's positions
             aux = st.get("kahan_comp", st.get("master_weight"))
             if aux is not None:
                 r.aux = local(aux).data_ptr()

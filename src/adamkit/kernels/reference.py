@@ -44,7 +44,9 @@ class Item:
     fmt: Formats
     step: float  # the step number of this update (1-based)
     uid: int  # a stable id of the parameter in its optimizer: seeds its rounding streams
-    offset: int = 0  # position of t's first element in its parameter (a chunk of a large tensor)
+    # position of t's first element in its whole parameter (a DTensor's local shard, a chunk of a
+    # large tensor): element i is rounded with the bits of position offset + i
+    offset: int = 0
 
 
 def decode_all(alg: Algorithm, fmt: Formats, t: dict, flags: Flags, cdt: torch.dtype):
@@ -58,7 +60,8 @@ def decode_all(alg: Algorithm, fmt: Formats, t: dict, flags: Flags, cdt: torch.d
             slots.append(None)
         elif fmt.state == "8bit":
             name = slot.name
-            slots.append(quant8.decode(slot.signed, t[name], t[name + "_scale"], shape, cdt))
+            codes = t[name]  # 2-D: rows (quant8), 1-D: flat
+            slots.append(quant8.decode(slot.signed, codes, t[name + "_scale"], shape, cdt, codes.dim() == 2))
         else:
             slots.append(decode_state(fmt.state, t[slot.name], cdt))
     return decode_param(fmt.param, p, t.get(aux), cdt), t["grad"].to(cdt), slots
@@ -82,7 +85,12 @@ def encode_all(alg: Algorithm, fmt: Formats, t: dict, p, slots, flags: Flags, in
         if index is not None and slot.shape is not None and tuple(x.shape) != tuple(index.shape):
             # a slot of its own shape (Slot.shape) numbers its own elements for stochastic rounding
             idx = torch.arange(x.numel(), device=x.device).view(x.shape)
-        if fmt.state == "8bit":
+        if fmt.state == "8bit" and t[name].dim() == 2:
+            # rows (quant8): x has the parameter's (local) shape, idx its elements' positions;
+            # each row's padding continues its row's numbering
+            codes, scales = quant8.encode(slot.signed, x, idx, seeds[k + 1], rows=True)
+            out[name], out[name + "_scale"] = codes, scales.view(t[name + "_scale"].shape)
+        elif fmt.state == "8bit":
             # the compiled kernel passes (blocks, 256) values with their indices; per tensor,
             # encode pads to whole blocks and numbers the padded elements itself
             blocked = x.dim() == 2 and x.shape[1] == quant8.BLOCK

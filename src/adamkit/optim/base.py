@@ -221,6 +221,59 @@ def _placed_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def quantizable(p: torch.Tensor, min_8bit_size: int) -> bool:
+    """Whether ``p``'s moments are stored in 8 bit under state_format='8bit', from its global shape
+    (a DTensor's ``shape`` and ``numel()`` are global), so every rank and every world size decides
+    alike. Below ``min_8bit_size`` elements (norms, biases) state stays fp32: the saving is a few
+    bytes. A >= 2-D parameter is kept in rows (``quant8``), each padded to whole blocks: rows of
+    fewer than 66 elements would take more bytes than fp32 (a row costs at least 260 B), so they
+    stay fp32. A 1-D or 0-D tensor is one row, which FSDP2 cuts between ranks: a DTensor of that
+    shape keeps fp32 state (a plain tensor's flat blocks cannot be cut)."""
+    if p.numel() < min_8bit_size:
+        return False
+    if p.dim() >= 2:
+        length = quant8.row_length(p.shape)
+        return quant8.row_bytes(length) < 4 * length
+    return not native.is_dtensor(p)
+
+
+def _rows_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Local 8-bit codes or scales of a DTensor parameter as a DTensor placed like it (rows split
+    along dim 0 exactly as the parameter's rows); plain tensors pass through."""
+    if not native.is_dtensor(p) or t.dim() != 2:
+        return t
+    from torch.distributed.tensor import DTensor  # DTensors exist: so does the module
+
+    shape = (p.shape[0], t.shape[1])
+    return DTensor.from_local(
+        t, p.device_mesh, p.placements, run_check=False, shape=shape, stride=(t.shape[1], 1)
+    )
+
+
+def _like_param(x: torch.Tensor, p: torch.Tensor, slot) -> torch.Tensor:
+    """A decoded local value of a parameter-shaped slot with its parameter's placement."""
+    if not native.is_dtensor(p) or slot.shape is not None or native.is_dtensor(x):
+        return x
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        x, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+    )
+
+
+def _encode8(slot, x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 values (``p``'s local elements, or a slot of its own shape) -> (codes, scales) in the
+    slot's layout (rows for parameter-shaped slots of >= 2-D parameters, else flat), rounded with
+    the elements' global positions, so a conversion gives the same codes at every world size."""
+    rows = slot.shape is None and p.dim() >= 2
+    if not rows:
+        codes, scales = quant8.encode(slot.signed, x)
+        return codes.view(-1), scales
+    index = torch.arange(x.numel(), device=x.device).view(x.shape) + native.global_offset(p)
+    codes, scales = quant8.encode(slot.signed, x, index, rows=True)
+    return _rows_like(codes, p), _rows_like(scales, p)
+
+
 def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """The global L2 norm of ``grads``, computed as ``torch.nn.utils.clip_grad_norm_`` computes it
     (a foreach norm per device and dtype, then the norm of the norms), in fp32 (fp64 if any gradient
@@ -465,22 +518,21 @@ class Optimizer(torch.optim.Optimizer):
         return hp
 
     def _check_sharded_8bit(self, group: dict) -> None:
-        """8-bit state is refused for sharded DTensor parameters (FSDP2): its 256-element blocks
-        would be cut from each rank's local shard, so a step's result would depend on the world
-        size, and the codes (plain per-rank tensors) could not be resharded or saved by DCP.
-        Checked when the group is (re)validated, before anything changes; the answer depends on
-        global shapes and placements only, so every rank raises alike."""
+        """8-bit state of a DTensor parameter is kept in rows (``quant8``: blocks inside rows, the
+        codes sharded like the parameter), which move whole only where the parameter is split along
+        dim 0 (FSDP2's placement) or replicated: other placements are refused. Checked when the
+        group is (re)validated, before anything changes; the answer depends on global shapes and
+        placements only, so every rank raises alike."""
         if group["state_format"] != "8bit":
             return
         for p in group["params"]:
-            if native.is_sharded(p) and self._formats(group, p).state == "8bit":
+            if native.is_dtensor(p) and not native.rows_whole(p) and self._formats(group, p).state == "8bit":
                 raise ValueError(
-                    f"adamkit: state_format='8bit' does not support sharded DTensor parameters (FSDP2 "
-                    f"fully_shard; a parameter of shape {tuple(p.shape)} placed {tuple(p.placements)}): "
-                    "its quantization blocks would follow each rank's shard, so results would change "
-                    "with the world size and checkpoints could not be resharded. Use "
-                    "state_format='bf16' (2 B/param per moment), or raise min_8bit_size above the "
-                    "sharded parameters' sizes to keep their state in fp32"
+                    f"adamkit: state_format='8bit' needs DTensor parameters split along dim 0 (FSDP2's "
+                    f"Shard(0)) or replicated; a parameter of shape {tuple(p.shape)} is placed "
+                    f"{tuple(p.placements)}, which would cut its 8-bit rows between ranks. Use "
+                    "state_format='bf16' (2 B/param per moment), or raise min_8bit_size above this "
+                    "parameter's size to keep its state in fp32"
                 )
 
     # ------------------------------------------------------------------------------------------
@@ -495,9 +547,7 @@ class Optimizer(torch.optim.Optimizer):
             group["master_weights"],
             group["state_format"],
         )
-        if fmt.state == "8bit" and p.numel() < group["min_8bit_size"]:
-            # Small tensors (norms, biases) keep fp32 state: their 8-bit saving is a few bytes and
-            # a 256-block would be mostly padding.
+        if fmt.state == "8bit" and not quantizable(p, group["min_8bit_size"]):
             fmt = fmt._replace(state="fp32")
         return fmt
 
@@ -529,10 +579,11 @@ class Optimizer(torch.optim.Optimizer):
                 else:
                     state[slot.name] = torch.zeros(shape, dtype=state_dtype(fmt.state), device=p.device)
             elif fmt.state == "8bit":
-                # 1 B/param of codes (padded to a 256-block) + 4 B per block of scale, on the
-                # parameter's local elements
-                n = native.local(p).numel()
-                state[slot.name], state[slot.name + "_scale"] = quant8.zeros(n, slot.signed, p.device)
+                # 1 B/param of codes (each row padded to whole 256-blocks) + 4 B per block of scale
+                rows = native.local(p).shape[0] if p.dim() >= 2 else None
+                n = quant8.row_length(p.shape) if rows is not None else p.numel()
+                codes, scales = quant8.zeros(n, slot.signed, p.device, rows=rows)
+                state[slot.name], state[slot.name + "_scale"] = _rows_like(codes, p), _rows_like(scales, p)
             else:
                 # 4 B/param in fp32, 2 in bf16/fp16 (the parameter's dtype by default)
                 state[slot.name] = torch.zeros_like(
@@ -555,11 +606,14 @@ class Optimizer(torch.optim.Optimizer):
             scale = state.get(slot.name + "_scale")
             if fmt.state == "8bit":
                 if scale is None:
-                    codes, state[slot.name + "_scale"] = quant8.encode(slot.signed, native.local(v).float())
-                    state[slot.name] = codes.view(-1)
+                    state[slot.name], state[slot.name + "_scale"] = _encode8(slot, native.local(v).float(), p)
             elif scale is not None:  # 8-bit codes, now a floating format
-                x = quant8.decode(slot.signed, v, scale, slot.shape_for(native.local(p).shape), torch.float32)
-                state[slot.name] = x.to(state_dtype(fmt.state))
+                codes = native.local(v)
+                x = quant8.decode(
+                    slot.signed, codes, native.local(scale),
+                    slot.shape_for(native.local(p).shape), torch.float32, codes.dim() == 2,
+                )  # fmt: skip
+                state[slot.name] = _like_param(x, p, slot).to(state_dtype(fmt.state))
                 del state[slot.name + "_scale"]
             elif v.dtype != state_dtype(fmt.state):
                 state[slot.name] = v.to(state_dtype(fmt.state))
@@ -574,7 +628,9 @@ class Optimizer(torch.optim.Optimizer):
         state = self._init_state(p, group)
         t = {k: native.local(v) for k, v in state.items() if k != "step"}
         t["param"], t["grad"] = native.local(p), native.local(p.grad)
-        return Item(t, self._formats(group, p), float(state["step"]) + 1, uid)
+        # offset: the local shard's first element in the whole parameter, so that rounding bits
+        # follow global element positions (the same at every world size)
+        return Item(t, self._formats(group, p), float(state["step"]) + 1, uid, native.global_offset(p))
 
     # ------------------------------------------------------------------------------------------
     # step
@@ -1010,7 +1066,6 @@ class Optimizer(torch.optim.Optimizer):
             return ValueError(f"state of parameter {key!r}: {msg}")
 
         fmt = self._formats(group, p)
-        n = native.local(p).numel()
         out: dict[str, torch.Tensor] = {}
         step = saved.get("step", 0.0)  # absent only where the algorithm does not use it
         if not isinstance(step, torch.Tensor):
@@ -1033,31 +1088,10 @@ class Optimizer(torch.optim.Optimizer):
             want = slot.shape_for(p.shape)
             if want is None:
                 raise bad(f"it has {name!r}, which is not kept for a parameter of shape {tuple(p.shape)}")
-            n = native.local(p).numel() if slot.shape is None else math.prod(want)
             if scale is not None:  # 8-bit codes + block scales
-                if v.dtype != torch.uint8 or tuple(v.shape) != (quant8.padded(n),):
-                    raise bad(
-                        f"{name!r} holds 8-bit codes of shape {tuple(v.shape)}, expected "
-                        f"({quant8.padded(n)},) uint8 for a parameter of {n} elements"
-                    )
-                if tuple(scale.shape) != (quant8.blocks(n),):
-                    raise bad(
-                        f"{name + '_scale'!r} has shape {tuple(scale.shape)}, expected ({quant8.blocks(n)},)"
-                    )
-                if fmt.state == "8bit":
-                    out[name] = v.detach().to(p.device, copy=True)
-                    out[name + "_scale"] = scale.detach().to(p.device, dtype=torch.float32, copy=True)
+                value = self._loaded_8bit(bad, slot, v, scale, p, want, fmt, out)
+                if value is None:  # the same format: kept bit for bit
                     continue
-                value = quant8.decode(
-                    slot.signed, v.to(p.device), scale.to(p.device),
-                    native.local(p).shape if slot.shape is None else want, torch.float32,
-                )  # fmt: skip
-                if native.is_dtensor(p):  # 8-bit codes are per local shard: the value is the shard
-                    from torch.distributed.tensor import DTensor
-
-                    value = DTensor.from_local(
-                        value, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
-                    )
             else:
                 if tuple(v.shape) != want:
                     raise bad(
@@ -1068,8 +1102,7 @@ class Optimizer(torch.optim.Optimizer):
                     raise TypeError(f"state[{key!r}][{name!r}] must be floating point, got {v.dtype}")
                 value = _placed_like(v.detach().to(p.device), p)
             if fmt.state == "8bit":
-                codes, out[name + "_scale"] = quant8.encode(slot.signed, native.local(value).float())
-                out[name] = codes.view(-1)
+                out[name], out[name + "_scale"] = _encode8(slot, native.local(value).float(), p)
             else:
                 out[name] = value.to(state_dtype(fmt.state), copy=True)
         comp, master = saved.get("kahan_comp"), saved.get("master_weight")
@@ -1095,3 +1128,46 @@ class Optimizer(torch.optim.Optimizer):
                 "kahan_sum/master_weights options, or use load_full_precision_params()"
             )
         return out
+
+    def _loaded_8bit(self, bad, slot, v, scale, p, want, fmt, out):
+        """Saved 8-bit codes and scales of one slot: checked against the parameter's global shape,
+        then kept bit for bit (``out``; returns None) where this optimizer stores the slot in 8 bit
+        too, else decoded to fp32 values placed like the parameter (returned).
+
+        Layouts: rows (2-D codes, this version's for >= 2-D parameters) or flat (1-D; older
+        versions kept every tensor flat). Flat codes of a >= 2-D parameter are put into rows:
+        the same bytes where rows are whole blocks, else decoded and encoded again in rows."""
+        name = slot.name
+        if v.dtype != torch.uint8:
+            raise bad(f"{name!r} holds 8-bit codes of dtype {v.dtype}, expected uint8")
+        rows = slot.shape is None and len(want) >= 2
+        length = quant8.row_length(want) if rows else math.prod(want)
+        if v.dim() == 2:
+            if not rows or tuple(v.shape) != (want[0], quant8.padded(length)):
+                raise bad(
+                    f"{name!r} holds 8-bit codes of shape {tuple(v.shape)}, expected "
+                    f"{(want[0], quant8.padded(length)) if rows else (quant8.padded(length),)} uint8 for "
+                    f"a parameter of shape {tuple(p.shape)}"
+                )
+            nb = (want[0], quant8.blocks(length))
+        else:
+            n = math.prod(want)
+            if tuple(v.shape) != (quant8.padded(n),):
+                raise bad(
+                    f"{name!r} holds 8-bit codes of shape {tuple(v.shape)}, expected "
+                    f"({quant8.padded(n)},) uint8 for a parameter of {n} elements"
+                )
+            nb = (quant8.blocks(n),)
+        if tuple(scale.shape) != nb:
+            raise bad(f"{name + '_scale'!r} has shape {tuple(scale.shape)}, expected {nb}")
+        full = [x.full_tensor() if native.is_dtensor(x) else x for x in (v, scale)]
+        codes, scales = (x.detach().to(p.device) for x in full)
+        scales = scales.float()
+        if rows and codes.dim() == 1:  # an older flat checkpoint
+            codes, scales = quant8.to_rows(slot.signed, codes, scales, want)
+        if fmt.state == "8bit":
+            out[name] = _placed_like(codes, p).clone() if native.is_dtensor(p) else codes.clone()
+            out[name + "_scale"] = _placed_like(scales, p).clone() if native.is_dtensor(p) else scales.clone()
+            return None
+        value = quant8.decode(slot.signed, codes, scales, want, torch.float32, codes.dim() == 2)
+        return _placed_like(value, p) if slot.shape is None else value

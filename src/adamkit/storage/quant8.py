@@ -3,6 +3,15 @@
 Each block of ``BLOCK`` = 256 consecutive elements keeps one fp32 scale ``a`` (its largest finite
 magnitude) and one byte per element. Bytes per parameter per moment: 1 + 4/256 = 1.016.
 
+Layouts. Blocks must not depend on how a tensor is cut between processes (FSDP2 splits dim 0 of
+every parameter between ranks), so a moment of a parameter of >= 2 dimensions, global shape
+(R, ...), is kept in **rows**: row r holds the L = numel / R elements of ``p[r]``, each row padded
+to whole blocks, codes of shape (R, padded(L)) uint8 and scales (R, blocks(L)) fp32, sharded like
+the parameter (rows move whole). Bytes per element: padded(L) / L + 4 blocks(L) / L, 1.016 where
+L is a multiple of 256 (then the bytes are exactly those of the flat layout). Other tensors (1-D,
+0-D, slots of their own shapes) use the **flat** layout: the elements in order, padded to whole
+blocks, codes (padded(n),), scales (blocks(n),).
+
 Codes (power-law companding, so small values keep relative precision that a linear code loses):
 
 - signed slots (Adam's m, Lion's m):   x = a * c|c| / 127^2,  c in [-127, 127], stored as c + 128.
@@ -51,10 +60,22 @@ def blocks(n: int) -> int:
     return math.ceil(n / BLOCK)
 
 
-def zeros(n: int, signed: bool, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and scales of n zeros: (n padded to a block) bytes + 4 bytes per block."""
-    codes = torch.full((padded(n),), 128 if signed else 0, dtype=torch.uint8, device=device)
-    return codes, torch.zeros(blocks(n), dtype=torch.float32, device=device)
+def zeros(n: int, signed: bool, device=None, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and scales of n zeros: (n padded to a block) bytes + 4 bytes per block; with ``rows``,
+    the row layout of ``rows`` rows of n elements each (rows * padded(n) bytes + 4 per block)."""
+    shape, nb = ((padded(n),), (blocks(n),)) if rows is None else ((rows, padded(n)), (rows, blocks(n)))
+    codes = torch.full(shape, 128 if signed else 0, dtype=torch.uint8, device=device)
+    return codes, torch.zeros(nb, dtype=torch.float32, device=device)
+
+
+def row_length(shape) -> int:
+    """L, the elements of one row of a parameter of ``shape`` (>= 2-D): the product of shape[1:]."""
+    return math.prod(tuple(shape)[1:])
+
+
+def row_bytes(length: int) -> int:
+    """Bytes of one row of ``length`` elements in the row layout (codes + scales)."""
+    return padded(length) + 4 * blocks(length)
 
 
 def decode_blocks(signed: bool, codes: torch.Tensor, scales: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
@@ -111,25 +132,69 @@ def encode_blocks(signed: bool, xb: torch.Tensor, index: torch.Tensor, seed):
     return stored.to(torch.uint8), a.view(-1)
 
 
-def decode(signed: bool, codes: torch.Tensor, scales: torch.Tensor, shape, cdt: torch.dtype) -> torch.Tensor:
-    """Codes (any shape holding the padded length) and block scales -> values of ``shape``."""
-    x = decode_blocks(signed, codes.view(-1, BLOCK), scales, cdt)
+def decode(
+    signed: bool, codes: torch.Tensor, scales: torch.Tensor, shape, cdt: torch.dtype, rows: bool = False
+) -> torch.Tensor:
+    """Codes and block scales -> values of ``shape``. Flat: codes of any shape holding the padded
+    length; ``rows``: (R, padded(L)) codes of rows of L = prod(shape[1:]) elements. (Stored
+    state tells them apart by its codes' dimensions: flat codes are kept 1-D.)"""
+    x = decode_blocks(signed, codes.view(-1, BLOCK), scales.reshape(-1), cdt)
+    if rows:  # drop each row's padding
+        return x.view(codes.shape)[:, : row_length(shape)].reshape(shape)
     if tuple(x.shape) == tuple(shape):  # the fused kernel works on (blocks, 256) directly
         return x
     n = math.prod(shape)
     return x.reshape(-1)[:n].view(shape)
 
 
-def encode(signed: bool, x: torch.Tensor, index: torch.Tensor | None = None, seed=0):
-    """Values (any shape, zero-padded to whole blocks) -> ((blocks, 256) uint8 codes, fp32 block
-    scales). ``index`` gives each element's position for the rounding bits (default 0..n-1)."""
-    xb = blockify(x)
-    index = torch.arange(xb.numel(), device=x.device) if index is None else index
-    return encode_blocks(signed, xb, index.view(xb.shape), seed)
+def row_index(index: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+    """The rounding positions of the row layout's (rows, padded(length)) elements from those of the
+    (rows, length) values: row r's padding continues its row, first + 0, 1, ..., padded - 1 (the
+    native kernel numbers a row's short last block the same way)."""
+    first = index.reshape(rows, length)[:, :1]
+    return first + torch.arange(padded(length), device=index.device)
 
 
-def error_bound(signed: bool, x: torch.Tensor) -> torch.Tensor:
-    """The largest |decode(encode(x)) - x| per element allowed by the format (see module doc)."""
+def encode(signed: bool, x: torch.Tensor, index: torch.Tensor | None = None, seed=0, rows: bool = False):
+    """Values -> (uint8 codes, fp32 block scales). Flat (``rows=False``): any shape, zero-padded to
+    whole blocks, codes (blocks, 256) and scales (blocks,). Rows (``rows=True``, x of >= 2 dims):
+    each of x's x.shape[0] rows zero-padded to whole blocks, codes (R, padded(L)) and scales
+    (R, blocks(L)). ``index`` (x's shape) gives each element's position for the rounding bits
+    (default: 0..n-1 in order, padding included)."""
+    if not rows:
+        xb = blockify(x)
+        index = torch.arange(xb.numel(), device=x.device) if index is None else index
+        return encode_blocks(signed, xb, index.view(xb.shape), seed)
+    r, length = x.shape[0], row_length(x.shape)
+    xr = F.pad(x.reshape(r, length), (0, padded(length) - length))
+    if index is None:
+        index = torch.arange(r * length, device=x.device)
+    index = row_index(index, r, length)
+    codes, scales = encode_blocks(signed, xr.view(-1, BLOCK), index.view(-1, BLOCK), seed)
+    return codes.view(r, padded(length)), scales.view(r, blocks(length))
+
+
+def to_rows(
+    signed: bool, codes: torch.Tensor, scales: torch.Tensor, shape
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat-layout codes of a parameter of ``shape`` (>= 2-D; older checkpoints) in the row layout.
+    Where the row length is a multiple of 256 the bytes are the same (a view); otherwise the values
+    are decoded and encoded again in rows (each within the format's bound of the saved value)."""
+    r, length = shape[0], row_length(shape)
+    if length % BLOCK == 0:
+        return codes.reshape(r, length), scales.reshape(r, length // BLOCK)
+    x = decode(signed, codes, scales, shape, torch.float32)
+    return encode(signed, x, rows=True)
+
+
+def error_bound(signed: bool, x: torch.Tensor, rows: bool = False) -> torch.Tensor:
+    """The largest |decode(encode(x)) - x| per element allowed by the format (see module doc), as a
+    flat tensor of x's elements in order; ``rows``: x in the row layout (blocks within rows)."""
+    if rows:
+        r, length = x.shape[0], row_length(x.shape)
+        xr = F.pad(x.reshape(r, length).double(), (0, padded(length) - length)).reshape(-1)
+        out = error_bound(signed, xr).view(r, padded(length))[:, :length]
+        return out.reshape(-1)
     x = x.reshape(-1).double()
     n = x.numel()
     xb = F.pad(x, (0, padded(n) - n)).view(-1, BLOCK)
