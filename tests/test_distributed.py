@@ -10,6 +10,7 @@ float32 tolerance (rtol 1.3e-6, atol 1e-5).
 
 from __future__ import annotations
 
+import functools
 import gc
 import io
 import os
@@ -36,10 +37,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn, port: int) -> None:
+def _entry(rank: int, fn, port: int, world: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # 2 processes on a shared machine
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)  # several processes on a shared machine
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank)
         # every rank done, and DDP/ZeRO objects (with their gloo work) gone, before the group is:
@@ -50,8 +51,8 @@ def _entry(rank: int, fn, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(fn) -> None:
-    mp.spawn(_entry, args=(fn, _free_port()), nprocs=WORLD)
+def _spawn(fn, world: int = WORLD) -> None:
+    mp.spawn(_entry, args=(fn, _free_port(), world), nprocs=world)
 
 
 def _mlp(dtype=torch.float32) -> nn.Module:
@@ -85,7 +86,7 @@ def _train(model: nn.Module, opt, rank: int, steps: int) -> torch.Tensor:
         losses.append(loss.detach())
     t = torch.stack(losses)
     dist.all_reduce(t)
-    return t / WORLD
+    return t / dist.get_world_size()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -96,7 +97,12 @@ def _assert_same_placement(st: torch.Tensor, p: torch.Tensor, what: str) -> None
     assert native.is_dtensor(st), f"{what}: a {type(st).__name__}, not a DTensor"
     assert st.device_mesh == p.device_mesh, what
     assert tuple(st.placements) == tuple(p.placements), f"{what}: {st.placements} vs {p.placements}"
-    assert st.shape == p.shape and st.to_local().shape == p.to_local().shape, what
+    if (
+        st.dtype == torch.uint8 or st.shape != p.shape
+    ):  # 8-bit rows: (rows, padded row) codes, (rows, blocks) scales
+        assert st.shape[0] == p.shape[0] and st.to_local().shape[0] == p.to_local().shape[0], what
+    else:
+        assert st.shape == p.shape and st.to_local().shape == p.to_local().shape, what
 
 
 def _assert_same_run(m1, o1, m2, o2, exact: bool, what: str) -> None:
@@ -190,8 +196,10 @@ def _fp32_checks(rank: int) -> None:
             for k in ("exp_avg", "exp_avg_sq"):
                 _assert_same_placement(opt_p.state[p][k], p, f"{what} {k}")
                 assert torch.equal(opt_p.state[p][k].full_tensor(), opt_q.state[q][k]), f"{what} {k}"
-    # replicated parameters are not sharded: 8-bit state runs there (blocks of the whole tensor,
-    # plain per-rank codes), the same as on one process
+    # replicated parameters: 8-bit state in rows, codes replicated like the parameter, the same as
+    # on one process (rows of 300 elements: a full and a partial block each)
+    full = torch.randn(9, 300, generator=g)
+    grads = [torch.randn(9, 300, generator=g) for _ in range(3)]
     p = nn.Parameter(distribute_tensor(full.clone(), mesh, [Replicate()]))
     q = nn.Parameter(full.clone())
     opt_p = adamkit.AdamW([p], state_format="8bit", min_8bit_size=0, **kw)
@@ -203,7 +211,9 @@ def _fp32_checks(rank: int) -> None:
         opt_q.step()
     assert torch.equal(p.detach().to_local(), q.detach()), "8-bit replicated DTensor"
     for k in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
-        assert torch.equal(opt_p.state[p][k], opt_q.state[q][k]), f"8-bit replicated DTensor {k}"
+        _assert_same_placement(opt_p.state[p][k], p, f"8-bit replicated DTensor {k}")
+        assert torch.equal(_local(opt_p.state[p][k]), opt_q.state[q][k]), f"8-bit replicated DTensor {k}"
+    assert opt_q.state[q]["exp_avg"].shape == (9, 512), "rows padded to whole blocks"
     # ... and its state loads into fp32 state of the parameter's placement
     fp32_p, fp32_q = adamkit.AdamW([p], **kw), adamkit.AdamW([q], **kw)
     fp32_p.load_state_dict(opt_p.state_dict())
@@ -330,16 +340,22 @@ def _format_checks(rank: int) -> None:
         _train(m2, o2, rank, 2)
         _assert_same_run(m2, o2, m1, o1, exact=True, what=f"{name} resumed")
 
-    # 8-bit state of sharded parameters is refused before anything changes (its blocks would
-    # follow the shards); tensors below min_8bit_size keep fp32 state and run
-    m = _fsdp_mlp()
-    before = [p.detach().to_local().clone() for p in m.parameters()]
-    opt = adamkit.AdamW(m.parameters(), lr=LR, state_format="8bit", min_8bit_size=0)
-    with pytest.raises(ValueError, match=r"state_format='8bit' does not support sharded DTensor.*'bf16'"):
-        _train(m, opt, rank, 1)
-    assert not any(opt.state[p] for p in m.parameters()), "no state was created"
-    for p, b in zip(m.parameters(), before):
-        assert torch.equal(p.detach().to_local(), b), "no parameter changed"
+    # 8-bit state of a DTensor split along another dim than 0 is refused before anything changes
+    # (its rows would be cut between ranks); tensors below min_8bit_size keep fp32 state and run
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    full = torch.randn(4, 300, generator=torch.Generator().manual_seed(0))
+    p = nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(1)]))
+    p.grad = distribute_tensor(torch.ones(4, 300), mesh, [Shard(1)])
+    opt = adamkit.AdamW([p], lr=LR, state_format="8bit", min_8bit_size=0)
+    with pytest.raises(
+        ValueError, match=r"state_format='8bit' needs DTensor parameters split along dim 0.*'bf16'"
+    ):
+        opt.step()
+    assert not opt.state[p], "no state was created"
+    assert torch.equal(p.detach().full_tensor(), full), "no parameter changed"
     m = _fsdp_mlp()
     opt = adamkit.AdamW(m.parameters(), lr=LR, state_format="8bit")  # every tensor < 4096 elements
     _train(m, opt, rank, 1)
@@ -348,3 +364,219 @@ def _format_checks(rank: int) -> None:
 
 def test_fsdp2_every_format_trains_and_resumes():
     _spawn(_format_checks)
+
+
+# --------------------------------------------------------------------------------------------------
+# world-size invariance (8-bit rows, global rounding positions) and DCP resharding
+# --------------------------------------------------------------------------------------------------
+
+
+class _Shapes(nn.Module):
+    """One parameter of each layout, with FSDP2's uneven dim-0 chunks: 7 rows of 300 (8-bit rows of
+    a full and a partial block; 4/3 rows at 2 ranks, 3/3/1 at 3), 2 rows of 130 (a rank without
+    rows at 3), a 3-D tensor (rows of 120), and what keeps fp32 state under state_format='8bit': a
+    1-D tensor (one row, which the shards cut) and rows of 8 (narrower than a block is worth)."""
+
+    SHAPES = {"w1": (7, 300), "w2": (2, 130), "w3": (5, 3, 40), "b": (300,), "w4": (4, 8)}
+    QUANTIZED = ("w1", "w2", "w3")
+
+    def __init__(self, dtype):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        for name, shape in self.SHAPES.items():
+            self.register_parameter(name, nn.Parameter(torch.randn(shape, generator=g).to(dtype)))
+
+
+def _shapes_model(dtype, sharded: bool = True) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    m = _Shapes(dtype)
+    return fully_shard(m) if sharded else m
+
+
+def _feed(model: nn.Module, opt, steps: range) -> None:
+    """Steps with gradients that do not depend on the world size: each step's full gradients from a
+    fixed seed, cut to each rank's shard locally (FSDP2's reduce-scatter sums in an order that
+    depends on the world size, which would change their last bits)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    for k in steps:
+        g = torch.Generator().manual_seed(100 + k)
+        for p in model.parameters():
+            full = (torch.randn(p.shape, generator=g) * 0.1).to(p.dtype)
+            full[0] = 0.0 if k % 2 else full[0]  # exact zeros in some rows: their codes stay zero
+            if native.is_dtensor(p):
+                p.grad = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+            else:
+                p.grad = full
+        opt.step()
+        opt.zero_grad()
+
+
+def _full_state(model: nn.Module, opt) -> dict:
+    """Every parameter and state tensor of a run, whole (gathered from the shards), by name."""
+    out = {}
+    for name, p in model.named_parameters():
+        out[name] = (p.full_tensor() if native.is_dtensor(p) else p).detach().clone()
+        for k, v in opt.state[p].items():
+            out[f"{name}.{k}"] = (v.full_tensor() if native.is_dtensor(v) else v).detach().clone()
+    return out
+
+
+def _assert_same_state(a: dict, b: dict, what: str, names=None) -> None:
+    keys = sorted(k for k in a if names is None or k.split(".")[0] in names)
+    assert keys == sorted(k for k in b if names is None or k.split(".")[0] in names), f"{what}: keys"
+    for k in keys:
+        x, y = a[k], b[k]
+        assert x.dtype == y.dtype and x.shape == y.shape, (
+            f"{what}: {k} {x.dtype}{tuple(x.shape)} vs {y.dtype}{tuple(y.shape)}"
+        )
+        ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
+        same = x.view(ints[x.dtype]) == y.view(ints[y.dtype]) if x.dtype in ints else x == y
+        assert bool(same.all()), f"{what}: {k} differs in {int((~same).sum())} of {same.numel()} elements"
+
+
+# (name, parameter dtype, optimizer, options): every format whose bits could follow the shards:
+# 8-bit codes and their dither, stochastic rounding of bf16 parameters and of bf16 state, Kahan
+INVARIANT = [
+    ("adamw-8bit", torch.float32, "AdamW", dict(state_format="8bit", weight_decay=0.1)),
+    ("lion-8bit", torch.float32, "Lion", dict(state_format="8bit", lr=1e-3, weight_decay=0.1)),
+    ("bf16-sr-8bit", torch.bfloat16, "AdamW", dict(stochastic_rounding=True, state_format="8bit")),
+    ("bf16-kahan-bf16-state", torch.bfloat16, "AdamW", dict(kahan_sum=True, state_format="bf16")),
+    ("fp32-bf16-state", torch.float32, "AdamW", dict(state_format="bf16", amsgrad=True)),
+]
+# (name, parameter dtype, options) of the DCP round trips
+DCP = [
+    ("fp32", torch.float32, dict(weight_decay=0.1)),
+    ("8bit", torch.float32, dict(state_format="8bit", weight_decay=0.1)),
+    ("bf16-sr-bf16-state", torch.bfloat16, dict(stochastic_rounding=True, state_format="bf16")),
+]
+VARIANTS = ("sharded", "flatten", "full")
+
+
+def _options(variant: str):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return {
+        "sharded": StateDictOptions(),
+        "flatten": StateDictOptions(flatten_optimizer_state_dict=True),
+        "full": StateDictOptions(full_state_dict=True),
+    }[variant]
+
+
+def _invariance_run(name, dtype, cls, kw, backend, sharded=True):
+    m = _shapes_model(dtype, sharded)
+    opt = getattr(adamkit, cls)(m.parameters(), backend=backend, min_8bit_size=0, **{"lr": LR, **kw})
+    _feed(m, opt, range(3))
+    return m, opt
+
+
+def _sharding_checks(rank: int, out_dir: str) -> None:
+    """At this world size: the invariance runs (saved by rank 0 for the test to compare), then,
+    at world size 2, DCP checkpoints of each format (and the uninterrupted continuation); at
+    world sizes 1 and 3, those checkpoints loaded and continued."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    world = dist.get_world_size()
+    results = {}
+    for name, dtype, cls, kw in INVARIANT:
+        for backend in ("reference", "fused"):
+            m, opt = _invariance_run(name, dtype, cls, kw, backend)
+            for pname, p in m.named_parameters():
+                st = opt.state[p]
+                eight = kw.get("state_format") == "8bit" and pname in _Shapes.QUANTIZED
+                assert (st["exp_avg"].dtype == torch.uint8) == eight, f"{name}: {pname} format"
+                for k, v in st.items():
+                    if k != "step":
+                        _assert_same_placement(v, p, f"{name} {backend}: {pname} {k}")
+            results[f"{name}/{backend}"] = _full_state(m, opt)
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, f"invariance-ws{world}.pt"))
+
+    for name, dtype, kw in DCP:
+        if world == 2:  # save after 3 steps, then continue 2 more (the uninterrupted run)
+            m = _shapes_model(dtype)
+            opt = adamkit.AdamW(m.parameters(), lr=LR, min_8bit_size=0, **kw)
+            _feed(m, opt, range(3))
+            for variant in VARIANTS:
+                o = _options(variant)
+                sd = {
+                    "model": get_model_state_dict(m, options=o),
+                    "optim": get_optimizer_state_dict(m, opt, options=o),
+                }
+                dcp.save(sd, checkpoint_id=os.path.join(out_dir, f"{name}-{variant}"))
+            saved = _full_state(m, opt)
+            _feed(m, opt, range(3, 5))
+            final = _full_state(m, opt)  # a collective: every rank gathers
+            if rank == 0:
+                torch.save({"saved": saved, "final": final}, os.path.join(out_dir, f"{name}.pt"))
+            continue
+        want = torch.load(os.path.join(out_dir, f"{name}.pt"), weights_only=True)
+        for variant in VARIANTS:
+            what = f"DCP {name} {variant} saved at world size 2, loaded at {world}"
+            m = _shapes_model(dtype)
+            opt = adamkit.AdamW(m.parameters(), lr=LR, min_8bit_size=0, **kw)
+            o = _options(variant)
+            # the templates (torch initializes the state with an lr-0 step of zero gradients)
+            sd = {
+                "model": get_model_state_dict(m, options=o),
+                "optim": get_optimizer_state_dict(m, opt, options=o),
+            }
+            dcp.load(sd, checkpoint_id=os.path.join(out_dir, f"{name}-{variant}"))
+            set_model_state_dict(m, sd["model"], options=o)
+            set_optimizer_state_dict(m, opt, sd["optim"], options=o)
+            _assert_same_state(_full_state(m, opt), want["saved"], what + ": loaded")
+            _feed(m, opt, range(3, 5))
+            _assert_same_state(_full_state(m, opt), want["final"], what + ": continued")
+            if name == "8bit" and variant == "sharded":
+                # a single process's (unsharded) state dict loads into the sharded run, and back
+                pm = _shapes_model(dtype, sharded=False)
+                popt = adamkit.AdamW(pm.parameters(), lr=LR, min_8bit_size=0, **kw)
+                _feed(pm, popt, range(3))
+                plain = _full_state(pm, popt)
+                m2 = _shapes_model(dtype)
+                set_model_state_dict(m2, pm.state_dict(), options=_options("full"))
+                o2 = adamkit.AdamW(m2.parameters(), lr=LR, min_8bit_size=0, **kw)
+                o2.load_state_dict(_roundtrip(popt.state_dict()))
+                # rows: the same codes as the sharded run's; the 1-D tensor's flat 8-bit state
+                # (a plain tensor is one row) becomes fp32 (decoded) under sharding
+                _assert_same_state(
+                    _full_state(m2, o2), want["saved"], what + ": from one process", _Shapes.QUANTIZED
+                )
+                _assert_same_state(plain, want["saved"], what + ": one process", _Shapes.QUANTIZED)
+                assert o2.state[m2.b]["exp_avg"].dtype == torch.float32
+                full_sd = o2.state_dict()
+                full_sd["state"] = {
+                    k: {n: v.full_tensor() if native.is_dtensor(v) else v for n, v in st.items()}
+                    for k, st in full_sd["state"].items()
+                }
+                back = adamkit.AdamW(pm.parameters(), lr=LR, min_8bit_size=0, **kw)
+                back.load_state_dict(_roundtrip(full_sd))
+                _assert_same_state(
+                    _full_state(pm, back), plain, what + ": back to one process", ("w1", "w2", "w3", "w4")
+                )
+
+
+def test_world_size_invariance_and_dcp_resharding(tmp_path):
+    """Every format gives the same parameters and state, bit for bit, at world sizes 1, 2 and 3
+    (FSDP2, the same gradients), and as one process without sharding for the >= 2-D parameters;
+    DCP checkpoints saved at world size 2 load at 1 and 3 (sharded, flattened, full state dicts)
+    and continue exactly as the uninterrupted run (fed the same gradients, fp32 included)."""
+    for world in (2, 1, 3):  # 2 first: it writes the checkpoints
+        _spawn(functools.partial(_sharding_checks, out_dir=str(tmp_path)), world)
+    runs = {w: torch.load(tmp_path / f"invariance-ws{w}.pt", weights_only=True) for w in (1, 2, 3)}
+    for key in runs[1]:
+        for w in (2, 3):
+            _assert_same_state(runs[w][key], runs[1][key], f"{key}: world size {w} vs 1")
+    for name, dtype, cls, kw in INVARIANT:  # one process, plain tensors
+        m, opt = _invariance_run(name, dtype, cls, kw, "fused", sharded=False)
+        names = ("w1", "w2", "w3", "w4") if kw.get("state_format") == "8bit" else None
+        _assert_same_state(
+            _full_state(m, opt), runs[2][f"{name}/fused"], f"{name}: one process vs world size 2", names
+        )
