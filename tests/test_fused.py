@@ -123,7 +123,7 @@ def test_native_and_compiled_kernels_draw_the_same_rounding_bits(monkeypatch, kw
     moved code stays moved. Wrong rounding bits move half of the codes (measured 53 %)."""
     bf16 = "state_format" not in kw
     gen = torch.Generator().manual_seed(2)
-    shapes = [(300, 7), (4000,)]
+    shapes = [(7, 300), (4000,)]  # 8-bit: rows of a full and a partial block; flat blocks
     p0 = [torch.randn(s, generator=gen) for s in shapes]
     opts = []
     for use_native in (True, False):

@@ -463,7 +463,8 @@ def test_lion_fits_a_regression(backend):
 def test_planner_equals_live_state_bytes(dtype, kw, m_bpp):
     # multiples of the 8-bit block for the bytes/param figure, then odd sizes: 5000 is padded to 20
     # blocks, 4095 stays fp32 below min_8bit_size, a 0-d scalar
-    for shapes in ([(64, 256), (32, 128)], [(64, 256), (5000,), (4095,), (7, 3), ()]):
+    # (rows of whole blocks for the first figure; 8-bit rows of 300 are padded to 2 blocks each)
+    for shapes in ([(64, 256), (16, 512)], [(64, 256), (14, 300), (5000,), (4095,), (7, 3), ()]):
         ps = [torch.randn(s).to(dtype).requires_grad_() for s in shapes]
         opt = adamkit.Lion(ps, **kw)
         for p in ps:

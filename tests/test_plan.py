@@ -375,9 +375,13 @@ def test_8bit_format_bytes():
     assert blockwise_8bit_bytes(5000, block_size=128) == (5120, 160)
     assert state_tensor_bytes(4095, "8bit") == (4 * 4095, 0)  # below the threshold: fp32
     assert state_tensor_bytes(4095, "8bit", min_8bit_size=1024) == (4096, 64)
-    b = adamkit_state_bytes([(64, 64), (5000,), (4095,)], state_format="8bit")
+    b = adamkit_state_bytes([(16, 256), (5000,), (4095,)], state_format="8bit")
     assert b["m"] == b["v"] == 4096 + 5120 + 4 * 4095
     assert b["scales"] == 2 * (16 * 4 + 20 * 4)
+    # >= 2-D: rows, each padded to whole blocks; rows narrower than 66 elements stay fp32
+    assert state_tensor_bytes(7 * 300, "8bit", min_8bit_size=0, shape=(7, 300)) == (7 * 512, 7 * 2 * 4)
+    assert state_tensor_bytes(64 * 64, "8bit", shape=(64, 64)) == (4 * 64 * 64, 0)
+    assert state_tensor_bytes(5000, "8bit", shape=(5000,), sharded=True) == (4 * 5000, 0)  # FSDP2's 1-D
     assert b["step"] == 3 * 4
     for n in (4096, 5000, 70_000):  # the per-tensor formula 2 * (ceil(n/256)*256 + ceil(n/256)*4)
         b = adamkit_state_bytes([(n,)], state_format="8bit")

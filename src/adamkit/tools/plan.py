@@ -735,6 +735,27 @@ def blockwise_8bit_bytes(
     return blocks * block_size, blocks * scale_bytes
 
 
+def eight_bit_layout(
+    shape: tuple[int, ...] | None,
+    numel: int,
+    min_8bit_size: int,
+    block_size: int = BLOCK_SIZE,
+    sharded: bool = False,
+) -> str | None:
+    """How adamkit stores a parameter's moments under state_format='8bit' (``optim.base.quantizable``):
+    ``"rows"`` (>= 2-D: blocks inside dim-0 rows, each row padded to whole blocks), ``"flat"`` (a
+    plain 1-D/0-D tensor, or an unknown shape), or None (fp32: below ``min_8bit_size``, rows
+    narrower than 66 elements, where padding would cost more than fp32, or a 1-D tensor that
+    FSDP2 shards, ``sharded``)."""
+    if numel < min_8bit_size:
+        return None
+    if shape is not None and len(shape) >= 2:
+        length = math.prod(shape[1:])
+        blocks = -(-length // block_size)
+        return "rows" if blocks * block_size + SCALE_BYTES * blocks < 4 * length else None
+    return None if sharded and shape is not None else "flat"
+
+
 def state_tensor_bytes(
     numel: int,
     state_dtype: str,
@@ -742,6 +763,8 @@ def state_tensor_bytes(
     block_size: int = BLOCK_SIZE,
     min_8bit_size: int = MIN_8BIT_SIZE,
     scale_bytes: int = SCALE_BYTES,
+    shape: tuple[int, ...] | None = None,
+    sharded: bool = False,
 ) -> tuple[int, int]:
     """Bytes of one full-size optimizer state tensor (the size of its parameter): ``(payload, scales)``.
 
@@ -750,9 +773,18 @@ def state_tensor_bytes(
         state_dtype: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"8bit"``.
         block_size, min_8bit_size, scale_bytes: the 8-bit format; tensors below ``min_8bit_size``
             elements stay fp32.
+        shape: the parameter's shape, where known: 8-bit state of a >= 2-D parameter is kept in
+            rows (see :func:`eight_bit_layout`).
+        sharded: the parameter is an FSDP2 (DTensor) parameter: a 1-D one keeps fp32 state.
     """
     if state_dtype == "8bit":
-        if numel >= min_8bit_size:
+        layout = eight_bit_layout(shape, numel, min_8bit_size, block_size, sharded)
+        if layout == "rows":
+            codes, scales = blockwise_8bit_bytes(
+                math.prod(shape[1:]), block_size=block_size, scale_bytes=scale_bytes
+            )
+            return shape[0] * codes, shape[0] * scales
+        if layout == "flat":
             return blockwise_8bit_bytes(numel, block_size=block_size, scale_bytes=scale_bytes)
         return 4 * numel, 0
     return DTYPE_BYTES[state_dtype] * numel, 0
@@ -889,8 +921,9 @@ def tensor_bytes(t: TensorSpec, recipe: Recipe, model: ModelSpec | None = None) 
     for component, k, full in opt.states(t, model or ModelSpec("", ()), recipe):
         if full:
             payload, scales = state_tensor_bytes(
-                k, recipe.state_dtype, block_size=recipe.block_size, min_8bit_size=recipe.min_8bit_size
-            )
+                k, recipe.state_dtype, block_size=recipe.block_size, min_8bit_size=recipe.min_8bit_size,
+                shape=t.shape if k == n else None,
+            )  # fmt: skip
         else:
             payload, scales = DTYPE_BYTES[small_dtype] * k, 0
         out[component] = out.get(component, 0) + payload
@@ -937,8 +970,9 @@ _SLOT_COMPONENT = {"exp_avg": "m", "max_exp_avg_sq": "max_v", "hessian": "hessia
 
 def _slot_state_bytes(shapes, optimizer, state_format, param_dtype, kahan, master, block, min_8bit):
     """Bytes of an adamkit variant's live state, from its algorithm's slots: each slot of a parameter
-    has ``prod(slot.shape_for(shape))`` elements in the state format; 8-bit (parameters of at least
-    ``min_8bit`` elements) stores every slot as its own blocks (1 B/element padded + 4 B/block)."""
+    has ``prod(slot.shape_for(shape))`` elements in the state format; 8-bit (parameters chosen by
+    :func:`eight_bit_layout`) keeps parameter-shaped slots of matrices in rows and every other slot
+    as its own flat blocks (1 B/element padded + 4 B/block)."""
     import adamkit
 
     cls_name, options = ADAMKIT_SLOT_OPTIMIZERS[optimizer]
@@ -950,14 +984,19 @@ def _slot_state_bytes(shapes, optimizer, state_format, param_dtype, kahan, maste
         shape = tuple(getattr(s, "shape", s))
         n = math.prod(shape)
         out["step"] += 4  # a 0-D fp32 tensor per parameter
-        eight = fmt == "8bit" and n >= min_8bit
+        eight = fmt == "8bit" and eight_bit_layout(shape, n, min_8bit, block) is not None
         for slot in alg.slots:
             k = slot.shape_for(shape)
             if k is None or (slot.option is not None and slot.option not in options):
                 continue
             k = math.prod(k)
             comp = _SLOT_COMPONENT.get(slot.name, "confidence" if "_res" in slot.name else "v")
-            if eight:
+            if eight and slot.shape is None and len(shape) >= 2:  # rows, like the parameter
+                payload, scales = state_tensor_bytes(
+                    k, "8bit", block_size=block, min_8bit_size=0, shape=shape
+                )
+                out["scales"] = out.get("scales", 0) + scales
+            elif eight:  # a slot of its own shape, or a 1-D parameter: flat blocks
                 payload, scales = blockwise_8bit_bytes(k, block_size=block, scale_bytes=SCALE_BYTES)
                 out["scales"] = out.get("scales", 0) + scales
             else:
