@@ -28,7 +28,13 @@ def test_bench_cli_writes_json(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert [r["impl"] for r in result["rows"]] == ["torch fused", "adamkit fused"]
     assert result["rows"][0]["vs_torch_fused"] == 1.0 and result["stream_gbps"] > 0
-    assert "| c: 2000 tensors of 1K | adamkit fused |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| c: 2000 tensors of 1K | adamkit fused |" in out
+    # each row's arithmetic-only time (in cache) for the case's parameters, and which limit binds
+    assert "arithmetic ms (in cache)" in out
+    for r in result["rows"]:
+        assert r["arithmetic_ms"] > 0 and r["binds"] in ("arithmetic", "memory")
+        assert r["binds"] == ("arithmetic" if r["arithmetic_ms"] >= bench.ARITH_BOUND * r["ms"] else "memory")
 
 
 def test_unknown_names_are_refused():

@@ -4,6 +4,13 @@ Reports the machine's streaming bandwidth, then for each case and implementation
 time (after warm-up), the effective bandwidth (bytes per parameter stated), the share of the
 streaming limit and the ratio to torch's fused AdamW. Writes a JSON file next to the table.
 
+Next to each memory-bound time stands the same implementation's arithmetic-only time for the
+case's parameter count (``arithmetic_ms``): steps of one tensor small enough that its buffers stay
+in the core's L2 cache, at two sizes; the slope of step time against size is the cost per element
+with memory traffic and each step's fixed cost (Python, dispatch) taken out. Where it comes near
+the measured time (``ARITH_BOUND`` of it or more) the arithmetic binds, and fewer bytes cannot make
+that step faster; otherwise the memory stream binds.
+
 Gradients: each timed step starts from gradients as ``backward()`` leaves them: one tensor per
 parameter, which every implementation reads where it lies. The row "adamkit fused (fresh grads)"
 assigns new gradient tensors before every step (as ``zero_grad(set_to_none=True)`` + ``backward()``
@@ -146,6 +153,33 @@ class Row:
     gbps: float
     pct_stream: float
     vs_torch_fused: float | None
+    arithmetic_ms: float | None = None  # the same parameters' arithmetic alone (in cache)
+    binds: str | None = None  # "arithmetic" or "memory"
+
+
+# arithmetic at or above this share of the measured time: the arithmetic binds
+ARITH_BOUND = 0.8
+# one tensor at each size, stepped in cache (fp32 AdamW: 16 B of buffers per element, 1 MiB at the
+# larger size, inside every current x86 core's L2)
+ARITH_SIZES = (1 << 14, 1 << 16)
+
+
+def arithmetic_ns(impl: Impl, calls: int = 40, repeats: int = 5) -> float:
+    """Nanoseconds of arithmetic per parameter: the slope of step time between two in-cache sizes
+    (``ARITH_SIZES``), each the best of ``repeats`` rounds of ``calls`` steps, the two sizes timed
+    in alternation."""
+    runners = [_Runner(impl, [(n,)]) for n in ARITH_SIZES]
+    for r in runners:
+        r.step()  # state, tables, kernel build
+
+    def timed(r: _Runner) -> float:
+        return sum(r.step() for _ in range(calls)) / calls
+
+    best = [math.inf, math.inf]
+    for _ in range(repeats):
+        for i, r in enumerate(runners):
+            best[i] = min(best[i], timed(r))
+    return max(0.0, (best[1] - best[0]) / (ARITH_SIZES[1] - ARITH_SIZES[0]) * 1e9)
 
 
 def _probe(n: int):
@@ -217,11 +251,13 @@ def bench(
     repeats: int = 9,
     threads: int | None = None,
     progress: Callable[[str], None] = lambda s: None,
+    arithmetic: bool = True,
 ) -> dict:
     """Run the benchmark; returns a dict with ``stream_gbps`` and ``rows`` (JSON-ready).
 
     Per case, every implementation is built first and then timed in interleaved rounds together
-    with the streaming probes, so ratios compare like with like."""
+    with the streaming probes, so ratios compare like with like. With ``arithmetic``, each
+    implementation's in-cache cost per parameter is measured first (``arithmetic_ns``)."""
     torch.set_flush_denormal(True)  # denormals slow fp32 CPU math ~20x
     if threads:
         torch.set_num_threads(threads)
@@ -235,6 +271,11 @@ def bench(
             raise ValueError(f"unknown case {case!r}; available: {list(CASES)}")
     n_probe = max(1_000_000, int(32_000_000 * scale))
     probes = _probe(n_probe)
+    arith: dict[str, float] = {}
+    if arithmetic:
+        for name in chosen:
+            progress(f"{name}: arithmetic alone, in cache ...")
+            arith[name] = arithmetic_ns(all_impls[name])
     rows, stream = [], 0.0
     for case in cases or list(CASES):
         shapes = CASES[case](scale)
@@ -248,7 +289,11 @@ def bench(
         for name, sec in zip(chosen, medians[len(probes) :]):
             bpp = all_impls[name].bytes_per_param
             gbps = n * bpp / sec / GB
-            case_rows.append(Row(case, name, n, len(shapes), sec * 1e3, bpp, gbps, 0.0, None))
+            row = Row(case, name, n, len(shapes), sec * 1e3, bpp, gbps, 0.0, None)
+            if name in arith:
+                row.arithmetic_ms = arith[name] * n * 1e-6
+                row.binds = "arithmetic" if row.arithmetic_ms >= ARITH_BOUND * row.ms else "memory"
+            case_rows.append(row)
             progress(f"{case:38s} {name:42s} {sec * 1e3:8.2f} ms")
         ref = next((r.ms for r in case_rows if r.impl == "torch fused"), None)
         for r in case_rows:
@@ -320,14 +365,16 @@ def format_table(result: dict) -> str:
         f"torch {result['torch']}, {result['threads']} threads, "
         f"streaming limit {result['stream_gbps']:.1f} GB/s",
         "",
-        "| case | implementation | ms (median) | B/param | GB/s | % of stream | vs torch fused |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| case | implementation | ms (median) | arithmetic ms (in cache) | binds | B/param | GB/s "
+        "| % of stream | vs torch fused |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         ratio = f"{r['vs_torch_fused']:.2f}x" if r["vs_torch_fused"] else "-"
+        arith = f"{r['arithmetic_ms']:.2f}" if r.get("arithmetic_ms") is not None else "-"
         lines.append(
-            f"| {r['case']} | {r['impl']} | {r['ms']:.2f} | {r['bytes_per_param']:.0f} | {r['gbps']:.1f} "
-            f"| {r['pct_stream']:.0f}% | {ratio} |"
+            f"| {r['case']} | {r['impl']} | {r['ms']:.2f} | {arith} | {r.get('binds') or '-'} "
+            f"| {r['bytes_per_param']:.0f} | {r['gbps']:.1f} | {r['pct_stream']:.0f}% | {ratio} |"
         )
     if "compile_overhead_s" in result:
         c = result["compile_overhead_s"]
@@ -370,6 +417,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", default="bench.json", help="where to write the JSON results")
     parser.add_argument(
+        "--no-arithmetic",
+        dest="arithmetic",
+        action="store_false",
+        help="skip the in-cache (arithmetic-only) time of each implementation",
+    )
+    parser.add_argument(
         "--compile-overhead",
         action="store_true",
         help="also time the fused kernel's cold and warm first step",
@@ -396,7 +449,10 @@ def run(args: argparse.Namespace) -> int:
     cases = [next((k for k in CASES if k.startswith(f"{c}:")), c) for c in letters]
     impls = _parse_impls(args.impls) if args.impls else None
     try:
-        result = bench(cases, impls, args.scale, args.warmup, args.repeats, args.threads, progress=print)
+        result = bench(
+            cases, impls, args.scale, args.warmup, args.repeats, args.threads, progress=print,
+            arithmetic=args.arithmetic,
+        )  # fmt: skip
     except ValueError as err:
         print(f"adamkit bench: error: {err} (see adamkit bench --help)", file=sys.stderr)
         return 2
