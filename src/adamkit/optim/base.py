@@ -731,7 +731,9 @@ class Optimizer(torch.optim.Optimizer):
                 if q.requires_grad:
                     self._init_state(q, group)
         if self.max_grad_norm is not None:
-            sq = torch.linalg.vector_norm(native.local(g), 2.0, dtype=torch.float32).square()
+            # fp32 (fp64 for fp64 gradients) as total_norm sums: bf16 squares would overflow
+            wide = torch.float64 if g.dtype == torch.float64 else torch.float32
+            sq = torch.linalg.vector_norm(native.local(g), 2.0, dtype=wide).square()
             rel.sq = sq if rel.sq is None else rel.sq + sq.to(rel.sq.device)
         if k > 1 and rel.micro < k - 1:  # not the window's last backward: fold, do not step
             self._fold(p, g, group, hp, 1 + sum(len(gr["params"]) for gr in self.param_groups[:index]) + i)
@@ -811,7 +813,12 @@ class Optimizer(torch.optim.Optimizer):
         rel.micro = 0
         pending, rel.pending = list(rel.pending.values()), {}
         for p, index, i in pending:
-            self._release_step(p, torch.zeros_like(p), index, i, self._hyper(index, self.param_groups[index]))
+            # a zero gradient for the one step (the per-tensor backends read p.grad), freed after it
+            p.grad = torch.zeros_like(p)
+            try:
+                self._release_step(p, p.grad, index, i, self._hyper(index, self.param_groups[index]))
+            finally:
+                p.grad = None
         rel.end_step(self, k)
 
     def _check_window(self, what: str) -> None:
