@@ -1045,6 +1045,9 @@ class Optimizer(torch.optim.Optimizer):
                 st["step"] = st["step"].clone()
             if any(k.endswith("_scale") for k in st) and isinstance(key, int) and key < len(params):
                 st["param_shape"] = torch.tensor(list(params[key].shape), dtype=torch.int64)
+        if self._release is not None and self.max_grad_norm is not None:
+            # release clipping scales the next step by this step's norm: a resumed run needs it
+            sd["release_clip"] = {"scale": self._release.scale, "last_grad_norm": self.last_grad_norm}
         return sd
 
     def _state_keys(self) -> tuple[str, ...]:
@@ -1147,6 +1150,10 @@ class Optimizer(torch.optim.Optimizer):
         self._plans, self._checked = {}, {}  # the kernel's tables point at the old state
         self.state = defaultdict(dict, new_state)
         self.param_groups = new_groups
+        clip = state_dict.get("release_clip")
+        if clip is not None and self._release is not None:
+            self._release.scale = float(clip["scale"])
+            self.last_grad_norm = clip["last_grad_norm"]
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
