@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import threading
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable
@@ -276,6 +277,11 @@ class _Release:
         self.in_backward = False  # accumulation: the end-of-backward callback is queued
         # accumulation: parameters folded in this window, not yet stepped (id -> (p, index, i))
         self.pending: dict[int, tuple] = {}
+        # DDP (adamkit.release_comm_hook): buckets are stepped after their all-reduce, maybe on
+        # the process group's thread while backward goes on, so one bucket at a time
+        self.ddp = False
+        self.lock = threading.Lock()
+        self.ddp_done: set[int] = set()  # stepped by the comm hook in this backward
 
     def register(self, opt: Optimizer, index: int) -> None:
         ref = _weak(opt)
@@ -626,10 +632,10 @@ class Optimizer(torch.optim.Optimizer):
                 if wanted is None:  # the parameter holds full precision now: keep the lost bits
                     p.copy_(aux.float() + p.float() if key == "kahan_comp" else aux)
 
-    def _item(self, p: torch.Tensor, group: dict, uid: int) -> Item:
+    def _item(self, p: torch.Tensor, group: dict, uid: int, grad: torch.Tensor | None = None) -> Item:
         state = self._init_state(p, group)
         t = {k: native.local(v) for k, v in state.items() if k != "step"}
-        t["param"], t["grad"] = native.local(p), native.local(p.grad)
+        t["param"], t["grad"] = native.local(p), native.local(p.grad if grad is None else grad)
         return Item(t, self._formats(group, p), float(state["step"]) + 1, uid)
 
     # ------------------------------------------------------------------------------------------
@@ -657,6 +663,13 @@ class Optimizer(torch.optim.Optimizer):
             # the backward's parameters were stepped by their hooks (their gradients are None now);
             # this closes the step (the global norm for the next clipping) and steps what is left:
             # gradients assigned by hand, or set without accumulation (FSDP2's sharded gradients)
+            if self._release.ddp_done:  # DDP wrote the averaged gradients after the comm hook stepped
+                done = self._release.ddp_done
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        if id(p) in done:
+                            p.grad = None
+                done.clear()
             if self.accumulation_steps == 1:
                 self._release.end_step(self)  # with accumulation: at the window's last backward
         # Pass 1: check everything, so that bad input raises before any state or parameter changes.
@@ -701,14 +714,16 @@ class Optimizer(torch.optim.Optimizer):
         (gradient_release=True): the dispatcher's ordinary path on a one-row selection."""
         rel = self._release
         g = p.grad
-        if rel is None or g is None:
+        if rel is None or g is None or rel.ddp:  # DDP: the comm hook steps after the all-reduce
             return
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if distributed and torch.distributed.get_world_size() > 1 and not native.is_dtensor(p):
             raise RuntimeError(
                 "adamkit: gradient_release=True in a multi-process job on plain parameters "
                 "(DistributedDataParallel): the hook would step with this rank's gradient before "
-                "DDP's all-reduce; use FSDP2 (fully_shard) or gradient_release=False"
+                "DDP's all-reduce; register adamkit.release_comm_hook(optimizer) on the DDP model "
+                "(ddp.register_comm_hook(None, ...)), use FSDP2 (fully_shard), or "
+                "gradient_release=False"
             )
         if g.is_sparse:
             raise RuntimeError(f"adamkit.{type(self).__name__} does not support sparse gradients")
@@ -796,6 +811,31 @@ class Optimizer(torch.optim.Optimizer):
                 t[slot.name].copy_(out[slot.name])
                 if slot.name + "_scale" in out:
                     t[slot.name + "_scale"].copy_(out[slot.name + "_scale"])
+
+    @torch.no_grad()
+    def _release_bucket(self, params: list, grads: list) -> None:
+        """Step the parameters of one DDP bucket with their all-reduced gradients
+        (:func:`adamkit.release_comm_hook`); ``p.grad`` is left to DDP and freed by ``step()``."""
+        rel = self._release
+        with rel.lock:
+            for p, g in zip(params, grads):
+                where = rel.where.get(id(p))
+                if where is None:  # not one of this optimizer's parameters
+                    continue
+                index, i = where
+                group = self.param_groups[index]
+                hp = self._hyper(index, group)
+                if "step" not in self.state.get(p, {}):
+                    for q in group["params"]:
+                        if q.requires_grad:
+                            self._init_state(q, group)
+                g = g.view_as(p)
+                if self.max_grad_norm is not None:
+                    wide = torch.float64 if g.dtype == torch.float64 else torch.float32
+                    sq = torch.linalg.vector_norm(g, 2.0, dtype=wide).square()
+                    rel.sq = sq if rel.sq is None else rel.sq + sq
+                self._release_step(p, g, index, i, hp)
+                rel.ddp_done.add(id(p))
 
     @torch.no_grad()
     def _end_micro_batch(self) -> None:
@@ -929,7 +969,7 @@ class Optimizer(torch.optim.Optimizer):
             rest = list(itertools.compress(range(len(params)), has))
         if not rest:
             return
-        items = [self._item(params[i], group, base + i) for i in rest]
+        items = [self._item(params[i], group, base + i, grads[i]) for i in rest]
         counters = [self.state[params[i]]["step"] for i in rest]
         if gscale != 1.0 or k != 1:
             flags = flags._replace(maximize=None)  # the sign and scale come from the scalars
