@@ -264,3 +264,26 @@ def test_train_accumulate_true_and_optimizer_accumulation(tmp_path):
     assert all(float(st["step"]) == 2 for st in saved.values())  # one step per 2 micro-batches
     resumed = train(TrainConfig(progress=False), resume=path)
     assert resumed.train_losses == folded.train_losses
+
+
+@pytest.mark.parametrize("backend", ("reference", "auto"))
+def test_release_per_tensor_clipping_equals_clipping_each_tensor_then_step(backend):
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    a, b = model(dtype), model(dtype)
+    kw = dict(lr=LR, weight_decay=WD, backend=backend, max_grad_norm=0.3)
+    oa = adamkit.AdamW(a.parameters(), gradient_release=True, release_clipping="per_tensor", **kw)
+    ob = adamkit.AdamW(b.parameters(), lr=LR, weight_decay=WD, backend=backend)
+    clipped = 0
+    for x in micro_batches(3, dtype):
+        loss_of(a, x).backward()
+        oa.step()
+        loss_of(b, x).backward()
+        for p in b.parameters():
+            clipped += float(torch.nn.utils.clip_grad_norm_([p], 0.3)) > 0.3
+        ob.step()
+        ob.zero_grad()
+    assert clipped >= 3  # clipping was active on some tensors, not on all
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
+    with pytest.raises(ValueError, match="release_clipping"):
+        adamkit.AdamW(a.parameters(), release_clipping="per_tensor")  # no release: it would be ignored

@@ -308,6 +308,12 @@ class Adam(Optimizer):
             state dict can be taken only between windows. With ``max_grad_norm`` the clipping
             coefficient comes from the previous window's root-mean-square micro-batch norm
             :math:`\sqrt{\frac1k\sum_j \|g_j\|^2}` (at least :math:`\|\bar g\|`).
+        release_clipping: how ``max_grad_norm`` clips with ``gradient_release`` (exact global-norm
+            clipping needs every gradient before the first step): ``"previous_step"`` (default)
+            scales every gradient by the coefficient of the previous step's global norm;
+            ``"per_tensor"`` clips each tensor to its own norm,
+            :math:`g_i \leftarrow g_i \min(1, \frac{c}{\|g_i\|_2 + 10^{-6}})`, which bounds the
+            global norm by :math:`c\sqrt{n}` for n tensors, not c (one host read per tensor).
 
     State per parameter (bytes per parameter for fp32 parameters): ``step`` (a 0-D fp32 tensor),
     ``exp_avg`` m (4 B), ``exp_avg_sq`` v (4 B), ``max_exp_avg_sq`` (4 B, amsgrad only); 8-bit
@@ -349,6 +355,7 @@ class Adam(Optimizer):
         max_grad_norm: float | None = None,
         skip_nonfinite_steps: bool = False,
         accumulation_steps: int = 1,
+        release_clipping: str = "previous_step",
         capturable: bool = False,
         differentiable: bool = False,
     ):
@@ -380,6 +387,7 @@ class Adam(Optimizer):
             max_grad_norm=max_grad_norm,
             skip_nonfinite_steps=skip_nonfinite_steps,
             accumulation_steps=accumulation_steps,
+            release_clipping=release_clipping,
         )
         strong = [
             i for i, g in enumerate(self.param_groups) if g["decouple_lr"] and g["weight_decay"] >= 1e-3

@@ -300,7 +300,8 @@ class _Release:
         value = float(norm)  # the one host synchronization of the step
         if opt.max_grad_norm is not None and math.isfinite(value):
             opt.last_grad_norm = value
-            self.scale = clip_coef(opt.max_grad_norm, norm)
+            if opt.release_clipping == "previous_step":
+                self.scale = clip_coef(opt.max_grad_norm, norm)
 
     def remove(self) -> None:
         for h in self.handles:
@@ -343,7 +344,19 @@ class Optimizer(torch.optim.Optimizer):
         max_grad_norm: float | None = None,
         skip_nonfinite_steps: bool = False,
         accumulation_steps: int = 1,
+        release_clipping: str = "previous_step",
     ):
+        if release_clipping not in ("previous_step", "per_tensor"):
+            raise ValueError(
+                f"Invalid release_clipping: {release_clipping!r}; choose 'previous_step' (the previous "
+                "step's global norm) or 'per_tensor' (each tensor's own norm)"
+            )
+        if release_clipping != "previous_step" and not (gradient_release and max_grad_norm is not None):
+            raise ValueError(
+                "release_clipping applies to gradient_release=True with max_grad_norm set; without "
+                "them it would be ignored"
+            )
+        self.release_clipping = release_clipping
         if not isinstance(gradient_release, bool) or not isinstance(skip_nonfinite_steps, bool):
             raise TypeError("gradient_release and skip_nonfinite_steps must be bools")
         if (
@@ -423,6 +436,7 @@ class Optimizer(torch.optim.Optimizer):
         state.setdefault("skipped_steps", 0)
         state.setdefault("last_grad_norm", None)
         state.setdefault("accumulation_steps", 1)
+        state.setdefault("release_clipping", "previous_step")
         state["_release"] = None  # hooks live on the parameters: not pickled, not restored
         super().__setstate__(state)
         self._plans, self._checked = {}, {}
@@ -751,15 +765,27 @@ class Optimizer(torch.optim.Optimizer):
             sq = torch.linalg.vector_norm(native.local(g), 2.0, dtype=wide).square()
             rel.sq = sq if rel.sq is None else rel.sq + sq.to(rel.sq.device)
         if k > 1 and rel.micro < k - 1:  # not the window's last backward: fold, do not step
-            self._fold(p, g, group, hp, 1 + sum(len(gr["params"]) for gr in self.param_groups[:index]) + i)
+            uid = 1 + sum(len(gr["params"]) for gr in self.param_groups[:index]) + i
+            self._fold(p, g, group, hp, uid, self._release_scale(g))
             rel.pending[id(p)] = (p, index, i)
             p.grad = None
             return
         rel.pending.pop(id(p), None)
-        self._release_step(p, g, index, i, hp)
+        self._release_step(p, g, index, i, hp, self._release_scale(g))
         p.grad = None
 
-    def _release_step(self, p: torch.Tensor, g: torch.Tensor, index: int, i: int, hp: dict) -> None:
+    def _release_scale(self, g: torch.Tensor) -> float:
+        """The gradient multiplier of a released parameter: the previous step's global-norm
+        clipping coefficient, or with ``release_clipping="per_tensor"`` this tensor's own
+        ``min(1, max_grad_norm / (||g|| + 1e-6))`` (one host read per tensor)."""
+        if self.release_clipping != "per_tensor" or self.max_grad_norm is None:
+            return self._release.scale
+        wide = torch.float64 if g.dtype == torch.float64 else torch.float32
+        return clip_coef(self.max_grad_norm, torch.linalg.vector_norm(native.local(g), 2.0, dtype=wide))
+
+    def _release_step(
+        self, p: torch.Tensor, g: torch.Tensor, index: int, i: int, hp: dict, gscale: float
+    ) -> None:
         """Step parameter ``i`` of group ``index`` alone with gradient ``g`` (gradient release)."""
         rel, k = self._release, self.accumulation_steps
         group = self.param_groups[index]
@@ -775,17 +801,17 @@ class Optimizer(torch.optim.Optimizer):
         hit = plan.row_of.get(i) if plan is not None else None
         if hit is not None:  # one row of a table: O(1) in the group's size
             table, j = hit
-            table.step_one(j, g, self._scalars_of(hp, self.algorithm.flags(group, hp), rel.scale, k))
+            table.step_one(j, g, self._scalars_of(hp, self.algorithm.flags(group, hp), gscale, k))
         else:  # the dispatcher (builds the plan the first time), on a one-parameter selection
             grads = [None] * len(params)
             has = [False] * len(params)
             grads[i], has[i] = g, True
             base = 1 + sum(len(gr["params"]) for gr in self.param_groups[:index])
-            self._step_group(index, group, hp, grads, has, base, rel.scale, k)
+            self._step_group(index, group, hp, grads, has, base, gscale, k)
             rel.checked.pop(index, None)  # a plan may have been built: check it at the next hook
 
     @torch.no_grad()
-    def _fold(self, p: torch.Tensor, g: torch.Tensor, group: dict, hp: dict, uid: int) -> None:
+    def _fold(self, p: torch.Tensor, g: torch.Tensor, group: dict, hp: dict, uid: int, gscale: float) -> None:
         """Fold one micro-batch's gradient of ``p`` into its state (``Algorithm.accumulation``),
         in the state's format; the parameter and its step count are unchanged. Per tensor, on
         torch operations: the native kernel has no fold body, and only the window's last
@@ -798,7 +824,7 @@ class Optimizer(torch.optim.Optimizer):
         f = alg.flags(group, hp)
         step = float(st["step"]) + 1
         pp, gg, slots = decode_all(alg, fmt, t, f, compute_dtype(t["param"].dtype))
-        sign = -rel.scale if group["maximize"] else rel.scale
+        sign = -gscale if group["maximize"] else gscale
         if sign != 1.0:
             gg = gg * sign
         new = alg.accumulation.fold(pp, gg, slots, hp, f, self.accumulation_steps)
@@ -834,7 +860,7 @@ class Optimizer(torch.optim.Optimizer):
                     wide = torch.float64 if g.dtype == torch.float64 else torch.float32
                     sq = torch.linalg.vector_norm(g, 2.0, dtype=wide).square()
                     rel.sq = sq if rel.sq is None else rel.sq + sq
-                self._release_step(p, g, index, i, hp)
+                self._release_step(p, g, index, i, hp, self._release_scale(g))
                 rel.ddp_done.add(id(p))
 
     @torch.no_grad()
@@ -856,7 +882,8 @@ class Optimizer(torch.optim.Optimizer):
             # a zero gradient for the one step (the per-tensor backends read p.grad), freed after it
             p.grad = torch.zeros_like(p)
             try:
-                self._release_step(p, p.grad, index, i, self._hyper(index, self.param_groups[index]))
+                hp = self._hyper(index, self.param_groups[index])
+                self._release_step(p, p.grad, index, i, hp, self._release.scale)
             finally:
                 p.grad = None
         rel.end_step(self, k)

@@ -96,7 +96,7 @@ class Lion(Optimizer):
             Default 0.
         maximize, kahan_sum, stochastic_rounding, master_weights, state_format, min_8bit_size,
         skip_nonfinite, backend, foreach, fused, max_grad_norm, skip_nonfinite_steps,
-        gradient_release: as for :class:`adamkit.AdamW`.
+        gradient_release, release_clipping: as for :class:`adamkit.AdamW`.
         accumulation_steps: refused above 1: Lion's update needs both the old momentum and the
             window's mean gradient (:math:`c = \beta_1 m + (1-\beta_1)\bar g`,
             :math:`m \leftarrow \beta_2 m + (1-\beta_2)\bar g`), which one folded state cannot
@@ -131,6 +131,7 @@ class Lion(Optimizer):
         max_grad_norm: float | None = None,
         skip_nonfinite_steps: bool = False,
         accumulation_steps: int = 1,
+        release_clipping: str = "previous_step",
     ):
         super().__init__(
             params,
@@ -153,4 +154,5 @@ class Lion(Optimizer):
             max_grad_norm=max_grad_norm,
             skip_nonfinite_steps=skip_nonfinite_steps,
             accumulation_steps=accumulation_steps,
+            release_clipping=release_clipping,
         )

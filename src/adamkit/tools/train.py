@@ -245,7 +245,8 @@ def fit(
     ``stop_after`` ends the run after that step (an interruption on purpose, to resume later).
     ``grads``: how ``clip`` is applied: ``"clip_grad_norm"`` (torch's, before the step), ``"fused"``
     (the optimizer's ``max_grad_norm``: the same result, no extra pass) or ``"release"``
-    (``gradient_release=True``; clipping by the previous step's global norm).
+    (``gradient_release=True``; clipping by the previous step's global norm) or
+    ``"release-per-tensor"`` (gradient release, each tensor clipped to its own norm).
     ``accumulate``: micro-batches per step (each of the task's batch size). With ``grads="release"``
     the optimizer folds them (``accumulation_steps``: no gradient buffer; v takes the mean of the
     squared micro-batch gradients); otherwise true gradient accumulation (each micro-batch's loss
@@ -268,8 +269,10 @@ def fit(
         engine: dict = {}
         if grads != "clip_grad_norm":
             engine = {"max_grad_norm": clip} if clip is not None else {}
-            if grads == "release":
+            if grads.startswith("release"):
                 engine["gradient_release"] = True
+                if grads == "release-per-tensor" and clip is not None:
+                    engine["release_clipping"] = "per_tensor"
                 if accumulate > 1:
                     engine["accumulation_steps"] = accumulate
         opt = tasks.build_optimizer(model, optimizer, lr=lr, precision=precision, state=state, **engine)
@@ -320,7 +323,7 @@ def fit(
                     micro = task.loss(model, sample())
                     # true accumulation sums the gradients of loss/k; the optimizer's folds the
                     # gradients of each micro-batch's loss and divides by k itself
-                    (micro if grads == "release" else micro / accumulate).backward()
+                    (micro if grads.startswith("release") else micro / accumulate).backward()
                     loss = loss + micro.detach() / accumulate
             if clip is not None and grads == "clip_grad_norm":
                 # Rescale the whole gradient to norm <= clip: one outlier batch cannot throw Adam's
@@ -388,7 +391,7 @@ class TrainConfig:
 
 
 # How the gradient reaches the optimizer (--grads): see fit().
-GRAD_MODES = ("clip_grad_norm", "fused", "release")
+GRAD_MODES = ("clip_grad_norm", "fused", "release", "release-per-tensor")
 
 # The fields of TrainConfig that define the run (a resumed run must agree on them).
 RECIPE_FIELDS = (
@@ -570,7 +573,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.grads,
         help="clip_grad_norm: torch's clipping before the step; fused: the optimizer's max_grad_norm "
         "(same result, no extra pass); release: gradient release (no gradient buffer), clipped by the "
-        "previous step's global norm (default: %(default)s)",
+        "previous step's global norm; release-per-tensor: gradient release, each tensor clipped to "
+        "its own norm (default: %(default)s)",
     )
     parser.add_argument(
         "--accumulate",
