@@ -287,3 +287,19 @@ def test_release_per_tensor_clipping_equals_clipping_each_tensor_then_step(backe
         torch.testing.assert_close(p, q, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
     with pytest.raises(ValueError, match="release_clipping"):
         adamkit.AdamW(a.parameters(), release_clipping="per_tensor")  # no release: it would be ignored
+
+
+def test_planner_counts_one_gradient_with_release_and_no_buffer_with_optimizer_accumulation():
+    from adamkit.tools import plan
+
+    model = plan.load_model("gpt2")
+    largest = max(t.numel for t in model.tensors if t.trainable)
+    out = plan.plan(model, ["fp32", "fp32-release", "mixed-bf16-accum", "mixed-bf16-release-accum"])
+    comps = {r.recipe.name: plan.model_state_bytes(model, r.recipe) for r in out}
+    assert comps["fp32"]["grads"] == 4 * model.n_params
+    assert comps["fp32-release"]["grads"] == 4 * largest  # one gradient at a time
+    assert comps["mixed-bf16-accum"]["grad_accum"] == 4 * model.n_params
+    assert comps["mixed-bf16-release-accum"]["grad_accum"] == 0  # folded into the moments
+    assert comps["mixed-bf16-release-accum"]["grads"] == 2 * largest
+    with pytest.raises(ValueError, match="adam/adamw only"):
+        plan.parse_recipe("fp32-lion-release-accum")
