@@ -303,3 +303,20 @@ def test_planner_counts_one_gradient_with_release_and_no_buffer_with_optimizer_a
     assert comps["mixed-bf16-release-accum"]["grads"] == 2 * largest
     with pytest.raises(ValueError, match="adam/adamw only"):
         plan.parse_recipe("fp32-lion-release-accum")
+
+
+def test_race_release_recipe_trains_as_the_ordinary_step():
+    from adamkit.tools import race
+
+    result = race.race(
+        "gpt",
+        ["adamkit-adamw", "adamw-release"],
+        quick=True,
+        steps=3,
+        evals=1,
+        untimed_steps=0,
+        progress=False,
+    )
+    a, b = result.runs["adamkit-adamw"], result.runs["adamw-release"]
+    assert a.train_losses == b.train_losses and a.curve[-1].val_loss == b.curve[-1].val_loss
+    assert b.peak_rss_bytes is not None and "gradient release" in race.RECIPES["adamw-release"].describe()
