@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .algorithm import Algorithm, Flags, Slot
+from .algorithm import Accumulation, Algorithm, Flags, Slot
 from .base import Optimizer, as_float, check_betas, check_bools, check_nonneg, warn_once
 
 # --------------------------------------------------------------------------------------------------
@@ -125,6 +125,37 @@ def adam_update(p, g, slots: list, s: Scalars, f: Flags):
     return p, ([m, v, vmax] if f.amsgrad else [m, v])
 
 
+def check_accumulation(hp: dict) -> None:
+    if hp["beta1"] == 0 or hp["beta2"] == 0:
+        raise ValueError(
+            f"accumulation_steps > 1 needs beta1 > 0 and beta2 > 0 (got betas=({hp['beta1']}, "
+            f"{hp['beta2']})): the folded moments are stored divided by the betas (see Adam's "
+            "accumulation_steps); use gradient_release=False and ordinary gradient accumulation"
+        )
+
+
+def fold(p, g, slots: list, hp: dict, f: Flags, k: int) -> list:
+    r"""Fold one micro-batch's gradient (not the window's last) into m and v.
+
+    The slots hold :math:`m_0 + \frac{1-\beta_1}{\beta_1 k}\sum_j g_j` and
+    :math:`v_0 + \frac{1-\beta_2}{\beta_2 k}\sum_j g_j^2`: the last micro-batch's ordinary update
+    (scalars from :func:`last`) multiplies them by the betas and adds its own share, so nothing
+    but the betas' division is extra work. The L2 term is folded with every micro-batch (p does not
+    change inside the window); AMSGrad's maximum is taken once, at the last."""
+    if f.wd_mode == "l2":
+        g = g.add(p, alpha=hp["weight_decay"])
+    b1, b2 = hp["beta1"], hp["beta2"]
+    m = slots[0] + g * ((1.0 - b1) / (b1 * k))
+    v = slots[1] + (g * g) * ((1.0 - b2) / (b2 * k))
+    return [m, v, None] if f.amsgrad else [m, v]
+
+
+def last(s: Scalars, k: int) -> Scalars:
+    """The window's last micro-batch: g/k (and the L2 term /k) enters m with weight 1 - beta1, as
+    the ordinary update does; g^2 enters v with (1 - beta2) * k so that it counts (1 - beta2) g^2 / k."""
+    return s._replace(grad_sign=s.grad_sign / k, l2=s.l2 / k, one_minus_beta2=s.one_minus_beta2 * k)
+
+
 def torch_fused(items: list, hp: dict, f: Flags) -> list:
     """Step the items torch's own fused CPU kernel serves (``torch._fused_adam(w)_``, on the tensors
     where they lie): fp32/fp64/bf16/fp16 parameters in their own precision (no Kahan, SR or master
@@ -186,6 +217,7 @@ ADAM = Algorithm(
     scalar_type=Scalars,
     native=0,  # ALG_ADAM in kernel.c
     torch_fused=torch_fused,
+    accumulation=Accumulation(check=check_accumulation, fold=fold, last=last),
 )
 
 
@@ -261,7 +293,27 @@ class Adam(Optimizer):
             is accumulated, and free that gradient (peak memory loses the gradient buffer:
             4 B/param for fp32 gradients). ``step()`` and ``zero_grad()`` stay callable (they do
             nothing to released parameters); every backward is a step (no gradient accumulation);
-            refused with DDP and with GradScaler; not kept through pickling or deepcopy.
+            refused with GradScaler; under DDP use :func:`adamkit.release_comm_hook`; not kept
+            through pickling or deepcopy.
+        accumulation_steps: with ``gradient_release``, optimizer accumulation over k micro-batches
+            (k backward passes) without a gradient buffer: parameters, weight decay and the step
+            count change once per k. With :math:`\bar g = \frac1k\sum_j g_j` (L2 term included),
+            :math:`m = \beta_1 m + (1-\beta_1)\bar g` exactly (m is linear in g), while
+            :math:`v = \beta_2 v + (1-\beta_2)\frac1k\sum_j g_j^2`: the mean of the squares, not
+            the square of the mean that true gradient accumulation gives. It is larger by the
+            micro-batches' gradient variance, so steps are smaller where micro-batches disagree
+            (v is then an estimate of E[g^2] over micro-batches, as Adam's v is over steps). The
+            lr and betas used are the group's at the window's last micro-batch. Needs
+            ``beta1, beta2 > 0``; not with ``skip_nonfinite`` / ``skip_nonfinite_steps``; a
+            state dict can be taken only between windows. With ``max_grad_norm`` the clipping
+            coefficient comes from the previous window's root-mean-square micro-batch norm
+            :math:`\sqrt{\frac1k\sum_j \|g_j\|^2}` (at least :math:`\|\bar g\|`).
+        release_clipping: how ``max_grad_norm`` clips with ``gradient_release`` (exact global-norm
+            clipping needs every gradient before the first step): ``"previous_step"`` (default)
+            scales every gradient by the coefficient of the previous step's global norm;
+            ``"per_tensor"`` clips each tensor to its own norm,
+            :math:`g_i \leftarrow g_i \min(1, \frac{c}{\|g_i\|_2 + 10^{-6}})`, which bounds the
+            global norm by :math:`c\sqrt{n}` for n tensors, not c (one host read per tensor).
 
     State per parameter (bytes per parameter for fp32 parameters): ``step`` (a 0-D fp32 tensor),
     ``exp_avg`` m (4 B), ``exp_avg_sq`` v (4 B), ``max_exp_avg_sq`` (4 B, amsgrad only); 8-bit
@@ -302,6 +354,8 @@ class Adam(Optimizer):
         gradient_release: bool = False,
         max_grad_norm: float | None = None,
         skip_nonfinite_steps: bool = False,
+        accumulation_steps: int = 1,
+        release_clipping: str = "previous_step",
         capturable: bool = False,
         differentiable: bool = False,
     ):
@@ -332,6 +386,8 @@ class Adam(Optimizer):
             gradient_release=gradient_release,
             max_grad_norm=max_grad_norm,
             skip_nonfinite_steps=skip_nonfinite_steps,
+            accumulation_steps=accumulation_steps,
+            release_clipping=release_clipping,
         )
         strong = [
             i for i, g in enumerate(self.param_groups) if g["decouple_lr"] and g["weight_decay"] >= 1e-3

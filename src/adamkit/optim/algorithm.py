@@ -52,6 +52,26 @@ class Slot:
 
 
 @dataclass(frozen=True)
+class Accumulation:
+    """How an algorithm folds the gradients of k micro-batches into its state without a gradient
+    buffer (optimizer accumulation, ``accumulation_steps=k`` with gradient release).
+
+    Micro-batches 1..k-1 only ``fold`` their gradient into the slots (parameters, decay and step
+    counters unchanged); the k-th runs the algorithm's ordinary update (every backend, the native
+    kernel included) with the scalars ``last`` returns, chosen so that the folded slots and the
+    k-th gradient give the window's result. The algorithm's docstring states what is exact (the
+    parts linear in g) and what is approximated."""
+
+    # validated hyperparameters -> None; raises where the fold is not defined (e.g. a beta of 0)
+    check: Callable[[dict], None]
+    # (p, g, slots, hyperparameters, flags, k) -> new slots (None: unchanged); g already carries
+    # the sign and the gradient multiplier (clipping)
+    fold: Callable[..., list]
+    # (scalars of the window's step, k) -> the scalars of its last micro-batch
+    last: Callable[[Any, int], Any]
+
+
+@dataclass(frozen=True)
 class Algorithm:
     name: str  # for messages: "Adam", "Lion"
     slots: tuple[Slot, ...]
@@ -72,6 +92,10 @@ class Algorithm:
     # a time through the reference loop (no TensorList, no compiled kernel; see ``run_foreach``).
     # Its slots may then be None (not kept for that parameter's shape: ``Slot.shape``).
     elementwise: bool = True
+    # optimizer accumulation (``accumulation_steps``); None where it is not defined for the update
+    accumulation: Accumulation | None = None
+    # why ``accumulation`` is None, for the error a user gets asking for it
+    no_accumulation: str = "its update is not defined on folded micro-batch gradients"
 
     def active_slots(self, flags: Flags) -> tuple[Slot, ...]:
         return tuple(

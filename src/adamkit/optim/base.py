@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import threading
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable
@@ -24,14 +25,16 @@ import torch
 
 from ..kernels import compiled, native
 from ..kernels.foreach import run_foreach
-from ..kernels.reference import Item, run_reference
+from ..kernels.reference import N_STREAMS, Item, decode_all, encode_all, index_and_seeds, run_reference
 from ..storage import quant8
 from ..storage.formats import (
     LOW_PRECISION,
     STATE_FORMATS,
     Formats,
     choose_formats,
+    compute_dtype,
     init_param_aux,
+    mix_seed,
     param_aux_key,
     state_dtype,
 )
@@ -307,7 +310,12 @@ class _Release:
     step is known only after the last hook, when every other parameter has already been stepped.
     The hooks add up the squared norms on the device (no host synchronization per tensor); the
     step closes at ``optimizer.step()`` (or when a parameter's hook fires again), which reads the
-    sum once. The first step is not clipped."""
+    sum once. The first step is not clipped.
+
+    With optimizer accumulation (``accumulation_steps=k``) the hooks of a window's first k-1
+    backward passes fold their gradients into the state (``Algorithm.accumulation``) and the k-th
+    steps; a callback queued on autograd's engine at each backward's first hook counts the
+    backward passes, so ``step()``/``zero_grad()`` calls between them change nothing."""
 
     def __init__(self):
         self.handles: list = []
@@ -318,6 +326,15 @@ class _Release:
         self.checked: dict[int, object] = {}
         self.sq: torch.Tensor | None = None  # this step's sum of squared gradient norms
         self.scale = 1.0  # the clipping multiplier from the previous step's norm
+        self.micro = 0  # accumulation: backward passes done in this window (0 .. k-1)
+        self.in_backward = False  # accumulation: the end-of-backward callback is queued
+        # accumulation: parameters folded in this window, not yet stepped (id -> (p, index, i))
+        self.pending: dict[int, tuple] = {}
+        # DDP (adamkit.release_comm_hook): buckets are stepped after their all-reduce, maybe on
+        # the process group's thread while backward goes on, so one bucket at a time
+        self.ddp = False
+        self.lock = threading.Lock()
+        self.ddp_done: set[int] = set()  # stepped by the comm hook in this backward
 
     def register(self, opt: Optimizer, index: int) -> None:
         ref = _weak(opt)
@@ -326,16 +343,18 @@ class _Release:
             if p.requires_grad:
                 self.handles.append(p.register_post_accumulate_grad_hook(lambda q: _hook(ref, q)))
 
-    def end_step(self, opt: Optimizer) -> None:
+    def end_step(self, opt: Optimizer, micro_batches: int = 1) -> None:
         self.seen.clear()
         self.checked.clear()
         if self.sq is None:
             return
-        norm, self.sq = self.sq.sqrt(), None
+        # a window of k micro-batches: the root mean square of their norms
+        norm, self.sq = (self.sq / micro_batches).sqrt(), None
         value = float(norm)  # the one host synchronization of the step
         if opt.max_grad_norm is not None and math.isfinite(value):
             opt.last_grad_norm = value
-            self.scale = clip_coef(opt.max_grad_norm, norm)
+            if opt.release_clipping == "previous_step":
+                self.scale = clip_coef(opt.max_grad_norm, norm)
 
     def remove(self) -> None:
         for h in self.handles:
@@ -355,6 +374,12 @@ def _hook(ref, p: torch.Tensor) -> None:
         opt._release_hook(p)
 
 
+def _end_backward(ref) -> None:
+    opt = ref()
+    if opt is not None:
+        opt._end_micro_batch()
+
+
 class Optimizer(torch.optim.Optimizer):
     """The generic adamkit optimizer; see the module docstring. Subclasses set ``algorithm``."""
 
@@ -371,9 +396,47 @@ class Optimizer(torch.optim.Optimizer):
         gradient_release: bool = False,
         max_grad_norm: float | None = None,
         skip_nonfinite_steps: bool = False,
+        accumulation_steps: int = 1,
+        release_clipping: str = "previous_step",
     ):
+        if release_clipping not in ("previous_step", "per_tensor"):
+            raise ValueError(
+                f"Invalid release_clipping: {release_clipping!r}; choose 'previous_step' (the previous "
+                "step's global norm) or 'per_tensor' (each tensor's own norm)"
+            )
+        if release_clipping != "previous_step" and not (gradient_release and max_grad_norm is not None):
+            raise ValueError(
+                "release_clipping applies to gradient_release=True with max_grad_norm set; without "
+                "them it would be ignored"
+            )
+        self.release_clipping = release_clipping
         if not isinstance(gradient_release, bool) or not isinstance(skip_nonfinite_steps, bool):
             raise TypeError("gradient_release and skip_nonfinite_steps must be bools")
+        if (
+            isinstance(accumulation_steps, bool)
+            or not isinstance(accumulation_steps, int)
+            or accumulation_steps < 1
+        ):
+            raise ValueError(f"Invalid accumulation_steps: {accumulation_steps!r}; it must be an int >= 1")
+        if accumulation_steps > 1:
+            if not gradient_release:
+                raise ValueError(
+                    "accumulation_steps > 1 folds micro-batch gradients inside backward and needs "
+                    "gradient_release=True; without it, accumulate gradients as usual (k backward "
+                    "passes, then step())"
+                )
+            if self.algorithm.accumulation is None:
+                raise ValueError(
+                    f"accumulation_steps > 1 is not supported by adamkit.{self.algorithm.name}: "
+                    f"{self.algorithm.no_accumulation}; use gradient_release=False and ordinary "
+                    "gradient accumulation"
+                )
+            if skip_nonfinite_steps:
+                raise ValueError(
+                    "accumulation_steps > 1 cannot skip a whole step (skip_nonfinite_steps=True): the "
+                    "window's micro-batches are folded as they come"
+                )
+        self.accumulation_steps = accumulation_steps
         if max_grad_norm is not None:
             max_grad_norm = check_nonneg("max_grad_norm", max_grad_norm)
             if max_grad_norm == 0:
@@ -404,6 +467,9 @@ class Optimizer(torch.optim.Optimizer):
         self._plans: dict[int, native.GroupPlan] = {}
         self._checked: dict[int, tuple] = {}
         super().__init__(params, defaults)
+        if accumulation_steps > 1:
+            for index, group in enumerate(self.param_groups):
+                self._hyper(index, group)  # refusals (e.g. a beta of 0) at construction
         if any(g["backend"] == "fused" for g in self.param_groups):
             reason = fused_unavailable_reason(self.algorithm)
             if reason is not None and self.algorithm.torch_fused is None:
@@ -422,6 +488,8 @@ class Optimizer(torch.optim.Optimizer):
         state.setdefault("skip_nonfinite_steps", False)
         state.setdefault("skipped_steps", 0)
         state.setdefault("last_grad_norm", None)
+        state.setdefault("accumulation_steps", 1)
+        state.setdefault("release_clipping", "previous_step")
         state["_release"] = None  # hooks live on the parameters: not pickled, not restored
         super().__setstate__(state)
         self._plans, self._checked = {}, {}
@@ -514,6 +582,14 @@ class Optimizer(torch.optim.Optimizer):
         hp = self.algorithm.check(group)
         check_engine_options(group)
         self._check_sharded_8bit(group)
+        if getattr(self, "accumulation_steps", 1) > 1:
+            if group["skip_nonfinite"]:
+                raise ValueError(
+                    "accumulation_steps > 1 does not support skip_nonfinite=True: a non-finite "
+                    "element of one micro-batch would be dropped from a sum the other micro-batches "
+                    "already folded"
+                )
+            self.algorithm.accumulation.check(hp)
         self._checked[index] = (key, hp)
         return hp
 
@@ -624,10 +700,10 @@ class Optimizer(torch.optim.Optimizer):
                 if wanted is None:  # the parameter holds full precision now: keep the lost bits
                     p.copy_(aux.float() + p.float() if key == "kahan_comp" else aux)
 
-    def _item(self, p: torch.Tensor, group: dict, uid: int) -> Item:
+    def _item(self, p: torch.Tensor, group: dict, uid: int, grad: torch.Tensor | None = None) -> Item:
         state = self._init_state(p, group)
         t = {k: native.local(v) for k, v in state.items() if k != "step"}
-        t["param"], t["grad"] = native.local(p), native.local(p.grad)
+        t["param"], t["grad"] = native.local(p), native.local(p.grad if grad is None else grad)
         # offset: the local shard's first element in the whole parameter, so that rounding bits
         # follow global element positions (the same at every world size)
         return Item(t, self._formats(group, p), float(state["step"]) + 1, uid, native.global_offset(p))
@@ -657,7 +733,15 @@ class Optimizer(torch.optim.Optimizer):
             # the backward's parameters were stepped by their hooks (their gradients are None now);
             # this closes the step (the global norm for the next clipping) and steps what is left:
             # gradients assigned by hand, or set without accumulation (FSDP2's sharded gradients)
-            self._release.end_step(self)
+            if self._release.ddp_done:  # DDP wrote the averaged gradients after the comm hook stepped
+                done = self._release.ddp_done
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        if id(p) in done:
+                            p.grad = None
+                done.clear()
+            if self.accumulation_steps == 1:
+                self._release.end_step(self)  # with accumulation: at the window's last backward
         # Pass 1: check everything, so that bad input raises before any state or parameter changes.
         work = []
         for index, group in enumerate(self.param_groups):
@@ -672,6 +756,12 @@ class Optimizer(torch.optim.Optimizer):
                     "torch.optim.SparseAdam or a dense embedding (sparse=False)"
                 )
             work.append((index, group, hp, grads, has))
+        if self.accumulation_steps > 1 and any(any(has) for *_, has in work):
+            raise RuntimeError(
+                "adamkit: accumulation_steps > 1 folds only gradients that backward accumulates "
+                "(post-accumulate-grad hooks); this step() found gradients set otherwise (by hand, "
+                "or FSDP2's sharded ones), which cannot join the window: set accumulation_steps=1"
+            )
         # The whole step's decisions (clipping, loss-scale, skip): one host synchronization.
         gscale = self._whole_step_scale(
             [g for *_, grads, has in work for g in itertools.compress(grads, has)]
@@ -694,24 +784,31 @@ class Optimizer(torch.optim.Optimizer):
         (gradient_release=True): the dispatcher's ordinary path on a one-row selection."""
         rel = self._release
         g = p.grad
-        if rel is None or g is None:
+        if rel is None or g is None or rel.ddp:  # DDP: the comm hook steps after the all-reduce
             return
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if distributed and torch.distributed.get_world_size() > 1 and not native.is_dtensor(p):
             raise RuntimeError(
                 "adamkit: gradient_release=True in a multi-process job on plain parameters "
                 "(DistributedDataParallel): the hook would step with this rank's gradient before "
-                "DDP's all-reduce; use FSDP2 (fully_shard) or gradient_release=False"
+                "DDP's all-reduce; register adamkit.release_comm_hook(optimizer) on the DDP model "
+                "(ddp.register_comm_hook(None, ...)), use FSDP2 (fully_shard), or "
+                "gradient_release=False"
             )
         if g.is_sparse:
             raise RuntimeError(f"adamkit.{type(self).__name__} does not support sparse gradients")
-        if id(p) in rel.seen:  # a second backward without step(): close the previous step
+        k = self.accumulation_steps
+        if k == 1 and id(p) in rel.seen:  # a second backward without step(): close the previous step
             rel.end_step(self)
         rel.seen.add(id(p))
         index, i = rel.where[id(p)]
         group = self.param_groups[index]
         params = group["params"]
         hp = self._hyper(index, group)
+        if k > 1 and not rel.in_backward:  # this backward's first hook: count it when it ends
+            ref = _weak(self)
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: _end_backward(ref))
+            rel.in_backward = True
         if "step" not in self.state.get(p, {}):
             # state for the whole group at once: the native kernel's tables are built once, not
             # once per parameter as each first gradient arrives
@@ -719,8 +816,36 @@ class Optimizer(torch.optim.Optimizer):
                 if q.requires_grad:
                     self._init_state(q, group)
         if self.max_grad_norm is not None:
-            sq = torch.linalg.vector_norm(native.local(g), 2.0, dtype=torch.float32).square()
+            # fp32 (fp64 for fp64 gradients) as total_norm sums: bf16 squares would overflow
+            wide = torch.float64 if g.dtype == torch.float64 else torch.float32
+            sq = torch.linalg.vector_norm(native.local(g), 2.0, dtype=wide).square()
             rel.sq = sq if rel.sq is None else rel.sq + sq.to(rel.sq.device)
+        if k > 1 and rel.micro < k - 1:  # not the window's last backward: fold, do not step
+            uid = 1 + sum(len(gr["params"]) for gr in self.param_groups[:index]) + i
+            self._fold(p, g, group, hp, uid, self._release_scale(g))
+            rel.pending[id(p)] = (p, index, i)
+            p.grad = None
+            return
+        rel.pending.pop(id(p), None)
+        self._release_step(p, g, index, i, hp, self._release_scale(g))
+        p.grad = None
+
+    def _release_scale(self, g: torch.Tensor) -> float:
+        """The gradient multiplier of a released parameter: the previous step's global-norm
+        clipping coefficient, or with ``release_clipping="per_tensor"`` this tensor's own
+        ``min(1, max_grad_norm / (||g|| + 1e-6))`` (one host read per tensor)."""
+        if self.release_clipping != "per_tensor" or self.max_grad_norm is None:
+            return self._release.scale
+        wide = torch.float64 if g.dtype == torch.float64 else torch.float32
+        return clip_coef(self.max_grad_norm, torch.linalg.vector_norm(native.local(g), 2.0, dtype=wide))
+
+    def _release_step(
+        self, p: torch.Tensor, g: torch.Tensor, index: int, i: int, hp: dict, gscale: float
+    ) -> None:
+        """Step parameter ``i`` of group ``index`` alone with gradient ``g`` (gradient release)."""
+        rel, k = self._release, self.accumulation_steps
+        group = self.param_groups[index]
+        params = group["params"]
         if index not in rel.checked:  # once per backward: is the group's native plan current?
             plan = self._plans.get(index)
             flags = self.algorithm.flags(group, hp)
@@ -732,15 +857,101 @@ class Optimizer(torch.optim.Optimizer):
         hit = plan.row_of.get(i) if plan is not None else None
         if hit is not None:  # one row of a table: O(1) in the group's size
             table, j = hit
-            table.step_one(j, g, self._scalars_of(hp, self.algorithm.flags(group, hp), rel.scale))
+            table.step_one(j, g, self._scalars_of(hp, self.algorithm.flags(group, hp), gscale, k))
         else:  # the dispatcher (builds the plan the first time), on a one-parameter selection
             grads = [None] * len(params)
             has = [False] * len(params)
             grads[i], has[i] = g, True
             base = 1 + sum(len(gr["params"]) for gr in self.param_groups[:index])
-            self._step_group(index, group, hp, grads, has, base, rel.scale)
+            self._step_group(index, group, hp, grads, has, base, gscale, k)
             rel.checked.pop(index, None)  # a plan may have been built: check it at the next hook
-        p.grad = None
+
+    @torch.no_grad()
+    def _fold(self, p: torch.Tensor, g: torch.Tensor, group: dict, hp: dict, uid: int, gscale: float) -> None:
+        """Fold one micro-batch's gradient of ``p`` into its state (``Algorithm.accumulation``),
+        in the state's format; the parameter and its step count are unchanged. Per tensor, on
+        torch operations: the native kernel has no fold body, and only the window's last
+        micro-batch (the ordinary kernel) writes the parameter."""
+        alg, rel = self.algorithm, self._release
+        st = self.state[p]
+        fmt = self._formats(group, p)
+        t = {name: native.local(v) for name, v in st.items() if name != "step"}
+        t["param"], t["grad"] = native.local(p), native.local(g)
+        f = alg.flags(group, hp)
+        step = float(st["step"]) + 1
+        pp, gg, slots = decode_all(alg, fmt, t, f, compute_dtype(t["param"].dtype))
+        sign = -gscale if group["maximize"] else gscale
+        if sign != 1.0:
+            gg = gg * sign
+        new = alg.accumulation.fold(pp, gg, slots, hp, f, self.accumulation_steps)
+        index, _ = index_and_seeds(Item(t, fmt, step, uid, native.global_offset(p)))
+        # rounding streams of their own: each micro-batch's, apart from the step's (bf16/8-bit state)
+        seeds = [mix_seed(step, uid, 200 + 8 * rel.micro + j) for j in range(N_STREAMS)]
+        out = encode_all(alg, fmt, t, pp, new, f, index, seeds)
+        for slot, value in zip(alg.active_slots(f), new):
+            if value is not None:
+                t[slot.name].copy_(out[slot.name])
+                if slot.name + "_scale" in out:
+                    t[slot.name + "_scale"].copy_(out[slot.name + "_scale"])
+
+    @torch.no_grad()
+    def _release_bucket(self, params: list, grads: list) -> None:
+        """Step the parameters of one DDP bucket with their all-reduced gradients
+        (:func:`adamkit.release_comm_hook`); ``p.grad`` is left to DDP and freed by ``step()``."""
+        rel = self._release
+        with rel.lock:
+            for p, g in zip(params, grads):
+                where = rel.where.get(id(p))
+                if where is None:  # not one of this optimizer's parameters
+                    continue
+                index, i = where
+                group = self.param_groups[index]
+                hp = self._hyper(index, group)
+                if "step" not in self.state.get(p, {}):
+                    for q in group["params"]:
+                        if q.requires_grad:
+                            self._init_state(q, group)
+                g = g.view_as(p)
+                if self.max_grad_norm is not None:
+                    wide = torch.float64 if g.dtype == torch.float64 else torch.float32
+                    sq = torch.linalg.vector_norm(g, 2.0, dtype=wide).square()
+                    rel.sq = sq if rel.sq is None else rel.sq + sq
+                self._release_step(p, g, index, i, hp, self._release_scale(g))
+                rel.ddp_done.add(id(p))
+
+    @torch.no_grad()
+    def _end_micro_batch(self) -> None:
+        """Called by autograd when an accumulation backward ends: count it; at the window's end,
+        step the parameters folded in it that had no gradient in its last micro-batch (as true
+        accumulation would, with their summed gradient: their last share is zero), and close the
+        clipping norm."""
+        rel, k = self._release, self.accumulation_steps
+        if rel is None:
+            return
+        rel.in_backward = False
+        rel.micro += 1
+        if rel.micro < k:
+            return
+        rel.micro = 0
+        pending, rel.pending = list(rel.pending.values()), {}
+        for p, index, i in pending:
+            # a zero gradient for the one step (the per-tensor backends read p.grad), freed after it
+            p.grad = torch.zeros_like(p)
+            try:
+                hp = self._hyper(index, self.param_groups[index])
+                self._release_step(p, p.grad, index, i, hp, self._release.scale)
+            finally:
+                p.grad = None
+        rel.end_step(self, k)
+
+    def _check_window(self, what: str) -> None:
+        rel = self._release
+        if rel is not None and (rel.micro or rel.pending):
+            raise RuntimeError(
+                f"adamkit: {what} inside an accumulation window ({rel.micro} of "
+                f"{self.accumulation_steps} micro-batches folded): the moments hold a partial sum "
+                "that only the window's last backward completes; call it between windows"
+            )
 
     def _whole_step_scale(self, grads: list) -> float | None:
         """The multiplier of every gradient in this step, or None to skip the step.
@@ -783,29 +994,40 @@ class Optimizer(torch.optim.Optimizer):
                 scale *= clip_coef(self.max_grad_norm, norm)
         return scale
 
-    def _scalars_of(self, hp: dict, flags, gscale: float):
-        """step -> the algorithm's scalars, with ``gscale`` folded into ``grad_sign``."""
+    def _scalars_of(self, hp: dict, flags, gscale: float, k: int = 1):
+        """step -> the algorithm's scalars, with ``gscale`` folded into ``grad_sign``; ``k > 1``:
+        those of an accumulation window's last micro-batch (``Algorithm.accumulation.last``)."""
         alg = self.algorithm
-        if gscale == 1.0:
+        if gscale == 1.0 and k == 1:
             return lambda step: alg.scalars(hp, step, flags)
 
         def scalars_of(step):
             s = alg.scalars(hp, step, flags)
-            return s._replace(grad_sign=s.grad_sign * gscale)
+            s = s._replace(grad_sign=s.grad_sign * gscale)
+            return s if k == 1 else alg.accumulation.last(s, k)
 
         return scalars_of
 
     def _step_group(
-        self, index: int, group: dict, hp: dict, grads: list, has: list, base: int, gscale: float = 1.0
+        self,
+        index: int,
+        group: dict,
+        hp: dict,
+        grads: list,
+        has: list,
+        base: int,
+        gscale: float = 1.0,
+        k: int = 1,
     ) -> None:
         """The dispatcher: the only place that knows backends, defaults and fallbacks.
 
         ``gscale`` multiplies every gradient as it is read (clipping, loss-scale): it is folded into
         the scalars' ``grad_sign``, which every backend multiplies g by (the per-tensor ones when
-        ``Flags.maximize`` is None, as the compiled kernel always does)."""
+        ``Flags.maximize`` is None, as the compiled kernel always does). ``k > 1``: the last
+        micro-batch of an accumulation window (scalars from ``Algorithm.accumulation.last``)."""
         alg = self.algorithm
         flags = alg.flags(group, hp)
-        scalars_of = self._scalars_of(hp, flags, gscale)
+        scalars_of = self._scalars_of(hp, flags, gscale, k)
         params = group["params"]
         backend = group["backend"]
         rest = None
@@ -830,9 +1052,9 @@ class Optimizer(torch.optim.Optimizer):
             rest = list(itertools.compress(range(len(params)), has))
         if not rest:
             return
-        items = [self._item(params[i], group, base + i) for i in rest]
+        items = [self._item(params[i], group, base + i, grads[i]) for i in rest]
         counters = [self.state[params[i]]["step"] for i in rest]
-        if gscale != 1.0:
+        if gscale != 1.0 or k != 1:
             flags = flags._replace(maximize=None)  # the sign and scale come from the scalars
         if backend == "reference":
             run_reference(alg, items, scalars_of, flags)
@@ -937,6 +1159,7 @@ class Optimizer(torch.optim.Optimizer):
         counters as views of one buffer, which ``torch.save`` would otherwise write whole), and
         8-bit state marked with its parameter's shape (``param_shape``, int64), which loading checks:
         codes alone only tell the number of blocks."""
+        self._check_window("state_dict()")
         sd = super().state_dict()
         sd["state"] = {k: dict(v) for k, v in sd["state"].items()}  # torch's entries are our live dicts
         params = [p for g in self.param_groups for p in g["params"]]
@@ -945,6 +1168,9 @@ class Optimizer(torch.optim.Optimizer):
                 st["step"] = st["step"].clone()
             if any(k.endswith("_scale") for k in st) and isinstance(key, int) and key < len(params):
                 st["param_shape"] = torch.tensor(list(params[key].shape), dtype=torch.int64)
+        if self._release is not None and self.max_grad_norm is not None:
+            # release clipping scales the next step by this step's norm: a resumed run needs it
+            sd["release_clip"] = {"scale": self._release.scale, "last_grad_norm": self.last_grad_norm}
         return sd
 
     def _state_keys(self) -> tuple[str, ...]:
@@ -965,6 +1191,7 @@ class Optimizer(torch.optim.Optimizer):
         mismatch, keeps each state tensor's dtype, copies tensors (no aliasing with the source), and
         fills group options the source did not know (e.g. a torch state dict) from this optimizer.
         """
+        self._check_window("load_state_dict()")
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("not an optimizer state dict: expected a dict with 'state' and 'param_groups'")
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -1046,6 +1273,10 @@ class Optimizer(torch.optim.Optimizer):
         self._plans, self._checked = {}, {}  # the kernel's tables point at the old state
         self.state = defaultdict(dict, new_state)
         self.param_groups = new_groups
+        clip = state_dict.get("release_clip")
+        if clip is not None and self._release is not None:
+            self._release.scale = float(clip["scale"])
+            self.last_grad_norm = clip["last_grad_norm"]
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

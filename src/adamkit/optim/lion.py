@@ -75,6 +75,11 @@ LION = Algorithm(
     scalar_type=Scalars,
     native=1,  # ALG_LION in kernel.c
     uses_step=False,  # no bias correction: lion-pytorch's state dicts (no "step") load
+    no_accumulation=(
+        "its update needs both the old momentum and the window's mean gradient (c = beta1 m + "
+        "(1 - beta1) g, m <- beta2 m + (1 - beta2) g with different betas), which one folded state "
+        "cannot hold without a gradient-sized buffer"
+    ),
 )
 
 
@@ -91,7 +96,11 @@ class Lion(Optimizer):
             Default 0.
         maximize, kahan_sum, stochastic_rounding, master_weights, state_format, min_8bit_size,
         skip_nonfinite, backend, foreach, fused, max_grad_norm, skip_nonfinite_steps,
-        gradient_release: as for :class:`adamkit.AdamW`.
+        gradient_release, release_clipping: as for :class:`adamkit.AdamW`.
+        accumulation_steps: refused above 1: Lion's update needs both the old momentum and the
+            window's mean gradient (:math:`c = \beta_1 m + (1-\beta_1)\bar g`,
+            :math:`m \leftarrow \beta_2 m + (1-\beta_2)\bar g`), which one folded state cannot
+            hold without a gradient-sized buffer.
 
     State per parameter: ``step`` and ``exp_avg`` m (4 B/param fp32, 2 bf16, ~1 8-bit).
 
@@ -121,6 +130,8 @@ class Lion(Optimizer):
         gradient_release: bool = False,
         max_grad_norm: float | None = None,
         skip_nonfinite_steps: bool = False,
+        accumulation_steps: int = 1,
+        release_clipping: str = "previous_step",
     ):
         super().__init__(
             params,
@@ -142,4 +153,6 @@ class Lion(Optimizer):
             gradient_release=gradient_release,
             max_grad_norm=max_grad_norm,
             skip_nonfinite_steps=skip_nonfinite_steps,
+            accumulation_steps=accumulation_steps,
+            release_clipping=release_clipping,
         )

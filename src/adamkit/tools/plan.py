@@ -557,7 +557,7 @@ PRECISIONS = {
     "fp16": ("fp16", False, False, False),
 }
 STATE_FORMATS = {"fp32state": "fp32", "bf16state": "bf16", "8bit": "8bit"}
-MODIFIERS = ("amsgrad", "accum")
+MODIFIERS = ("amsgrad", "accum", "release")
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -585,7 +585,11 @@ class Recipe:
         state_format: ``None`` (same dtype as the parameter, like torch), ``"fp32"``, ``"bf16"`` or
             ``"8bit"`` (adamkit's blockwise format).
         amsgrad: keep the running max of v (Adam/AdamW only).
-        grad_accum: an fp32 gradient-accumulation buffer (4 B/param) for low-precision gradients.
+        grad_accum: an fp32 gradient-accumulation buffer (4 B/param) for low-precision gradients;
+            with ``gradient_release``: optimizer accumulation (micro-batches folded into the
+            moments, ``accumulation_steps``), which needs no buffer.
+        gradient_release: each parameter is stepped in backward and its gradient freed: the
+            gradients cost one tensor's at a time (the largest trainable tensor's), not all.
         block_size, min_8bit_size: the 8-bit format's block length and smallest quantized tensor.
     """
 
@@ -600,6 +604,7 @@ class Recipe:
     grad_accum: bool = False
     block_size: int = BLOCK_SIZE
     min_8bit_size: int = MIN_8BIT_SIZE
+    gradient_release: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "param_dtype", _dtype_name(self.param_dtype))
@@ -618,6 +623,11 @@ class Recipe:
             raise ValueError(f"{self.name}: state_format must be None, 'fp32', 'bf16' or '8bit'")
         if self.amsgrad and self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"{self.name}: amsgrad applies to adam/adamw, not {self.optimizer}")
+        if self.gradient_release and self.grad_accum and self.optimizer not in ("adam", "adamw"):
+            raise ValueError(
+                f"{self.name}: optimizer accumulation with gradient release (release + accum) is "
+                f"defined for adam/adamw only, not {self.optimizer}"
+            )
         if self.block_size < 1 or self.min_8bit_size < 0:
             raise ValueError(f"{self.name}: block_size must be >= 1 and min_8bit_size >= 0")
 
@@ -635,9 +645,13 @@ class Recipe:
             parts.append(f"Kahan compensation ({self.param_dtype})")
         if self.stochastic_rounding:
             parts.append("stochastic rounding")
+        if self.gradient_release:
+            parts.append("gradient release (one gradient at a time)")
         if self.grad_accum:
             parts.append(
-                "fp32 grad-accumulation buffer"
+                "optimizer accumulation (no buffer)"
+                if self.gradient_release
+                else "fp32 grad-accumulation buffer"
                 if self.param_dtype != "fp32"
                 else "fp32 grads accumulate in place"
             )
@@ -655,12 +669,14 @@ def parse_recipe(
     grad_accum: bool = False,
     block_size: int = BLOCK_SIZE,
     min_8bit_size: int = MIN_8BIT_SIZE,
+    gradient_release: bool = False,
 ) -> Recipe:
     """A :class:`Recipe` from a spec such as ``"mixed-bf16"``, ``"bf16-kahan-8bit"``, ``"fp32-lion"``.
 
     A spec is ``-``-joined phrases, each naming one choice: a precision (:data:`PRECISIONS`; default
     ``fp32``), a state format (``8bit``, ``bf16state``, ``fp32state``), an optimizer
-    (:data:`OPTIMIZERS`) and the modifiers ``amsgrad`` and ``accum`` (fp32 gradient accumulation).
+    (:data:`OPTIMIZERS`) and the modifiers ``amsgrad``, ``accum`` (fp32 gradient accumulation;
+    with ``release``, the optimizer's accumulation) and ``release`` (gradient release).
     The keyword arguments are the defaults for what the spec does not name. ``state_format="auto"``
     means fp32 state with master weights (the optimizer updates the fp32 master) and the parameter
     dtype otherwise.
@@ -715,6 +731,7 @@ def parse_recipe(
         grad_accum=grad_accum or "accum" in mods,
         block_size=block_size,
         min_8bit_size=min_8bit_size,
+        gradient_release=gradient_release or "release" in mods,
     )
 
 
@@ -908,9 +925,11 @@ def tensor_bytes(t: TensorSpec, recipe: Recipe, model: ModelSpec | None = None) 
     out = {"params": p * n}
     if not t.trainable:
         return out
-    out["grads"] = p * n  # autograd produces gradients in the parameter's dtype
+    if not recipe.gradient_release:  # release: one gradient at a time (model_state_bytes)
+        out["grads"] = p * n  # autograd produces gradients in the parameter's dtype
     # fp32 grads are their own fp32 accumulator; the buffer exists only for low-precision grads
-    if recipe.grad_accum and recipe.param_dtype != "fp32":
+    # (optimizer accumulation with gradient release folds into the moments: no buffer)
+    if recipe.grad_accum and recipe.param_dtype != "fp32" and not recipe.gradient_release:
         out["grad_accum"] = 4 * n
     if recipe.master_weights:
         out["master"] = 4 * n
@@ -950,6 +969,9 @@ def model_state_bytes(model: ModelSpec, recipe: Recipe) -> dict[str, int]:
     for t in model.tensors:
         for k, v in tensor_bytes(t, recipe, model).items():
             total[k] += v
+    if recipe.gradient_release:  # each gradient is freed by its hook: the largest one at a time
+        trainable = [t.numel for t in model.tensors if t.trainable]
+        total["grads"] = DTYPE_BYTES[recipe.param_dtype] * max(trainable, default=0)
     return total
 
 
@@ -1179,6 +1201,7 @@ class RecipePlan:
                 "state_dtype": r.state_dtype,
                 "amsgrad": r.amsgrad,
                 "grad_accum": r.grad_accum,
+                "gradient_release": r.gradient_release,
                 "block_size": r.block_size,
                 "min_8bit_size": r.min_8bit_size,
             },
@@ -1347,6 +1370,7 @@ def plan(
     state_format: str | None = "auto",
     amsgrad: bool = False,
     grad_accum: bool = False,
+    gradient_release: bool = False,
     zero_stage: int = 0,
     devices: int = 1,
     batch_size: int | None = None,
@@ -1362,7 +1386,8 @@ def plan(
         model: anything :func:`load_model` takes: a parameter count (``70e9``, ``"7.5B"``), a preset
             name, a ``config.json`` path, ``"module:callable"``, an ``nn.Module`` or a :class:`ModelSpec`.
         recipes: a recipe spec (see :func:`parse_recipe`), a :class:`Recipe`, or a sequence of them.
-        optimizer, state_format, amsgrad, grad_accum: defaults for what a spec does not name.
+        optimizer, state_format, amsgrad, grad_accum, gradient_release: defaults for what a spec
+            does not name.
         zero_stage: 0-3; stage 1 shards optimizer state (master weights included) over ``devices``,
             2 also gradients, 3 also parameters.
         devices: data-parallel devices the states are sharded over.
@@ -1398,6 +1423,7 @@ def plan(
         state_format=state_format,
         amsgrad=amsgrad,
         grad_accum=grad_accum,
+        gradient_release=gradient_release,
         block_size=block_size,
         min_8bit_size=min_8bit_size,
     )
@@ -1473,7 +1499,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "parameters' dtype (default: %(default)s)",
     )
     rec.add_argument("--amsgrad", action="store_true", help="Adam/AdamW keep max_v")
-    rec.add_argument("--grad-accum", action="store_true", help="an fp32 gradient-accumulation buffer")
+    rec.add_argument(
+        "--grad-accum",
+        action="store_true",
+        help="an fp32 gradient-accumulation buffer (with --gradient-release: none, optimizer accumulation)",
+    )
+    rec.add_argument(
+        "--gradient-release",
+        action="store_true",
+        help="step each parameter in backward and free its gradient: one gradient at a time",
+    )
     rec.add_argument("--block-size", type=int, default=BLOCK_SIZE, help="8-bit block length")
     rec.add_argument(
         "--min-8bit-size", type=int, default=MIN_8BIT_SIZE, help="smallest tensor stored in 8 bit"
@@ -1514,6 +1549,7 @@ def run(args: argparse.Namespace) -> int:
             state_format=None if args.state_format == "param" else args.state_format,
             amsgrad=args.amsgrad,
             grad_accum=args.grad_accum,
+            gradient_release=args.gradient_release,
             zero_stage=args.zero,
             devices=args.devices,
             batch_size=args.batch_size,

@@ -38,12 +38,14 @@ from .train import TrainResult, fit, positive_int, warmup_steps
 
 @dataclass(frozen=True)
 class Recipe:
-    """An optimizer (a key of ``tasks.OPTIMIZERS``) with a precision and a state format."""
+    """An optimizer (a key of ``tasks.OPTIMIZERS``) with a precision, a state format and how the
+    gradients reach it (``grads``: a mode of ``train.GRAD_MODES``, e.g. ``"release"``)."""
 
     name: str
     optimizer: str
     precision: str = "fp32"
     state: str = "default"
+    grads: str = "clip_grad_norm"
 
     def describe(self) -> str:
         parts = [tasks.OPTIMIZERS[self.optimizer].label]
@@ -51,6 +53,8 @@ class Recipe:
             parts.append(tasks.PRECISIONS[self.precision].about)
         if self.state != "default":
             parts.append(f"{self.state} state")
+        if self.grads == "release":
+            parts.append("gradient release")
         return ", ".join(parts)
 
 
@@ -63,6 +67,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe("torch-adamw", "torch-adamw"),
         Recipe("adamkit-adam", "adam"),
         Recipe("adamkit-adamw", "adamw"),
+        Recipe("adamw-release", "adamw", grads="release"),  # no gradient buffer: peak RSS shows it
         Recipe("bf16-kahan", "adamw", precision="bf16-kahan"),
         Recipe("bf16-sr", "adamw", precision="bf16-sr"),
         Recipe("bf16-master", "adamw", precision="bf16-master"),
@@ -224,7 +229,7 @@ def _race(
             result.skipped[name] = why
             log(f"skipping {name}: {why}")
             continue
-        kwargs = dict(seed=seed, precision=recipe.precision, state=recipe.state)
+        kwargs = dict(seed=seed, precision=recipe.precision, state=recipe.state, grads=recipe.grads)
         try:
             # A throwaway run first: one-time costs (compiling adamkit's fused kernels, allocator
             # growth) would otherwise land on whichever recipe happens to run first.

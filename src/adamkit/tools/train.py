@@ -224,6 +224,7 @@ def fit(
     desc: str | None = None,
     clip: float | None = None,
     grads: str = "clip_grad_norm",
+    accumulate: int = 1,
     save: str | Path | None = None,
     resume: dict | None = None,
     stop_after: int | None = None,
@@ -244,13 +245,21 @@ def fit(
     ``stop_after`` ends the run after that step (an interruption on purpose, to resume later).
     ``grads``: how ``clip`` is applied: ``"clip_grad_norm"`` (torch's, before the step), ``"fused"``
     (the optimizer's ``max_grad_norm``: the same result, no extra pass) or ``"release"``
-    (``gradient_release=True``; clipping by the previous step's global norm).
+    (``gradient_release=True``; clipping by the previous step's global norm) or
+    ``"release-per-tensor"`` (gradient release, each tensor clipped to its own norm).
+    ``accumulate``: micro-batches per step (each of the task's batch size). With ``grads="release"``
+    the optimizer folds them (``accumulation_steps``: no gradient buffer; v takes the mean of the
+    squared micro-batch gradients); otherwise true gradient accumulation (each micro-batch's loss
+    divided by ``accumulate``, summed in ``p.grad``, clipped and stepped once). The training loss
+    logged is the micro-batches' mean.
     ``model`` and ``optimizer`` of the run are kept on the result's ``model`` attribute for sampling.
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if not isinstance(evals, int) or evals < 1:
         raise ValueError(f"evals must be a positive integer, got {evals!r}")
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise ValueError(f"accumulate must be a positive integer, got {accumulate!r}")
     lr = tasks.OPTIMIZERS[optimizer].lr if lr is None and optimizer in tasks.OPTIMIZERS else lr
     t_start = time.perf_counter()
     with _PeakRSS() as peak:
@@ -260,8 +269,12 @@ def fit(
         engine: dict = {}
         if grads != "clip_grad_norm":
             engine = {"max_grad_norm": clip} if clip is not None else {}
-            if grads == "release":
+            if grads.startswith("release"):
                 engine["gradient_release"] = True
+                if grads == "release-per-tensor" and clip is not None:
+                    engine["release_clipping"] = "per_tensor"
+                if accumulate > 1:
+                    engine["accumulation_steps"] = accumulate
         opt = tasks.build_optimizer(model, optimizer, lr=lr, precision=precision, state=state, **engine)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
         sample = task.sampler(seed)
@@ -300,9 +313,18 @@ def fit(
         )
         for step in bar:
             t0 = time.perf_counter()
-            loss = task.loss(model, sample())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if accumulate == 1:
+                loss = task.loss(model, sample())
+                loss.backward()
+            else:
+                loss = 0.0
+                for _ in range(accumulate):
+                    micro = task.loss(model, sample())
+                    # true accumulation sums the gradients of loss/k; the optimizer's folds the
+                    # gradients of each micro-batch's loss and divides by k itself
+                    (micro if grads.startswith("release") else micro / accumulate).backward()
+                    loss = loss + micro.detach() / accumulate
             if clip is not None and grads == "clip_grad_norm":
                 # Rescale the whole gradient to norm <= clip: one outlier batch cannot throw Adam's
                 # moments (and the weights) far off, which at lr 3e-3 spiked one seed in three.
@@ -365,10 +387,11 @@ class TrainConfig:
     # loss spike (seed 1: validation 1.86 against 1.47 with clipping).
     clip: float | None = 1.0
     grads: str = "clip_grad_norm"  # GRAD_MODES: torch's clipping, the fused one, gradient release
+    accumulate: int = 1  # micro-batches per step: true accumulation, or the optimizer's with release
 
 
 # How the gradient reaches the optimizer (--grads): see fit().
-GRAD_MODES = ("clip_grad_norm", "fused", "release")
+GRAD_MODES = ("clip_grad_norm", "fused", "release", "release-per-tensor")
 
 # The fields of TrainConfig that define the run (a resumed run must agree on them).
 RECIPE_FIELDS = (
@@ -382,6 +405,7 @@ RECIPE_FIELDS = (
     "model",
     "clip",
     "grads",
+    "accumulate",
     "evals",
 )
 
@@ -455,6 +479,7 @@ def train(
             progress=config.progress,
             clip=config.clip,
             grads=config.grads,
+            accumulate=config.accumulate,
             save=save,
             resume=ckpt,
             stop_after=stop_after,
@@ -548,7 +573,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.grads,
         help="clip_grad_norm: torch's clipping before the step; fused: the optimizer's max_grad_norm "
         "(same result, no extra pass); release: gradient release (no gradient buffer), clipped by the "
-        "previous step's global norm (default: %(default)s)",
+        "previous step's global norm; release-per-tensor: gradient release, each tensor clipped to "
+        "its own norm (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--accumulate",
+        type=positive_int,
+        default=d.accumulate,
+        metavar="K",
+        help="micro-batches (of --batch-size) per step: with --grads release the optimizer folds them "
+        "into its moments without a gradient buffer (v: mean of squares); otherwise true gradient "
+        "accumulation (default: %(default)s)",
     )
     io = parser.add_argument_group("checkpoints and samples")
     io.add_argument(
@@ -588,6 +623,7 @@ _FLAGS = {
     "model": "--d-model/--layers/--heads/--context",
     "clip": "--clip",
     "grads": "--grads",
+    "accumulate": "--accumulate",
     "evals": "--evals",
 }
 
@@ -615,7 +651,8 @@ def describe(config: TrainConfig) -> str:
         f"on pydoc_data.topics\n"
         f"  {spec.label}, lr {lr:g} (warmup {warmup_steps(config.steps)} steps + cosine to 10%), {decay}, "
         f"{clip}\n"
-        f"  --precision {config.precision}, --state {config.state}, batch {config.batch_size}, "
+        f"  --precision {config.precision}, --state {config.state}, batch {config.batch_size}"
+        f"{f' x {config.accumulate} micro-batches' if config.accumulate > 1 else ''}, "
         f"{config.steps} steps, seed {config.seed}, {config.threads or torch.get_num_threads()} threads"
     )
 
@@ -637,6 +674,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             clip=args.clip or None,
             grads=args.grads,
+            accumulate=args.accumulate,
         )
         tasks.optimizer_kwargs(config.optimizer, config.precision, config.state)  # fail before building
         if args.sample < 0:
