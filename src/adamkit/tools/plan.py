@@ -1746,6 +1746,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dev = parser.add_argument_group("devices and activations")
     dev.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0, help="ZeRO stage")
     dev.add_argument("--devices", type=int, default=1, help="data-parallel devices to shard over")
+    dev.add_argument(
+        "--per-rank",
+        choices=list(PARALLEL),
+        help="exact bytes of each of --devices ranks as FSDP2 (fully_shard) or DDP + "
+        "ZeroRedundancyOptimizer lay them out, with an adamkit optimizer (instead of ZeRO stages)",
+    )
     dev.add_argument("--device-memory", type=float, metavar="GB", help="memory per device: fits yes/no")
     dev.add_argument("--batch-size", type=int, help="micro-batch per device, for activations")
     dev.add_argument("--seq-len", type=int, help="sequence length, for activations")
@@ -1772,6 +1778,33 @@ def run(args: argparse.Namespace) -> int:
         else:
             model = model_from_callable(args.module)
         recipes = [s.strip() for s in args.compare.split(",") if s.strip()] if args.compare else args.recipe
+        if args.per_rank:
+            extra = (args.zero, args.batch_size, args.seq_len, args.device_memory, args.grad_accum)
+            if any(x not in (None, 0, False) for x in extra):
+                raise ValueError(
+                    "--per-rank counts parameters, gradients and optimizer state per rank: it takes no "
+                    "--zero, --batch-size, --seq-len, --device-memory or --grad-accum"
+                )
+            names = recipes if isinstance(recipes, list) else [recipes or "mixed-bf16"]
+            ranked = [
+                per_rank(
+                    model,
+                    r,
+                    parallel=args.per_rank,
+                    devices=args.devices,
+                    optimizer=args.optimizer,
+                    state_format=None if args.state_format == "param" else args.state_format,
+                    amsgrad=args.amsgrad,
+                    block_size=args.block_size,
+                    min_8bit_size=args.min_8bit_size,
+                )
+                for r in names
+            ]
+            if args.json:
+                print(json.dumps([r.to_dict() for r in ranked], indent=2))
+            else:
+                print("\n\n".join(r.table() for r in ranked))
+            return 0
         result = plan(
             model,
             recipes or "mixed-bf16",
