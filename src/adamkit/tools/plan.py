@@ -4,6 +4,8 @@ r"""The memory planner: where training memory goes, per component, per device, f
 optimizer buffer a training recipe keeps, shards them as ZeRO stage 0-3 would over N devices,
 optionally adds an activation estimate for transformer shapes, and says whether it fits. The
 ``adamkit plan`` command parses its arguments into one call and prints the result.
+``per_rank(model, recipe, parallel="fsdp2" | "ddp+zero", devices=N)`` (``adamkit plan --per-rank``)
+gives each rank's exact bytes as FSDP2 and DDP + ZeroRedundancyOptimizer lay them out.
 
 Model states for :math:`\Psi` trainable parameters (bytes per parameter; all figures per tensor, so
 block padding, quantization scales and per-tensor counters are exact):
@@ -1832,16 +1834,20 @@ __all__ = [
     "ADAMKIT_OPTIMIZERS",
     "COMPONENTS",
     "OPTIMIZERS",
+    "PARALLEL",
     "PRECISIONS",
     "ModelSpec",
     "OptimizerSpec",
     "Plan",
     "Recipe",
+    "RankPlan",
     "RecipePlan",
+    "STATE_COMPONENTS",
     "TensorSpec",
     "activation_bytes",
     "adamkit_state_bytes",
     "blockwise_8bit_bytes",
+    "fsdp2_rows",
     "load_model",
     "model_from_callable",
     "model_from_config",
@@ -1852,7 +1858,9 @@ __all__ = [
     "model_state_bytes",
     "parse_count",
     "parse_recipe",
+    "per_rank",
     "plan",
     "state_tensor_bytes",
     "tensor_bytes",
+    "zero_partition",
 ]
