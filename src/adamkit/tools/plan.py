@@ -1640,6 +1640,7 @@ def per_rank(
     global shape) :math:`R_k(\\mathrm{padded}(L) + 4\\,\\mathrm{blocks}(L))`; Kahan :math:`2 R_k L`,
     master :math:`4 R_k L`; a 4-byte step per tensor.
 
+    FSDP2 is taken without a ``MixedPrecisionPolicy`` (gradients in the parameters' dtype).
     Not counted: FSDP2's transient all-gathered parameters and reduce-scatter inputs, DDP's
     gradient buckets (another copy of the gradients unless ``gradient_as_bucket_view=True``),
     activations.
