@@ -45,6 +45,7 @@ COMMANDS = {
             "adamkit plan --preset llama-3-8b --compare mixed-bf16,bf16-sr-8bit --device-memory 80",
             "adamkit plan --config path/to/config.json --zero 3 --devices 8",
             "adamkit plan --module mymodel:build   # mymodel.py in the current directory",
+            "adamkit plan --preset gpt2 --per-rank fsdp2 --devices 8 --recipe bf16-kahan-8bit",
         ),
     ),
     "bench": Command(

@@ -4,6 +4,8 @@ r"""The memory planner: where training memory goes, per component, per device, f
 optimizer buffer a training recipe keeps, shards them as ZeRO stage 0-3 would over N devices,
 optionally adds an activation estimate for transformer shapes, and says whether it fits. The
 ``adamkit plan`` command parses its arguments into one call and prints the result.
+``per_rank(model, recipe, parallel="fsdp2" | "ddp+zero", devices=N)`` (``adamkit plan --per-rank``)
+gives each rank's exact bytes as FSDP2 and DDP + ZeroRedundancyOptimizer lay them out.
 
 Model states for :math:`\Psi` trainable parameters (bytes per parameter; all figures per tensor, so
 block padding, quantization scales and per-tensor counters are exact):
@@ -61,6 +63,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import math
@@ -1459,6 +1462,271 @@ def plan(
 
 
 # ----------------------------------------------------------------------------------------------
+# Per rank under FSDP2 and DDP + ZeroRedundancyOptimizer: what each rank's live tensors hold
+# ----------------------------------------------------------------------------------------------
+
+PARALLEL = {
+    "fsdp2": "FSDP2 (fully_shard, ZeRO-3): each tensor's dim 0 cut in torch.chunk pieces",
+    "ddp+zero": "DDP + ZeroRedundancyOptimizer (ZeRO-1): whole tensors' state, assigned greedily by size",
+}
+
+
+def fsdp2_rows(rows: int, world: int) -> list[int]:
+    """Rows of a tensor's dim 0 that each rank holds under FSDP2 (``torch.chunk`` semantics).
+
+    Pieces of :math:`c = \\lceil R / N \\rceil` rows in rank order, so the last ranks may get fewer
+    or none: 7 rows over 3 ranks give 3, 3, 1; 1 row over 2 ranks gives 1, 0. Every rank allocates
+    :math:`c` rows of parameter (and gradient) storage, whatever it holds.
+    """
+    c = -(-rows // world)
+    return [max(0, min(c, rows - k * c)) for k in range(world)]
+
+
+def zero_partition(numels: Sequence[int], world: int) -> list[list[int]]:
+    """Which tensors ``ZeroRedundancyOptimizer`` gives each rank: indices into ``numels``.
+
+    Its partition of one parameter group: the tensors sorted by size, largest first (a stable sort:
+    equal sizes keep their order), each given to the rank with the fewest elements so far (the
+    lowest rank on a tie). A rank keeps optimizer state for its tensors only.
+    """
+    sizes = [0] * world
+    ranks: list[list[int]] = [[] for _ in range(world)]
+    for i in sorted(range(len(numels)), key=lambda i: numels[i], reverse=True):
+        rank = sizes.index(min(sizes))
+        ranks[rank].append(i)
+        sizes[rank] += numels[i]
+    return ranks
+
+
+# state key of adamkit's optimizers -> planner component (``*_scale``: "scales")
+STATE_COMPONENTS = {
+    "step": "step",
+    "exp_avg": "m",
+    "exp_avg_sq": "v",
+    "max_exp_avg_sq": "max_v",
+    "kahan_comp": "kahan",
+    "master_weight": "master",
+}
+
+
+def _fsdp2_tensor_bytes(t: TensorSpec, recipe: Recipe, world: int) -> list[dict[str, int]]:
+    """Each rank's bytes of one tensor under FSDP2, an adamkit optimizer and ``recipe``.
+
+    Parameter and gradient storage: c = ceil(R / N) rows on every rank (FSDP2 pads each shard to
+    the first one's size; gradients are views of the reduce-scatter output, padded alike).
+    Optimizer state: the rank's own rows (a DTensor of the parameter's placement; an empty local
+    tensor on a rank without rows), each row of L elements costing 4 B/element in fp32, 2 in
+    bf16/fp16, and in 8 bit padded(L) + 4 blocks(L) B where the global shape is quantized
+    (:func:`eight_bit_layout` with ``sharded=True``), else fp32; 4 B of step counter per tensor.
+    """
+    if not t.shape:
+        raise ValueError(f"{t.name}: FSDP2 shards dim 0, which a 0-D parameter does not have")
+    rows, length = t.shape[0], math.prod(t.shape[1:])
+    padded_rows = -(-rows // world)
+    p = DTYPE_BYTES[recipe.param_dtype]
+    fmt = recipe.state_dtype
+    layout = None
+    if fmt == "8bit":
+        layout = eight_bit_layout(t.shape, t.numel, recipe.min_8bit_size, recipe.block_size, sharded=True)
+    codes, scales = blockwise_8bit_bytes(length, block_size=recipe.block_size)
+    slots = OPTIMIZERS[recipe.optimizer].full + (("max_v",) if recipe.amsgrad else ())
+    out = []
+    for r in fsdp2_rows(rows, world):
+        d = dict.fromkeys(COMPONENTS, 0)
+        d["params"] = padded_rows * length * p
+        if t.trainable:
+            d["grads"] = padded_rows * length * p
+            d["master"] = 4 * r * length if recipe.master_weights else 0
+            d["kahan"] = p * r * length if recipe.kahan else 0
+            for slot in slots:
+                if layout == "rows":
+                    d[slot] += r * codes
+                    d["scales"] += r * scales
+                else:
+                    d[slot] += DTYPE_BYTES["fp32" if fmt == "8bit" else fmt] * r * length
+            d["step"] = OPTIMIZERS[recipe.optimizer].step_bytes
+        out.append(d)
+    return out
+
+
+def _zero_rank_bytes(
+    model: ModelSpec, recipe: Recipe, world: int
+) -> tuple[list[dict[str, int]], list[list[int]]]:
+    """Each rank's bytes under DDP + ZeroRedundancyOptimizer(optimizer_class=adamkit's): every
+    parameter and gradient whole on every rank (DDP replicates them), the optimizer state of the
+    rank's tensors (:func:`zero_partition`) as :func:`adamkit_state_bytes` counts it."""
+    ranks = zero_partition([t.numel for t in model.tensors], world)
+    p = DTYPE_BYTES[recipe.param_dtype]
+    out = []
+    for mine in ranks:
+        d = dict.fromkeys(COMPONENTS, 0)
+        d["params"] = p * model.n_params
+        d["grads"] = p * model.n_trainable
+        trainable = [model.tensors[i].shape for i in mine if model.tensors[i].trainable]
+        state = adamkit_state_bytes(
+            trainable,
+            optimizer=recipe.optimizer,
+            state_format=recipe.state_format,
+            amsgrad=recipe.amsgrad,
+            param_dtype=recipe.param_dtype,
+            kahan=recipe.kahan,
+            master=recipe.master_weights,
+            block_size=recipe.block_size,
+            min_8bit_size=recipe.min_8bit_size,
+        )
+        for k, v in state.items():
+            d[k] += v
+        out.append(d)
+    return out, ranks
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """Bytes each rank holds under FSDP2 or DDP + ZeroRedundancyOptimizer, per component.
+
+    Attributes:
+        model, recipe: what was planned (the recipe as adamkit runs it: fp16 parameters keep fp32
+            moments unless a state format is named).
+        parallel: a key of :data:`PARALLEL`.
+        devices: the world size.
+        ranks: one dict per rank, every key of :data:`COMPONENTS`, in bytes.
+        assignment: ``ddp+zero``: the indices of ``model.tensors`` whose state each rank keeps.
+    """
+
+    model: ModelSpec
+    recipe: Recipe
+    parallel: str
+    devices: int
+    ranks: tuple[dict[str, int], ...]
+    assignment: tuple[tuple[int, ...], ...] | None = None
+
+    def total(self, rank: int) -> int:
+        """All bytes of one rank: parameters, gradients and optimizer state."""
+        return sum(self.ranks[rank].values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.to_dict(),
+            "recipe": self.recipe.name,
+            "description": self.recipe.describe(),
+            "parallel": self.parallel,
+            "devices": self.devices,
+            "ranks": [
+                {"rank": i, "bytes": dict(r), "total_bytes": self.total(i)} for i, r in enumerate(self.ranks)
+            ],
+            "assignment": None if self.assignment is None else [list(a) for a in self.assignment],
+        }
+
+    def table(self) -> str:
+        """Bytes per component (rows) and rank (columns)."""
+        m = self.model
+        lines = [
+            f"model: {m.name}: {m.n_params:,} parameters ({m.n_trainable:,} trainable) in "
+            f"{len(m.tensors):,} tensors",
+            f"{PARALLEL[self.parallel]}, {self.devices} ranks",
+            f"recipe {self.recipe.name}: {self.recipe.describe()}",
+            "",
+        ]
+        cells = [[f"{r[k]:,}" for r in self.ranks] for k in COMPONENTS]
+        totals = [f"{self.total(i):,}" for i in range(self.devices)]
+        w = max(10, *(len(c) for c in totals)) + 2
+        head = f"{'bytes':<12}" + "".join(f"{'rank ' + str(i):>{w}}" for i in range(self.devices))
+        lines += [head, "-" * len(head)]
+        for k, row in zip(COMPONENTS, cells):
+            if k == "params" or any(r[k] for r in self.ranks):
+                lines.append(f"{k:<12}" + "".join(f"{c:>{w}}" for c in row))
+        lines.append("-" * len(head))
+        lines.append(f"{'total':<12}" + "".join(f"{c:>{w}}" for c in totals))
+        lines.append(f"{'GB':<12}" + "".join(f"{_gb(self.total(i)):>{w}.3f}" for i in range(self.devices)))
+        return "\n".join(lines)
+
+
+def per_rank(
+    model: Any,
+    recipe: str | Recipe = "fp32",
+    *,
+    parallel: str = "fsdp2",
+    devices: int = 2,
+    optimizer: str = "adamw",
+    state_format: str | None = "auto",
+    amsgrad: bool = False,
+    block_size: int = BLOCK_SIZE,
+    min_8bit_size: int = MIN_8BIT_SIZE,
+) -> RankPlan:
+    """Exact bytes of each rank's parameters, gradients and adamkit optimizer state under FSDP2 or
+    DDP + ZeroRedundancyOptimizer, as the live engines lay them out (not total / N).
+
+    ``fsdp2`` (``fully_shard`` per module, ZeRO-3): every tensor's dim 0 is cut in
+    :math:`c = \\lceil R/N \\rceil`-row pieces (:func:`fsdp2_rows`); each rank stores :math:`c` rows of
+    parameter and of gradient (FSDP2 pads shards to equal size), and state for its own rows only.
+    ``ddp+zero`` (ZeRO-1): parameters and gradients whole on every rank; optimizer state of whole
+    tensors, assigned as ``ZeroRedundancyOptimizer`` does (:func:`zero_partition`; the model's
+    parameters as one group in ``model.tensors`` order). Per rank, state bytes for ``R_k`` rows of
+    :math:`L` elements: fp32 :math:`4 R_k L`, bf16 :math:`2 R_k L`, 8 bit (rows chosen by the
+    global shape) :math:`R_k(\\mathrm{padded}(L) + 4\\,\\mathrm{blocks}(L))`; Kahan :math:`2 R_k L`,
+    master :math:`4 R_k L`; a 4-byte step per tensor.
+
+    FSDP2 is taken without a ``MixedPrecisionPolicy`` (gradients in the parameters' dtype).
+    Not counted: FSDP2's transient all-gathered parameters and reduce-scatter inputs, DDP's
+    gradient buckets (another copy of the gradients unless ``gradient_as_bucket_view=True``),
+    activations.
+
+    Args:
+        model: anything :func:`load_model` takes (an ``nn.Module``, ``"module:callable"``, a preset,
+            a config.json, a :class:`ModelSpec`); a list of shapes is planned as tensors ``p0``, ``p1``...
+        recipe: a spec (:func:`parse_recipe`) or a :class:`Recipe`.
+        parallel: ``"fsdp2"`` or ``"ddp+zero"``.
+        devices: the world size.
+        optimizer, state_format, amsgrad, block_size, min_8bit_size: defaults for what a spec does
+            not name (as :func:`plan`).
+
+    Raises:
+        ValueError: an unknown layout, fewer than 1 device, a gradient-accumulation recipe (its
+            buffer's placement is not modelled), an optimizer adamkit does not have (or, under
+            FSDP2, one other than adamw, adam or lion), or a 0-D tensor under FSDP2.
+    """
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}, got {parallel!r}")
+    if not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"devices must be an integer >= 1, got {devices!r}")
+    if isinstance(model, (list, tuple)):
+        model = ModelSpec("shapes", tuple(TensorSpec(f"p{i}", tuple(s)) for i, s in enumerate(model)))
+    spec = load_model(model)
+    if isinstance(recipe, str):
+        recipe = parse_recipe(
+            recipe, optimizer=optimizer, state_format=state_format, amsgrad=amsgrad,
+            block_size=block_size, min_8bit_size=min_8bit_size,
+        )  # fmt: skip
+    if recipe.grad_accum:
+        raise ValueError(
+            f"{recipe.name}: per-rank bytes do not model a gradient-accumulation buffer; plan it "
+            "without 'accum' (or with plan(), which shards it as ZeRO does)"
+        )
+    supported = (
+        ADAMKIT_OPTIMIZERS if parallel == "fsdp2" else ADAMKIT_OPTIMIZERS + tuple(ADAMKIT_SLOT_OPTIMIZERS)
+    )
+    if recipe.optimizer not in supported:
+        raise ValueError(
+            f"{recipe.name}: per-rank bytes under {parallel} are counted for adamkit's "
+            f"{', '.join(supported)}, not {recipe.optimizer!r}"
+        )
+    if recipe.state_format is None and recipe.param_dtype == "fp16":
+        # adamkit keeps fp16 parameters' moments in fp32 by default (fp16 cannot hold typical g^2)
+        recipe = dataclasses.replace(recipe, state_format="fp32")
+    if parallel == "fsdp2":
+        ranks = [dict.fromkeys(COMPONENTS, 0) for _ in range(devices)]
+        for t in spec.tensors:
+            for d, part in zip(ranks, _fsdp2_tensor_bytes(t, recipe, devices)):
+                for k, v in part.items():
+                    d[k] += v
+        assignment = None
+    else:
+        ranks, parts = _zero_rank_bytes(spec, recipe, devices)
+        assignment = tuple(tuple(p) for p in parts)
+    return RankPlan(spec, recipe, parallel, devices, tuple(ranks), assignment)
+
+
+# ----------------------------------------------------------------------------------------------
 # CLI: parse, call plan(), print
 # ----------------------------------------------------------------------------------------------
 
@@ -1516,6 +1784,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dev = parser.add_argument_group("devices and activations")
     dev.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0, help="ZeRO stage")
     dev.add_argument("--devices", type=int, default=1, help="data-parallel devices to shard over")
+    dev.add_argument(
+        "--per-rank",
+        choices=list(PARALLEL),
+        help="exact bytes of each of --devices ranks as FSDP2 (fully_shard) or DDP + "
+        "ZeroRedundancyOptimizer lay them out, with an adamkit optimizer (instead of ZeRO stages)",
+    )
     dev.add_argument("--device-memory", type=float, metavar="GB", help="memory per device: fits yes/no")
     dev.add_argument("--batch-size", type=int, help="micro-batch per device, for activations")
     dev.add_argument("--seq-len", type=int, help="sequence length, for activations")
@@ -1542,6 +1816,33 @@ def run(args: argparse.Namespace) -> int:
         else:
             model = model_from_callable(args.module)
         recipes = [s.strip() for s in args.compare.split(",") if s.strip()] if args.compare else args.recipe
+        if args.per_rank:
+            extra = (args.zero, args.batch_size, args.seq_len, args.device_memory, args.grad_accum)
+            if any(x not in (None, 0, False) for x in extra):
+                raise ValueError(
+                    "--per-rank counts parameters, gradients and optimizer state per rank: it takes no "
+                    "--zero, --batch-size, --seq-len, --device-memory or --grad-accum"
+                )
+            names = recipes if isinstance(recipes, list) else [recipes or "mixed-bf16"]
+            ranked = [
+                per_rank(
+                    model,
+                    r,
+                    parallel=args.per_rank,
+                    devices=args.devices,
+                    optimizer=args.optimizer,
+                    state_format=None if args.state_format == "param" else args.state_format,
+                    amsgrad=args.amsgrad,
+                    block_size=args.block_size,
+                    min_8bit_size=args.min_8bit_size,
+                )
+                for r in names
+            ]
+            if args.json:
+                print(json.dumps([r.to_dict() for r in ranked], indent=2))
+            else:
+                print("\n\n".join(r.table() for r in ranked))
+            return 0
         result = plan(
             model,
             recipes or "mixed-bf16",
@@ -1570,16 +1871,20 @@ __all__ = [
     "ADAMKIT_OPTIMIZERS",
     "COMPONENTS",
     "OPTIMIZERS",
+    "PARALLEL",
     "PRECISIONS",
     "ModelSpec",
     "OptimizerSpec",
     "Plan",
     "Recipe",
+    "RankPlan",
     "RecipePlan",
+    "STATE_COMPONENTS",
     "TensorSpec",
     "activation_bytes",
     "adamkit_state_bytes",
     "blockwise_8bit_bytes",
+    "fsdp2_rows",
     "load_model",
     "model_from_callable",
     "model_from_config",
@@ -1590,7 +1895,9 @@ __all__ = [
     "model_state_bytes",
     "parse_count",
     "parse_recipe",
+    "per_rank",
     "plan",
     "state_tensor_bytes",
     "tensor_bytes",
+    "zero_partition",
 ]
