@@ -270,3 +270,77 @@ def test_state_bytes_per_param_on_the_benchmark_model():
     n = sum(p.numel() for p in ps)
     live = sum(t.nbytes for p in ps for t in opt.state[p].values())
     assert live / n <= 2.1
+
+
+def _hard_spots() -> torch.Tensor:
+    """Gradients whose moments (Adam with betas (0, 0): m = g, v = g * g) fall on the codes' hard
+    spots, in blocks that each start with 1.0 (block scale 1, so |x| itself is the encoder's r):
+    every code's value exactly (m), one ulp either side of it, the middle of every code step,
+    r = 0, 1 and tiny r; for v, the square roots of its code values and their fp32 neighbours,
+    whose squares land on or within a few ulps of the boundaries."""
+    up, down = torch.tensor(2.0), torch.tensor(0.0)
+    cm = torch.arange(128, dtype=torch.uint8) + 128  # m codes 0..127 (stored + 128)
+    lm = _quant.decode_blocks(True, cm.view(1, -1), torch.ones(1), torch.float32).view(-1)
+    cv = torch.arange(255, dtype=torch.uint8)
+    lv = _quant.decode_blocks(False, cv.view(1, -1), torch.ones(1), torch.float32).view(-1)
+    sv = lv.double().sqrt().float()
+    mids_m = ((lm[:-1].double() + lm[1:].double()) / 2).float()
+    mids_v = ((lv[:-1].double() + lv[1:].double()) / 2).sqrt().float()
+    tiny = torch.tensor([0.0, 1e-30, 1.2e-38, 1e-10, 1e-5, float(lm[1]) / 2, 1.0])
+    spots = [lm, torch.nextafter(lm, down), torch.nextafter(lm, up), mids_m]
+    spots += [sv, torch.nextafter(sv, down), torch.nextafter(sv, up), mids_v, tiny]
+    x = torch.cat(spots).clamp(max=1.0)
+    x = x * torch.where(torch.arange(x.numel()) % 2 == 0, 1.0, -1.0)  # both signs of m
+    x = torch.nn.functional.pad(x, (0, -x.numel() % 255)).view(-1, 255)
+    return torch.cat([torch.ones(x.shape[0], 1), x], dim=1).view(-1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "foreach", "fused"])
+def test_code_choice_at_the_code_boundaries(backend):
+    """The code each value gets, against the format's definition in float64: with r = |x| / a and
+    c = floor(Q r^(1/k)), the stored code is c or c + 1 (rounding up with probability about the
+    position of r in its step); a value equal to a code's decoded value gets exactly that code
+    (nothing to round); and values in the middle of a step round up about half the time. The
+    kernels' codes equal the reference's bit for bit on these spots."""
+    g = _hard_spots()
+    codes = {}
+    for b in dict.fromkeys(["reference", backend]):
+        p = torch.zeros(g.numel(), requires_grad=True)
+        opt = adamkit.Adam([p], lr=1e-3, betas=(0.0, 0.0), state_format="8bit", min_8bit_size=0, backend=b)
+        p.grad = g.clone()
+        opt.step()
+        codes[b] = {k: opt.state[p][k].view(-1)[: g.numel()] for k in ("exp_avg", "exp_avg_sq")}
+        assert torch.equal(opt.state[p]["exp_avg_scale"], torch.ones(g.numel() // 256))
+        assert torch.equal(opt.state[p]["exp_avg_sq_scale"], torch.ones(g.numel() // 256))
+    for name, signed, k, q in (("exp_avg", True, 2, 127), ("exp_avg_sq", False, 4, 254)):
+        stored = codes[backend][name]
+        assert torch.equal(stored, codes["reference"][name])
+        r = g.double().abs() if signed else (g * g).double()  # the fp32 moment, exactly
+        o = (stored.long() - 128).abs() if signed else stored.long()
+        if signed:  # the sign is kept (code 0 is stored as 128)
+            assert torch.equal(stored.long() > 128, (g > 0) & (o > 0))
+            assert torch.equal(stored.long() < 128, (g < 0) & (o > 0))
+        root = r ** (1.0 / k)
+        c_lo = torch.floor(q * root * (1 - 1e-12)).long()
+        c_hi = torch.floor(q * root * (1 + 1e-12)).long()
+        assert ((o >= c_lo) & (o <= c_hi + 1)).all(), name
+        # a code's own value: exactly that code
+        levels = (
+            _quant.decode_blocks(
+                signed,
+                (torch.arange(q + 1) + (128 if signed else 0)).to(torch.uint8).view(1, -1),
+                torch.ones(1),
+                torch.float64,
+            )
+            .view(-1)
+            .abs()
+        )
+        on = torch.isin(r, levels)
+        assert on.sum() >= q, name  # every code is hit (m directly, v through squares landing on it)
+        assert torch.equal(levels[o[on]], r[on]), name
+        # the middle of a step: rounds up with probability about the position in the step
+        c = c_lo.clamp(max=q - 1)
+        t = (r - (c.double() / q) ** k) / (((c + 1).double() / q) ** k - (c.double() / q) ** k)
+        mid = (t > 0.3) & (t < 0.7)
+        assert mid.sum() >= 100, name
+        assert abs((o[mid] > c[mid]).double().mean() - t[mid].mean()) < 0.1, name
