@@ -344,3 +344,42 @@ def test_code_choice_at_the_code_boundaries(backend):
         mid = (t > 0.3) & (t < 0.7)
         assert mid.sum() >= 100, name
         assert abs((o[mid] > c[mid]).double().mean() - t[mid].mean()) < 0.1, name
+
+
+@pytest.fixture
+def subnormals_kept():
+    """torch's default: subnormal floats are computed, not flushed (the suite flushes them)."""
+    torch.set_flush_denormal(False)
+    yield
+    torch.set_flush_denormal(True)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_a_subnormal_block_is_stored_as_zeros_not_nan(signed, subnormals_kept):
+    x = torch.zeros(2 * 256)
+    x[0], x[1] = 1e-39, 5e-40  # the first block's largest magnitude is subnormal
+    x[256], x[300] = 3.0, 1e-39  # a normal block keeps its subnormal element's order of magnitude
+    if signed:
+        x[1] = -x[1]
+    codes, scales = _quant.encode(signed, x)
+    y = _quant.decode(signed, codes, scales, x.shape, torch.float32)
+    assert scales[0] == 0 and torch.equal(y[:256], torch.zeros(256))  # was nan for m's zeros
+    assert y[256] == 3.0 and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_long_idle_row_with_decaying_momentum_stays_finite(backend, subnormals_kept):
+    """m of a row whose gradients stopped decays by beta1 per step into subnormals; with 8-bit
+    state its block must decode to zeros, never nan (a nan m makes the parameter nan)."""
+    p = torch.nn.Parameter(torch.zeros(4, 1024))
+    opt = adamkit.AdamW([p], lr=1e-3, state_format="8bit", backend=backend)
+    p.grad = torch.zeros_like(p)
+    p.grad[0, :3] = torch.tensor([1e-37, -4e-38, 2e-38])  # m = 0.1 g: subnormal from the first step
+    opt.step()
+    for _ in range(3):
+        p.grad.zero_()
+        opt.step()
+    st = opt.state[p]
+    m = _quant.decode(True, st["exp_avg"], st["exp_avg_scale"], p.shape, torch.float32)
+    assert torch.isfinite(p).all() and torch.isfinite(m).all()
+    assert torch.equal(m, torch.zeros_like(m))

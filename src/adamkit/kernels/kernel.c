@@ -240,7 +240,9 @@ encode8(const float *restrict x, uint8_t *restrict c, float *scale, uint32_t ind
         const uint32_t m = fabsf(x[i]) <= FLT_MAX ? f2u(fabsf(x[i])) : 0u;
         amax = amax > m ? amax : m;
     }
-    const float a = u2f(amax);
+    /* a subnormal largest magnitude (below 2^-126) makes the block zeros, as the reference does:
+     * 1/a would overflow and turn the block's zeros into nan where subnormals are not flushed */
+    const float a = amax < 0x00800000u ? 0.0f : u2f(amax);
     *scale = a;
     const float inv = a > 0.0f ? 1.0f / a : 0.0f;
     uint32_t h = weyl(index0, seed);

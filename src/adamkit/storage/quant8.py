@@ -50,6 +50,7 @@ BLOCK = 256
 # and divisions per vector in the compiled loop; ints are folded as constants.
 _QM, _QV = 127, 254
 _NAN_M, _NAN_V = 0, 255
+_TINY = 2.0**-126  # the smallest normal fp32
 
 
 def padded(n: int) -> int:
@@ -110,6 +111,10 @@ def encode_blocks(signed: bool, xb: torch.Tensor, index: torch.Tensor, seed):
     finite = torch.isfinite(xb)
     mag = torch.where(finite, xb.abs(), 0.0)
     a = mag.amax(dim=1, keepdim=True)
+    # A block whose largest magnitude is subnormal (< 2^-126: a long-idle row's decaying m) is
+    # stored as zeros: 1/a would overflow to inf, turning its zeros into nan (0 * inf) where
+    # subnormals are not flushed, torch's default. What is dropped is below 1.2e-38.
+    a = torch.where(a < _TINY, 0.0, a)
     u = hash_bits(index, seed).to(torch.float32) * (1.0 / 65536.0)
     inv_a = torch.where(a > 0, 1.0 / a, 0.0)  # one division per block, not per element
     r = mag * inv_a  # in [0, 1]
