@@ -518,3 +518,221 @@ def test_sophia_compiled_kernel_equals_reference_and_lr_never_recompiles(dtype, 
                     p.grad = g.clone()
                 opt.step(bs=3 + t)
             assert_same(run, ref, f"step {t + 2}")
+
+
+# ------------------------------------------------------------------------------------------------
+# (c) Every row against its float64 oracle, gradient release, lr changes under torch.compile
+# ------------------------------------------------------------------------------------------------
+
+
+class Equations(torch.optim.Optimizer):
+    """A float64 oracle written from a paper's equations, one tensor at a time (no adamkit code):
+    ``update(p, g, state, group, t)`` changes ``p`` and ``state`` in place."""
+
+    def __init__(self, params, update, **hp):
+        super().__init__(params, hp)
+        self.update = update
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                st["step"] = st.get("step", 0) + 1
+                self.update(p, p.grad, st, group, st["step"])
+
+
+def lamb_equations(p, g, st, h, t):
+    """You et al. 2019: r = m_hat / (sqrt(v_hat) + eps) + wd p; p -= lr * ||p|| / ||r|| * r."""
+    (b1, b2), lr = h["betas"], h["lr"]
+    m = st.setdefault("exp_avg", torch.zeros_like(p)).mul_(b1).add_(g, alpha=1 - b1)
+    v = st.setdefault("exp_avg_sq", torch.zeros_like(p)).mul_(b2).addcmul_(g, g, value=1 - b2)
+    r = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + h["eps"]) + h["weight_decay"] * p
+    pn, rn = p.norm(), r.norm()
+    p.sub_(r * (lr * (pn / rn if pn > 0 and rn > 0 else 1.0)))
+
+
+def adam_mini_equations(p, g, st, h, t):
+    """Zhang et al. 2024: v per block (a row of a matrix, a whole vector): the mean of g^2 there."""
+    (b1, b2), lr = h["betas"], h["lr"]
+    rows = g.reshape(g.shape[0], -1) if g.dim() >= 2 else g.reshape(1, -1)
+    m = st.setdefault("exp_avg", torch.zeros_like(p)).mul_(b1).add_(g, alpha=1 - b1)
+    v = st.setdefault("exp_avg_sq", torch.zeros(rows.shape[0], dtype=p.dtype))
+    v.mul_(b2).add_(rows.square().mean(dim=1), alpha=1 - b2)
+    denom = (v / (1 - b2**t)).sqrt() + h["eps"]
+    p.mul_(1 - lr * h["weight_decay"])
+    p.sub_(((m / (1 - b1**t)).reshape(rows.shape) / denom[:, None]).reshape(p.shape), alpha=lr)
+
+
+def adafactor_m_equations(p, g, st, h, t):
+    """torch.optim.Adafactor's update (Shazeer & Stern 2018) fed to a first moment (beta1), as
+    transformers' Adafactor: m = beta1 m + (1 - beta1) u, p -= alpha m."""
+    lr, b1, eps1, eps2 = h["lr"], h["beta1"], torch.finfo(p.dtype).eps, 1e-3
+    b2 = 1 - t**-0.8
+    alpha = max(eps2, (p.square().mean().sqrt().item())) * min(lr, t**-0.5)
+    if p.dim() >= 2:
+        r = st.setdefault("row", torch.zeros(p.shape[:-1] + (1,), dtype=p.dtype))
+        c = st.setdefault("col", torch.zeros(p.shape[:-2] + (1,) + p.shape[-1:], dtype=p.dtype))
+        r.mul_(b2).add_(g.square().mean(dim=-1, keepdim=True), alpha=1 - b2)
+        c.mul_(b2).add_(g.square().mean(dim=-2, keepdim=True), alpha=1 - b2)
+        v = r * c / r.mean(dim=-2, keepdim=True).clamp(min=eps1)
+    else:
+        v = st.setdefault("variance", torch.zeros_like(p)).mul_(b2).add_(g.square(), alpha=1 - b2)
+    u = g / v.clamp(min=eps1 * eps1).sqrt()
+    u = u / max(1.0, u.square().mean().sqrt().item())
+    m = st.setdefault("exp_avg", torch.zeros_like(p)).mul_(b1).add_(u, alpha=1 - b1)
+    p.sub_(m, alpha=alpha)
+
+
+def _package(module: str, cls: str):
+    def build(ps, kw):
+        return getattr(pytest.importorskip(module), cls)(ps, **kw)
+
+    return build
+
+
+# row id -> (builds the float64 oracle over params from the row's options, the state keys compared)
+ORACLES = {
+    "adam": (_package("torch.optim", "Adam"), ("exp_avg", "exp_avg_sq")),
+    "adamw": (_package("torch.optim", "AdamW"), ("exp_avg", "exp_avg_sq")),
+    "lion": (_package("lion_pytorch", "Lion"), ("exp_avg",)),
+    "adafactor": (_package("torch.optim", "Adafactor"), ("row_var", "col_var", "variance")),
+    "adafactor-m": (lambda ps, kw: Equations(ps, adafactor_m_equations, **kw), ()),
+    "came": (_package("came_pytorch", "CAME"), ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col")),
+    "adam-mini": (
+        lambda ps, kw: Equations(ps, adam_mini_equations, betas=(0.9, 0.999), eps=1e-8, **kw),
+        ("exp_avg",),
+    ),
+    "lamb": (lambda ps, kw: Equations(ps, lamb_equations, betas=(0.9, 0.999), eps=1e-6, **kw), ()),
+    "sophia": (_package("sophia_opt", "SophiaG"), ("exp_avg", "hessian")),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "foreach"])
+@pytest.mark.parametrize("name,cls,kw,plan_name,between", ROWS)
+def test_float64_oracle(name, cls, kw, plan_name, between, backend):
+    """Every row, in float64 with an lr schedule, within 1e-9 relative of its reference package or
+    of its paper's equations (parameters and the state both keep)."""
+    oracle, keys = ORACLES[name]
+    v = values(20, shapes=GSHAPES)
+    ours = cls([x.clone().requires_grad_() for x in v], backend=backend, **kw)
+    theirs = oracle([x.clone().requires_grad_() for x in v], kw)
+    lockstep(ours, theirs, 5, 21, keys, between=between)
+
+
+def release_drive(ps, opt, between, steps, seed):
+    """As ``drive``, through backward: sum(p * g) gives each parameter the gradient g."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        gs = grads_for(ps, gen)
+        sum((p * g).sum() for p, g in zip(ps, gs)).backward()
+        assert all(p.grad is None for p in ps)  # stepped and freed inside backward
+        opt.step()  # callable: nothing left to step
+        if between is not None:
+            between(opt)
+
+
+RELEASE_FORMATS = [pytest.param(torch.float64, {}, id="fp64"), *FORMATS]
+
+
+@pytest.mark.parametrize("dtype,fmt", RELEASE_FORMATS)
+@pytest.mark.parametrize("name,cls,kw,plan_name,between", ROWS)
+def test_gradient_release_equals_ordinary_step(name, cls, kw, plan_name, between, dtype, fmt):
+    """With gradient_release=True each parameter is stepped in its hook during backward: the same
+    bits as step() after backward, for every format, on the default backend (the native kernel's
+    one-row path for Adam/AdamW/Lion; foreach for float64, which auto would compile). Sophia-G
+    refuses it: its sampled-label backward must not step."""
+    backend = "foreach" if dtype == torch.float64 else "auto"
+    if cls is adamkit.SophiaG:
+        with pytest.raises(ValueError, match="update_hessian"):
+            make(cls, {**kw, "gradient_release": True}, dtype, fmt, backend=backend)
+        return
+    ordinary = make(cls, kw, dtype, fmt, backend=backend)
+    released = make(cls, {**kw, "gradient_release": True}, dtype, fmt, backend=backend)
+    drive(*ordinary, between, 3, 22)
+    release_drive(*released, between, 3, 22)
+    assert_same(released, ordinary, "released")
+
+
+@pytest.mark.parametrize("name,cls,kw,plan_name,between", ROWS)
+def test_max_grad_norm_and_skip_nonfinite_steps(name, cls, kw, plan_name, between):
+    """max_grad_norm equals torch's clip_grad_norm_ before the step (the coefficient folded into
+    the kernel, the gradients left as they are); skip_nonfinite_steps leaves everything unchanged
+    on a step with a nan gradient, and steps the next one."""
+    clipped = make(cls, {**kw, "max_grad_norm": 2.0}, torch.float32, {}, backend="reference")
+    by_hand = make(cls, kw, torch.float32, {}, backend="reference")
+    gen = torch.Generator().manual_seed(24)
+    for _ in range(2):
+        gs = grads_for(clipped[0], gen)
+        for ps, _opt in (clipped, by_hand):
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+        norm = torch.nn.utils.clip_grad_norm_(by_hand[0], 2.0)
+        assert norm > 2.0 and not torch.equal(by_hand[0][0].grad, gs[0])  # clipping is active
+        clipped[1].step()
+        by_hand[1].step()
+        assert torch.equal(clipped[0][0].grad, gs[0])  # the user's gradients are not rewritten
+        assert clipped[1].last_grad_norm == pytest.approx(float(norm), rel=1e-6)
+        if between is not None:  # update_hessian() reads p.grad: the same (unclipped) for both
+            hs = grads_for(clipped[0], gen)
+            for ps, opt in (clipped, by_hand):
+                for p, h in zip(ps, hs):
+                    p.grad = h.clone()
+                between(opt)
+    for p, q in zip(clipped[0], by_hand[0]):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+
+    ps, opt = make(cls, {**kw, "skip_nonfinite_steps": True}, torch.float32, {})
+    drive(ps, opt, between, 1, 25)
+    before = roundtrip((ps, opt.state_dict()))
+    for p, g in zip(ps, grads_for(ps, gen)):
+        p.grad = g
+    ps[1].grad[0, 1, 2] = float("nan")
+    opt.step()
+    assert opt.skipped_steps == 1
+    after = opt.state_dict()["state"]
+    for i, p in enumerate(ps):
+        assert torch.equal(p.detach(), before[0][i].detach())
+        for k, t in before[1]["state"][i].items():
+            assert torch.equal(after[i][k], t), k
+    ps[1].grad[0, 1, 2] = 0.0
+    opt.step()
+    assert opt.skipped_steps == 1 and float(opt.state[ps[0]]["step"]) == 2
+
+
+@pytest.mark.parametrize("lr_type", [float, torch.tensor])
+@pytest.mark.parametrize("name,cls,kw,plan_name,between", ROWS)
+def test_lr_schedule_never_recompiles_a_compiled_train_step(name, cls, kw, plan_name, between, lr_type):
+    """A train step under torch.compile whose lr changes every step (a float or a 0-D tensor, as
+    schedulers write them) compiles once: the optimizer's step runs outside the graph, on kernels
+    that take lr as a runtime scalar. Same bits as the eager run."""
+    backend = "foreach" if cls is adamkit.SophiaG else "auto"  # Sophia's compiled kernel: below
+    eager = make(cls, kw, torch.float32, {}, backend=backend)
+    compiled = make(cls, kw, torch.float32, {}, backend=backend)
+
+    def train_step(ps, opt, gs):
+        loss = sum((p * g).sum() for p, g in zip(ps, gs))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    step_fn = torch.compile(train_step, backend="eager")
+    gen = torch.Generator().manual_seed(26)
+    for t in range(4):
+        gs = [g.float() for g in grads_for(eager[0], gen)]
+        for _ps, opt in (eager, compiled):
+            opt.param_groups[0]["lr"] = lr_type(kw["lr"] / (t + 1))
+        train_step(*eager, gs)
+        if t == 0:
+            step_fn(*compiled, gs)  # compiles
+        else:
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                step_fn(*compiled, gs)
+        if between is not None:
+            for ps, opt in (eager, compiled):
+                for p, g in zip(ps, gs):
+                    p.grad = g.clone()
+                between(opt)
+                opt.zero_grad()
+        assert_same(compiled, eager, f"step {t + 1}")
