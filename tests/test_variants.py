@@ -43,7 +43,8 @@ def lockstep(ours, theirs, steps, seed, keys, between=None, step_kw=None):
     b_ps = [p for g in theirs.param_groups for p in g["params"]]
     for t in range(steps):
         for opt in (ours, theirs):
-            opt.param_groups[0]["lr"] = opt.param_groups[0]["lr"] * 0.9  # a schedule: lr read every step
+            for group in opt.param_groups:  # a schedule: lr read every step
+                group["lr"] = group["lr"] * 0.9
         for p, q, g in zip(a_ps, b_ps, grads_for(a_ps, gen)):
             p.grad, q.grad = g.clone(), g.clone()
         ours.step(**(step_kw or {}))
@@ -227,6 +228,49 @@ def test_adam_mini_matches_its_equations_float64(backend):
             )
 
 
+@pytest.mark.parametrize("backend", ["reference", "foreach", "auto"])
+@pytest.mark.parametrize("kw", [{}, {"nesterov": False, "adjust_lr_fn": "match_rms_adamw", "momentum": 0.9}])
+def test_muon_matches_torch_float64(kw, backend):
+    """Tall and wide matrices against torch.optim.Muon (its bf16 Newton-Schulz included); the
+    constructor's split sends the 3-D tensor and the vector to AdamW (torch.optim.AdamW)."""
+    v = values(30, shapes=[(12, 5), (4, 9), (2, 3, 4), (6,)])
+    ours = adamkit.Muon(
+        [x.clone().requires_grad_() for x in v],
+        lr=0.02,
+        weight_decay=0.1,
+        adamw_lr=0.003,
+        backend=backend,
+        **kw,
+    )
+    assert [(g["use_muon"], len(g["params"])) for g in ours.param_groups] == [(True, 2), (False, 2)]
+    theirs = [x.clone().requires_grad_() for x in v]
+    muon = torch.optim.Muon(theirs[:2], lr=0.02, weight_decay=0.1, **kw)
+    adamw = torch.optim.AdamW(theirs[2:], lr=0.003, betas=(0.9, 0.95), weight_decay=0.1)
+    lockstep(ours, Both(muon, adamw), 5, 31, ("momentum_buffer", "exp_avg", "exp_avg_sq"))
+
+
+def test_muon_refusals_change_nothing():
+    m, vec = torch.zeros(4, 3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="2-D parameters only"):
+        adamkit.Muon([{"params": [m, vec], "use_muon": True}])
+    with pytest.raises(ValueError, match="ns_steps"):
+        adamkit.Muon([m], ns_steps=0)
+    with pytest.raises(ValueError, match="adjust_lr_fn"):
+        adamkit.Muon([m], adjust_lr_fn="other")
+    opt = adamkit.Muon([m, vec], lr=0.02)
+    with pytest.raises(ValueError, match="2-D parameters only"):
+        opt.add_param_group({"params": [torch.zeros(2, 2, 2, requires_grad=True)]})  # use_muon: True
+    assert len(opt.param_groups) == 2
+    m.grad, vec.grad = torch.ones(4, 3), torch.ones(3)
+    opt.step()
+    before = roundtrip((m.detach().clone(), opt.state_dict()))
+    opt.param_groups[1]["use_muon"] = True
+    with pytest.raises(ValueError, match="use_muon cannot change"):
+        opt.step()
+    opt.param_groups[1]["use_muon"] = False
+    assert torch.equal(m.detach(), before[0]) and float(opt.state[m]["step"]) == 1
+
+
 # ------------------------------------------------------------------------------------------------
 # (b) One table of optimizers, generic tests
 # ------------------------------------------------------------------------------------------------
@@ -244,6 +288,8 @@ TABLE = [
     ("adam-mini", adamkit.AdamMini, {"lr": 0.01, "weight_decay": 0.1}, "adam-mini", None),
     ("lamb", adamkit.Lamb, {"lr": 0.01, "weight_decay": 0.1}, "lamb", None),
     ("sophia", adamkit.SophiaG, {"lr": 0.01, "rho": 0.05}, "sophia", HESSIAN),
+    # GSHAPES' matrix takes Muon, the others the AdamW fallback (a group of their own)
+    ("muon", adamkit.Muon, {"lr": 0.02, "weight_decay": 0.1, "adamw_lr": 3e-3}, "muon", None),
 ]
 ROWS = [pytest.param(*row, id=row[0]) for row in TABLE]
 # (id, parameter dtype, options): storage formats and precision options
@@ -403,12 +449,15 @@ def test_lr_change_takes_effect_and_lr_zero_freezes(name, cls, kw, plan_name, be
     are; a run whose lr changes equals a run resumed from its state with that lr."""
     ps, opt = make(cls, kw, torch.float32, {})
     drive(ps, opt, between, 2, 6)
-    opt.param_groups[0]["lr"] = torch.tensor(0.0)
+    lrs = [group["lr"] for group in opt.param_groups]
+    for group in opt.param_groups:
+        group["lr"] = torch.tensor(0.0)
     frozen = [p.detach().clone() for p in ps]
     drive(ps, opt, None, 1, 7)
     for p, f in zip(ps, frozen):
         assert torch.equal(p.detach(), f)
-    opt.param_groups[0]["lr"] = kw["lr"] / 3
+    for group, lr in zip(opt.param_groups, lrs):
+        group["lr"] = lr / 3
     other = make(cls, {**kw, "lr": kw["lr"] / 3}, torch.float32, {})
     with torch.no_grad():
         for p, q in zip(ps, other[0]):
@@ -591,6 +640,31 @@ def _package(module: str, cls: str):
     return build
 
 
+class Both:
+    """Two reference optimizers as one (torch.optim.Muon for matrices, AdamW for the rest)."""
+
+    def __init__(self, *opts):
+        self.opts = opts
+        self.param_groups = [g for o in opts for g in o.param_groups]
+
+    @property
+    def state(self):
+        return {p: st for o in self.opts for p, st in o.state.items()}
+
+    def step(self):
+        for o in self.opts:
+            o.step()
+
+
+def muon_and_adamw(ps, kw):
+    """torch.optim.Muon on the 2-D parameters, torch.optim.AdamW (adamw_lr, betas (0.9, 0.95)) on
+    the others: the recipe adamkit.Muon implements."""
+    muon = torch.optim.Muon([p for p in ps if p.dim() == 2], lr=kw["lr"], weight_decay=kw["weight_decay"])
+    rest = [p for p in ps if p.dim() != 2]
+    adamw = torch.optim.AdamW(rest, lr=kw["adamw_lr"], betas=(0.9, 0.95), weight_decay=kw["weight_decay"])
+    return Both(muon, adamw)
+
+
 # row id -> (builds the float64 oracle over params from the row's options, the state keys compared)
 ORACLES = {
     "adam": (_package("torch.optim", "Adam"), ("exp_avg", "exp_avg_sq")),
@@ -605,6 +679,7 @@ ORACLES = {
     ),
     "lamb": (lambda ps, kw: Equations(ps, lamb_equations, betas=(0.9, 0.999), eps=1e-6, **kw), ()),
     "sophia": (_package("sophia_opt", "SophiaG"), ("exp_avg", "hessian")),
+    "muon": (muon_and_adamw, ("momentum_buffer", "exp_avg", "exp_avg_sq")),
 }
 
 

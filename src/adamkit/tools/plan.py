@@ -930,9 +930,11 @@ ADAMKIT_SLOT_OPTIMIZERS = {
     "adam-mini": ("AdamMini", ()),
     "lamb": ("Lamb", ()),
     "sophia": ("SophiaG", ()),
+    # the constructor's split: 2-D parameters take Muon (momentum), the others AdamW (m, v)
+    "muon": ("Muon", lambda shape: ("use_muon",) if len(shape) == 2 else ("use_adamw",)),
 }
 # slot name -> component
-_SLOT_COMPONENT = {"exp_avg": "m", "max_exp_avg_sq": "max_v", "hessian": "hessian"}
+_SLOT_COMPONENT = {"exp_avg": "m", "max_exp_avg_sq": "max_v", "hessian": "hessian", "momentum_buffer": "m"}
 
 
 def _slot_state_bytes(shapes, optimizer, state_format, param_dtype, kahan, master, block, min_8bit):
@@ -951,9 +953,10 @@ def _slot_state_bytes(shapes, optimizer, state_format, param_dtype, kahan, maste
         n = math.prod(shape)
         out["step"] += 4  # a 0-D fp32 tensor per parameter
         eight = fmt == "8bit" and n >= min_8bit
+        on = options(shape) if callable(options) else options  # options by shape (Muon's split)
         for slot in alg.slots:
             k = slot.shape_for(shape)
-            if k is None or (slot.option is not None and slot.option not in options):
+            if k is None or (slot.option is not None and slot.option not in on):
                 continue
             k = math.prod(k)
             comp = _SLOT_COMPONENT.get(slot.name, "confidence" if "_res" in slot.name else "v")
