@@ -267,13 +267,14 @@ class Muon(Optimizer):
         **engine: Any,
     ):
         engine = engine_kwargs("Muon", engine)
+        coeffs = tuple(ns_coefficients) if isinstance(ns_coefficients, list) else ns_coefficients
         if adamw_lr is not None:
             check_nonneg("adamw_lr", adamw_lr)
         super().__init__(
             _split(params, adamw_lr),
             dict(
                 lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                ns_coefficients=tuple(ns_coefficients),
+                ns_coefficients=coeffs,
                 eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, adamw_betas=adamw_betas,
                 adamw_eps=adamw_eps, use_muon=True, **engine,
             ),
