@@ -535,7 +535,7 @@ def test_quick_race_rows_run():
     """Each variant's race row trains (a few steps of the quick GPT) at its stated lr."""
     from adamkit.tools import race
 
-    names = ["adafactor", "came", "adam-mini", "lamb"]
+    names = ["adafactor", "came", "adam-mini", "lamb", "muon"]
     result = race.race(
         "gpt", names, quick=True, steps=6, evals=1, untimed_steps=0, progress=False, log=lambda *a: None
     )
@@ -543,6 +543,19 @@ def test_quick_race_rows_run():
     for name in names:
         run = result.runs[name]
         assert math.isfinite(run.val_loss) and run.val_loss < run.initial_val_loss, name
+
+
+def test_muon_recipe_groups():
+    """The muon recipe: Muon on the hidden matrices only; embeddings, the head and vectors AdamW."""
+    from adamkit.tools import tasks
+
+    model = tasks.GPT(tasks.GPTConfig(context=8, d_model=16, n_layers=1, n_heads=2, tie_weights=False))
+    opt = tasks.build_optimizer(model, "muon")
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = sorted(names[id(p)] for g in opt.param_groups if g["use_muon"] for p in g["params"])
+    assert muon == sorted(n for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("blocks."))
+    lrs = {g["lr"] for g in opt.param_groups if not g["use_muon"]}
+    assert lrs == {tasks.MUON_ADAMW_LR} and opt.param_groups[0]["lr"] == tasks.OPTIMIZERS["muon"].lr
 
 
 @pytest.mark.compiled_kernel
