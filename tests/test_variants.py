@@ -824,3 +824,20 @@ def test_lr_schedule_never_recompiles_a_compiled_train_step(name, cls, kw, plan_
                 between(opt)
                 opt.zero_grad()
         assert_same(compiled, eager, f"step {t + 1}")
+
+
+def test_train_adam_mini_with_fused_clipping_and_release():
+    """`adamkit train --optimizer adam-mini --grads fused|release` trains: fused clipping is
+    the same run as torch's clip_grad_norm_ (the coefficient folded into the step); release steps
+    inside backward (clipped by the previous step's norm) and still learns."""
+    from adamkit.tools.train import TrainConfig, train
+
+    tiny = adamkit.tools.tasks.GPTConfig(context=16, d_model=16, n_layers=1, n_heads=2)
+    runs = {
+        grads: train(TrainConfig(steps=12, model=tiny, batch_size=8, evals=1, progress=False,
+                                 optimizer="adam-mini", grads=grads))
+        for grads in ("clip_grad_norm", "fused", "release")
+    }  # fmt: skip
+    assert runs["fused"].val_loss == pytest.approx(runs["clip_grad_norm"].val_loss, rel=1e-5)
+    for result in runs.values():
+        assert math.isfinite(result.val_loss) and result.val_loss < result.initial_val_loss
