@@ -35,8 +35,9 @@ are usually trained with AdamW: put them in a group with ``use_muon=False``.
 
 State: Muon groups ``momentum_buffer`` B (4 B/param fp32); AdamW groups ``exp_avg`` m and
 ``exp_avg_sq`` v (8 B/param); ``step`` a 0-D tensor. Orthogonalization is a matrix operation: Muon
-runs one tensor at a time (reference loop) on every backend, and refuses sharded DTensor parameters
-(a shard's orthogonalization is not the matrix's).
+runs one tensor at a time (reference loop) on every backend, and refuses sharded DTensor parameters,
+as every optimizer whose update reduces over a tensor (a shard's orthogonalization is not the
+matrix's).
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..kernels import native
 from .algorithm import Algorithm, Flags, Slot
 from .base import (
     Optimizer,
@@ -120,11 +120,6 @@ def check(group: dict) -> dict:
                 f"a use_muon=True group holds a parameter of shape {tuple(p.shape)}: Muon "
                 "orthogonalizes matrices, so it takes 2-D parameters only; put the others in a "
                 "group with use_muon=False (AdamW)"
-            )
-        if native.is_sharded(p):
-            raise ValueError(
-                "adamkit.Muon does not support sharded DTensor parameters (FSDP2/TP): each rank "
-                "would orthogonalize its shard, not the matrix; use use_muon=False for them"
             )
     refuse_skip_nonfinite(group, "Muon")
     return dict(
