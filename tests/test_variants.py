@@ -841,3 +841,24 @@ def test_train_adam_mini_with_fused_clipping_and_release():
     assert runs["fused"].val_loss == pytest.approx(runs["clip_grad_norm"].val_loss, rel=1e-5)
     for result in runs.values():
         assert math.isfinite(result.val_loss) and result.val_loss < result.initial_val_loss
+
+
+@pytest.mark.parametrize("state", ["fp32", "bf16", "8bit"])
+def test_plan_muon_recipe_equals_live_state(state):
+    """`adamkit plan` recipe `fp32-<state>-muon` counts adamkit.Muon's live state to the byte:
+    momentum on matrices, AdamW's m and v on the rest (the constructor's split)."""
+    from adamkit.tools.plan import ModelSpec, TensorSpec, model_state_bytes, parse_recipe
+
+    shapes = [(64, 80), (8000, 2), (100,), (3, 16, 8)]
+    ps = [torch.randn(s, requires_grad=True) for s in shapes]
+    opt = adamkit.Muon(ps, state_format=state, backend="foreach")
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    live = sum(t.nbytes for p in ps for t in opt.state[p].values())
+    model = ModelSpec("m", tuple(TensorSpec(f"p{i}", s) for i, s in enumerate(shapes)))
+    recipe = parse_recipe(
+        {"fp32": "fp32-muon", "bf16": "fp32-bf16state-muon", "8bit": "fp32-8bit-muon"}[state]
+    )
+    planned = model_state_bytes(model, recipe)
+    assert sum(v for k, v in planned.items() if k not in ("params", "grads")) == live

@@ -839,6 +839,8 @@ class OptimizerSpec:
         elif self.name == "adam-mini":
             k, full = adam_mini_v_numel(t, model)
             out.append(("v", k, full))
+        elif self.name == "muon" and len(t.shape) != 2:  # the AdamW fallback: m and v
+            out.append(("v", n, True))
         return out
 
 
@@ -862,6 +864,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "sophia", "Sophia", 4, ("m", "hessian"), reference="SophiaG reference: exp_avg, hessian"
         ),
         OptimizerSpec("lamb", "LAMB", 0, ("m", "v"), reference="torch-optimizer Lamb: exp_avg, exp_avg_sq"),
+        # adamkit.Muon's split by shape: momentum for matrices, AdamW's m and v for the rest
+        # (embeddings and heads given to AdamW add a v each: 4 B/param in fp32)
+        OptimizerSpec("muon", "Muon", 4, ("m",), True, "adamkit.Muon: momentum_buffer; m, v off matrices"),
     )
 }
 
