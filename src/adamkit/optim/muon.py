@@ -25,7 +25,7 @@ Each parameter group is one or the other (``use_muon``):
 
 (:math:`B` is torch's ``lerp`` form of the momentum, as ``torch.optim.Muon`` computes it.) The
 Newton-Schulz iteration runs in bf16, as in torch and the authors' code: it is an approximate
-orthogonalization by design (singular values land in about [0.7, 1.2]), so fp32 or fp64 parameters
+orthogonalization by design (singular values land in about (0.5, 1.5)), so fp32 or fp64 parameters
 get the same bf16 directions torch's do.
 
 Which parameters take which rule: a group given with ``use_muon`` keeps it (``True`` requires 2-D
