@@ -369,7 +369,7 @@ class OptimizerSpec:
     groups: Callable[[nn.Module, float], list[dict[str, Any]]] | None = None
 
 
-# AdamW's lr and betas for the parameters Muon leaves to its AdamW fallback (Keller Jordan's recipe
+# The lr of the parameters Muon leaves to its AdamW fallback (Keller Jordan's recipe
 # gives embeddings, the output head and vectors to AdamW).
 MUON_ADAMW_LR = 3e-3
 
