@@ -6,6 +6,7 @@ from .adam_mini import AdamMini
 from .came import CAME
 from .lamb import Lamb
 from .lion import Lion
+from .muon import Muon
 from .sophia import SophiaG
 
-__all__ = ["Adafactor", "Adam", "AdamMini", "AdamW", "CAME", "Lamb", "Lion", "SophiaG"]
+__all__ = ["Adafactor", "Adam", "AdamMini", "AdamW", "CAME", "Lamb", "Lion", "Muon", "SophiaG"]

@@ -177,7 +177,9 @@ class Adafactor(Optimizer):
         beta1: optional first moment of the clipped update (+4 B/param; transformers' Adafactor
             keeps it). Default None.
         maximize, kahan_sum, stochastic_rounding, master_weights, state_format, min_8bit_size,
-        backend, foreach, fused: as for :class:`adamkit.AdamW` (every backend runs it per tensor).
+        backend, foreach, fused, max_grad_norm, skip_nonfinite_steps, gradient_release: as for
+        :class:`adamkit.AdamW` (every backend runs it per tensor; with gradient release each
+        tensor is stepped in its own hook, which suits its per-tensor statistics).
         ``skip_nonfinite`` is not supported (its statistics mix elements).
 
     Example:
@@ -198,6 +200,9 @@ class Adafactor(Optimizer):
         beta1: float | None = None,
         foreach: bool | None = None,
         maximize: bool = False,
+        gradient_release: bool = False,
+        max_grad_norm: float | None = None,
+        skip_nonfinite_steps: bool = False,
         **engine: Any,
     ):
         super().__init__(
@@ -213,6 +218,9 @@ class Adafactor(Optimizer):
                 maximize=maximize,
                 **engine_kwargs("Adafactor", engine),
             ),
+            gradient_release=gradient_release,
+            max_grad_norm=max_grad_norm,
+            skip_nonfinite_steps=skip_nonfinite_steps,
         )
 
     def _required_group_keys(self) -> tuple[str, ...]:

@@ -582,6 +582,7 @@ class Optimizer(torch.optim.Optimizer):
         hp = self.algorithm.check(group)
         check_engine_options(group)
         self._check_sharded_8bit(group)
+        self._check_sharded_reductions(group)
         if getattr(self, "accumulation_steps", 1) > 1:
             if group["skip_nonfinite"]:
                 raise ValueError(
@@ -592,6 +593,25 @@ class Optimizer(torch.optim.Optimizer):
             self.algorithm.accumulation.check(hp)
         self._checked[index] = (key, hp)
         return hp
+
+    def _check_sharded_reductions(self, group: dict) -> None:
+        """An algorithm that is not elementwise reduces over a tensor (LAMB's norms, Adam-mini's and
+        Adafactor's means, Muon's orthogonalization); the kernels see a sharded DTensor's local
+        shard only, so its reductions would cover one rank's part of the tensor and its results
+        would change with the world size. Refused, like sharded 8-bit state, when the group is
+        (re)validated: before anything changes, alike on every rank."""
+        if self.algorithm.elementwise:
+            return
+        for p in group["params"]:
+            if native.is_sharded(p):
+                raise ValueError(
+                    f"adamkit.{self.algorithm.name} does not support sharded DTensor parameters "
+                    f"(FSDP2 fully_shard, tensor parallel; a parameter of shape {tuple(p.shape)} placed "
+                    f"{tuple(p.placements)}): its update reduces over the whole tensor (norms, means, "
+                    "orthogonalization), which each rank's shard does not hold, so the result would "
+                    "change with the world size. Use an elementwise optimizer (AdamW, Lion, SophiaG) "
+                    "on sharded parameters, or keep these parameters unsharded (replicated)"
+                )
 
     def _check_sharded_8bit(self, group: dict) -> None:
         """8-bit state of a DTensor parameter is kept in rows (``quant8``: blocks inside rows, the

@@ -97,7 +97,9 @@ class Lamb(Optimizer):
         weight_decay: :math:`\lambda`, added to the direction :math:`r_t` (so it is scaled by the
             trust ratio too). Default 0.
         maximize, kahan_sum, stochastic_rounding, master_weights, state_format, min_8bit_size,
-        backend, foreach, fused: as for :class:`adamkit.AdamW` (every backend runs it per tensor).
+        backend, foreach, fused, max_grad_norm, skip_nonfinite_steps, gradient_release: as for
+        :class:`adamkit.AdamW` (every backend runs it per tensor; with gradient release each
+        tensor is stepped in its own hook, which suits its per-tensor statistics).
 
     Example:
         >>> opt = adamkit.Lamb(model.parameters(), lr=1e-3, weight_decay=0.01)
@@ -112,10 +114,20 @@ class Lamb(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
+        *,
+        gradient_release: bool = False,
+        max_grad_norm: float | None = None,
+        skip_nonfinite_steps: bool = False,
         **engine: Any,
     ):
         engine = engine_kwargs("Lamb", engine)
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **engine))
+        super().__init__(
+            params,
+            dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **engine),
+            gradient_release=gradient_release,
+            max_grad_norm=max_grad_norm,
+            skip_nonfinite_steps=skip_nonfinite_steps,
+        )
 
     def _required_group_keys(self) -> tuple[str, ...]:
         return ("lr", "betas", "eps", "weight_decay")

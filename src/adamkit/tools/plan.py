@@ -891,6 +891,8 @@ class OptimizerSpec:
         elif self.name == "adam-mini":
             k, full = adam_mini_v_numel(t, model)
             out.append(("v", k, full))
+        elif self.name == "muon" and len(t.shape) != 2:  # the AdamW fallback: m and v
+            out.append(("v", n, True))
         return out
 
 
@@ -914,6 +916,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "sophia", "Sophia", 4, ("m", "hessian"), reference="SophiaG reference: exp_avg, hessian"
         ),
         OptimizerSpec("lamb", "LAMB", 0, ("m", "v"), reference="torch-optimizer Lamb: exp_avg, exp_avg_sq"),
+        # adamkit.Muon's split by shape: momentum for matrices, AdamW's m and v for the rest
+        # (embeddings and heads given to AdamW add a v each: 4 B/param in fp32)
+        OptimizerSpec("muon", "Muon", 4, ("m",), True, "adamkit.Muon: momentum_buffer; m, v off matrices"),
     )
 }
 
@@ -988,9 +993,11 @@ ADAMKIT_SLOT_OPTIMIZERS = {
     "adam-mini": ("AdamMini", ()),
     "lamb": ("Lamb", ()),
     "sophia": ("SophiaG", ()),
+    # the constructor's split: 2-D parameters take Muon (momentum), the others AdamW (m, v)
+    "muon": ("Muon", lambda shape: ("use_muon",) if len(shape) == 2 else ("use_adamw",)),
 }
 # slot name -> component
-_SLOT_COMPONENT = {"exp_avg": "m", "max_exp_avg_sq": "max_v", "hessian": "hessian"}
+_SLOT_COMPONENT = {"exp_avg": "m", "max_exp_avg_sq": "max_v", "hessian": "hessian", "momentum_buffer": "m"}
 
 
 def _slot_state_bytes(shapes, optimizer, state_format, param_dtype, kahan, master, block, min_8bit):
@@ -1010,9 +1017,10 @@ def _slot_state_bytes(shapes, optimizer, state_format, param_dtype, kahan, maste
         n = math.prod(shape)
         out["step"] += 4  # a 0-D fp32 tensor per parameter
         eight = fmt == "8bit" and eight_bit_layout(shape, n, min_8bit, block) is not None
+        on = options(shape) if callable(options) else options  # options by shape (Muon's split)
         for slot in alg.slots:
             k = slot.shape_for(shape)
-            if k is None or (slot.option is not None and slot.option not in options):
+            if k is None or (slot.option is not None and slot.option not in on):
                 continue
             k = math.prod(k)
             comp = _SLOT_COMPONENT.get(slot.name, "confidence" if "_res" in slot.name else "v")

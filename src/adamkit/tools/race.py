@@ -79,6 +79,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe("came", "came"),  # m + factored v and confidence: ~4 B/param
         Recipe("adam-mini", "adam-mini"),  # m + one v per row: ~4 B/param
         Recipe("lamb", "lamb"),  # m, v: 8 B/param
+        Recipe("muon", "muon"),  # momentum on hidden matrices (4 B/param), AdamW's m, v elsewhere
     )
 }
 

@@ -544,13 +544,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=list(tasks.PRECISIONS),
         default=d.precision,
-        help="parameter precision recipe; bf16-* need adam/adamw (default: %(default)s)",
+        help="parameter precision recipe; bf16-* need an adamkit optimizer (default: %(default)s)",
     )
     parser.add_argument(
         "--state",
         choices=list(tasks.STATES),
         default=d.state,
-        help="optimizer-state format for adam/adamw (default: %(default)s, the optimizer's own)",
+        help="optimizer-state format for adamkit optimizers (default: %(default)s, the optimizer's own)",
     )
     g = parser.add_argument_group("model")
     g.add_argument("--d-model", type=positive_int, default=m.d_model, help="width (default: %(default)s)")
