@@ -940,7 +940,7 @@ class Optimizer(torch.optim.Optimizer):
         A bf16/fp16 parameter gets the rounded value; with Kahan summation its compensation buffer
         is seeded with the rounding remainder, with master weights the master copy gets the value,
         so nothing of the fp32 weights is lost (with ``kahan_sum="8bit"``, nothing beyond the
-        int8 correction's resolution: |error| <= ulp(p)/512, ulp(p)/256 at a rounding tie)."""
+        int8 correction's resolution: |error| <= ulp(p)/512, or ulp(p)/256 where it clamps at +-127)."""
         values = list(values)
         params = [(g, p) for g in self.param_groups for p in g["params"]]
         if len(values) != len(params):

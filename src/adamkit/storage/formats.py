@@ -18,12 +18,14 @@ Parameter modes (bytes per parameter beyond the parameter itself):
   x = p + q * u(p) + delta in fp32, stores p' = bf16(x) rounded to nearest even, and the residual
   r = x - p' (exact in fp32; |r| <= ulp(p') / 2, i.e. |r / u(p')| <= 128) as
   q' = clamp(floor(r / u(p') + z), -127, 127), z in [0, 1) the parameter stream's 16 hash bits
-  (``hash_bits``): E[q'] = r / u(p') exactly (every operand is exact in fp32), except at a
-  round-to-nearest tie (|r| = ulp / 2, where the clamp drops 1/256 ulp). So the pair holds
-  ~16 significant bits (bf16's 8 + the correction's 8; bf16 + bf16 ``kahan`` holds ~17, fp32 24),
-  and what falls below 1/256 ulp is kept on average: a weight decaying by lr * wd = 1e-4 per step
-  (2-4 units of u) follows the fp32 trajectory where ``plain`` freezes. Parameters with
-  E < 16 (|p| < 2^-111, where u would be subnormal), zero, inf and nan keep q = 0 (a nan stays
+  (``hash_bits``): E[q'] = r / u(p') exactly (every operand is exact in fp32) for |r| <= 127 u;
+  in the outermost unit (127 u < |r| <= 128 u, 1/128 of residuals) the clamp cuts up to one
+  unit u = ulp/256. So the pair holds ~16 significant bits (bf16's 8 + the correction's 8; bf16 +
+  bf16 ``kahan`` holds ~17, fp32 24): |x - (p' + q' u)| < u (u / 2 when rounded to nearest, as
+  conversions do, inside +-127.5 u), and what falls below u is kept on average: a weight decaying
+  by lr * wd = 1e-4 of itself per step (3-7 units u) follows the fp32 trajectory where ``plain``
+  freezes. Parameters with E < 16 (|p| < 2^-111, where u would be subnormal), zero, inf and nan
+  keep q = 0 (a nan stays
   nan). bf16 parameters only (fp16's exponent range would need another unit).
 - ``sr``      bf16 parameters with stochastic rounding (0 B): round up with probability equal to the
   dropped fraction, so the expected parameter equals the fp32 result.
