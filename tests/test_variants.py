@@ -248,6 +248,11 @@ FORMATS = [
     pytest.param(torch.float32, {"state_format": "bf16"}, id="bf16-state"),
     pytest.param(torch.float32, {"state_format": "8bit", "min_8bit_size": 0}, id="8bit-state"),
     pytest.param(torch.bfloat16, {"kahan_sum": True}, id="bf16-kahan"),
+    pytest.param(
+        torch.bfloat16,
+        {"kahan_sum": "8bit", "state_format": "8bit", "min_8bit_size": 0},
+        id="bf16-kahan8-8bit",
+    ),
 ]
 GSHAPES = [(16, 80), (4, 3, 25), (9,)]  # 8-bit: rows of 80 and 75 (narrower stay fp32)
 
@@ -323,8 +328,11 @@ def test_dtypes_kept_and_state_formats(name, cls, kw, plan_name, between, dtype,
             assert st[s.name].dtype == want, s.name
             if sf == "8bit":
                 assert st[s.name + "_scale"].dtype == torch.float32
-        if dtype == torch.bfloat16:
-            assert st["kahan_comp"].dtype == torch.bfloat16 and st["kahan_comp"].shape == p.shape
+        if dtype == torch.bfloat16:  # Kahan: bf16 (2 B/param) or int8 (kahan_sum="8bit", 1 B/param)
+            key, kdt = (
+                ("kahan_comp8", torch.int8) if fmt["kahan_sum"] == "8bit" else ("kahan_comp", torch.bfloat16)
+            )
+            assert st[key].dtype == kdt and st[key].shape == p.shape
 
 
 @pytest.mark.parametrize("dtype,fmt", FORMATS[1:])
@@ -424,7 +432,7 @@ def test_planner_state_bytes_exact(name, cls, kw, plan_name, between, dtype, fmt
     live = sum(t.nbytes for p in ps for t in opt.state[p].values())
     planned = adamkit_state_bytes(
         shapes, optimizer=plan_name, state_format=fmt.get("state_format"), param_dtype=dtype,
-        kahan=bool(fmt.get("kahan_sum")), min_8bit_size=fmt.get("min_8bit_size", 4096),
+        kahan=fmt.get("kahan_sum", False), min_8bit_size=fmt.get("min_8bit_size", 4096),
     )  # fmt: skip
     assert sum(planned.values()) == live
 
