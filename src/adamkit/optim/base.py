@@ -513,9 +513,9 @@ class Optimizer(torch.optim.Optimizer):
         if asked and fp32_params:
             warn_once(
                 f"lowprec-{id(self)}",
-                f"adamkit: {', '.join(k + '=True' for k in asked)} applies to bfloat16/float16 parameters "
-                "only; this group's float32/float64 parameters are stepped in their own precision (cast "
-                "the model with model.to(torch.bfloat16) to use it)",
+                f"adamkit: {', '.join(f'{k}={merged[k]!r}' for k in asked)} applies to bfloat16/float16 "
+                "parameters only; this group's float32/float64 parameters are stepped in their own precision "
+                "(cast the model with model.to(torch.bfloat16) to use it)",
             )
         param_group.update({k: v for k, v in merged.items() if k != "params"})
         param_group["params"] = tensors if not named else params
