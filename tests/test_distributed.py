@@ -303,6 +303,7 @@ def test_ddp_fused_adamw_matches_torch():
 FORMATS = {
     "bf16-state": (torch.float32, dict(state_format="bf16")),
     "bf16-kahan": (torch.bfloat16, dict(kahan_sum=True)),
+    "bf16-kahan8-8bit": (torch.bfloat16, dict(kahan_sum="8bit", state_format="8bit")),
     "bf16-sr": (torch.bfloat16, dict(stochastic_rounding=True)),
     "bf16-master": (torch.bfloat16, dict(master_weights=True)),
     "bf16-master-fp32-state": (torch.bfloat16, dict(master_weights=True, state_format="fp32")),
@@ -443,6 +444,7 @@ INVARIANT = [
     ("lion-8bit", torch.float32, "Lion", dict(state_format="8bit", lr=1e-3, weight_decay=0.1)),
     ("bf16-sr-8bit", torch.bfloat16, "AdamW", dict(stochastic_rounding=True, state_format="8bit")),
     ("bf16-kahan-bf16-state", torch.bfloat16, "AdamW", dict(kahan_sum=True, state_format="bf16")),
+    ("bf16-kahan8-8bit", torch.bfloat16, "AdamW", dict(kahan_sum="8bit", state_format="8bit")),
     ("fp32-bf16-state", torch.float32, "AdamW", dict(state_format="bf16", amsgrad=True)),
 ]
 # (name, parameter dtype, options) of the DCP round trips

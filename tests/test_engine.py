@@ -242,6 +242,8 @@ def test_low_precision_options_on_fp32_parameters_warn_once():
     with pytest.warns(RuntimeWarning, match="stochastic_rounding=True applies to bfloat16") as rec:
         adamkit.AdamW(ps, stochastic_rounding=True)
     assert len([w for w in rec if "applies to" in str(w.message)]) == 1
+    with pytest.warns(RuntimeWarning, match="kahan_sum='8bit' applies to bfloat16"):
+        adamkit.AdamW([torch.zeros(3, requires_grad=True)], kahan_sum="8bit")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         adamkit.AdamW([torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)], stochastic_rounding=True)

@@ -53,6 +53,7 @@ PARAMS = [
     ("fp32", torch.float32, {}),
     ("bf16-plain", torch.bfloat16, {"kahan_sum": False}),
     ("bf16-kahan", torch.bfloat16, {"kahan_sum": True}),
+    ("bf16-kahan8", torch.bfloat16, {"kahan_sum": "8bit"}),
     ("bf16-master", torch.bfloat16, {"master_weights": True}),
     ("bf16-sr", torch.bfloat16, {"stochastic_rounding": True}),
 ]
@@ -81,6 +82,8 @@ def param_mode(dtype, kw) -> str:
         return "master"
     if kw.get("stochastic_rounding"):
         return "sr"
+    if kw.get("kahan_sum") == "8bit":
+        return "kahan8"
     return "kahan" if kw.get("kahan_sum", True) else "plain"
 
 
@@ -286,6 +289,17 @@ def assert_8bit(ts, name, exact, what, stats=None):
     count_far(stats, name, (got.abs() - hi).abs() < (got.abs() - lo).abs(), t, inside)
 
 
+def assert_kahan8(p: torch.Tensor, q: torch.Tensor, exact: torch.Tensor, what: str) -> None:
+    """q is one of the two int8 roundings of (exact - p) / u(p), u(p) = ulp(p)/256 = 2^(E - 142) (E
+    the bf16 exponent field), where p is finite and E >= 16 (else q = 0); computed here in float64."""
+    e = ((p.view(torch.int16).to(torch.int32) >> 7) & 0xFF).double()
+    ok = (e >= 16) & (e < 255) & exact.isfinite()
+    t = torch.where(ok, (exact.double() - p.double()) * torch.exp2(142 - e), 0.0)
+    qd = q.double()
+    near = (qd == torch.floor(t).clamp(-127, 127)) | (qd == torch.ceil(t).clamp(-127, 127))
+    assert bool(torch.where(ok, near, qd == 0).all()), f"{what}: not a rounding of the residual"
+
+
 def sqrt_correctly_rounded(v: torch.Tensor) -> torch.Tensor:
     """Where torch's square root of fp32 ``v`` (what the reference computes) is correctly rounded,
     as the native kernel's sqrtf is."""
@@ -315,7 +329,7 @@ def compare(backend, dtype, kw, R, W, T, amsgrad):
             rel = 2**-7 if dtype == torch.bfloat16 else 2e-6
             torch.testing.assert_close(tp.detach(), rp.detach(), rtol=rel, atol=LR * 1e-5, equal_nan=True)
         # the twin's premise: its fp32 result is the one the reference rounds
-        if mode in ("plain", "master", "kahan"):
+        if mode in ("plain", "master", "kahan", "kahan8"):
             assert_bits(rp, exact_p.to(torch.bfloat16), f"param {i}: reference vs twin")
         elif mode == "native":
             assert_bits(rp, exact_p, f"param {i}: reference vs twin")
@@ -332,6 +346,9 @@ def compare(backend, dtype, kw, R, W, T, amsgrad):
             else:  # the remainder exact_p - round(exact_p) is exact in fp32
                 rem = exact_p - tp.detach().float()
                 assert_sr(ts["kahan_comp"], rem, f"param {i}: kahan_comp", where, stats, "kahan_comp")
+        if mode == "kahan8":  # the residual exact_p - p, in int8 units of ulp(p)/256, rounded stochastically
+            assert_bits(ts["kahan_comp8"], rs["kahan_comp8"], f"param {i}: kahan_comp8", where)
+            assert_kahan8(rp.detach(), rs["kahan_comp8"], exact_p, f"param {i}: kahan_comp8 (reference)")
         # moments: they do not depend on a square root
         for name in names:
             what = f"param {i}: {name}"
@@ -575,6 +592,12 @@ def test_load_full_precision_params_sets_every_copy(dtype, param_kw, after_step,
             assert_bits(st["master_weight"], v, f"param {i}: master_weight")
         if mode == "kahan":
             assert_bits(st["kahan_comp"], (v - p.detach().float()).to(dtype), f"param {i}: kahan_comp")
+        if mode == "kahan8":  # the remainder to the nearest unit u = ulp(p)/256, clamped to +-127 units
+            assert_kahan8(p.detach(), st["kahan_comp8"], v, f"param {i}: kahan_comp8")
+            u = torch.exp2(((p.detach().view(torch.int16).to(torch.int32) >> 7) & 0xFF).double() - 142)
+            err = (fpp[i].double() - v.double()).abs()
+            inside = st["kahan_comp8"].abs() < 127  # where the clamp did not cut
+            assert bool((err <= torch.where(inside, u / 2, u)).all()), f"param {i}: value"
     W = build("AdamW", [p.detach() for p in ref[0]], "reference", ref[1].state_dict(), **twin_kw(kw))
     grads = grads_of(values, 14)
     for r in (ref, W, run):
@@ -593,6 +616,7 @@ CKPT_BF16 = [
     ("sr-fp32", torch.bfloat16, {"stochastic_rounding": True, "state_format": "fp32"}),
     ("kahan-fp32", torch.bfloat16, {"kahan_sum": True, "state_format": "fp32"}),
     ("kahan-8bit", torch.bfloat16, {"kahan_sum": True, "state_format": "8bit"}),
+    ("kahan8-8bit", torch.bfloat16, {"kahan_sum": "8bit", "state_format": "8bit"}),
     ("master-bf16", torch.bfloat16, {"master_weights": True, "state_format": "bf16"}),
     ("master-8bit", torch.bfloat16, {"master_weights": True, "state_format": "8bit"}),
 ]
@@ -615,7 +639,7 @@ def test_checkpoint_conversion(dtype, src_kw, dst_kw, amsgrad, backend):
     sd = src[1].state_dict()
     values = [p.detach().clone() for p in src[0]]
     src_mode, dst_mode = param_mode(dtype, src_kw), param_mode(dtype, dst_kw)
-    if src_mode in ("kahan", "master") and dst_mode in ("plain", "sr"):
+    if src_mode in ("kahan", "kahan8", "master") and dst_mode in ("plain", "sr"):
         with pytest.raises(ValueError, match="kahan_comp|master_weight"):
             build("Adam", values, backend, sd, **dst_kw)
         return
@@ -630,9 +654,17 @@ def test_checkpoint_conversion(dtype, src_kw, dst_kw, amsgrad, backend):
             assert_bits(st["master_weight"], src_full[i].float(), f"param {i}: master_weight")
         if dst_mode == "kahan" and src_mode == "kahan":
             assert_bits(st["kahan_comp"], ss["kahan_comp"], f"param {i}: kahan_comp")
-        if dst_mode == "kahan" and src_mode == "master":  # comp = master - p, rounded to nearest
-            want = (ss["master_weight"] - p.detach().float()).to(torch.bfloat16)
+        if dst_mode == "kahan" and src_mode in ("master", "kahan8"):  # comp = value - p, rounded to nearest
+            want = (src_full[i].float() - p.detach().float()).to(torch.bfloat16)
             assert_bits(st["kahan_comp"], want, f"param {i}: kahan_comp")
+        if dst_mode == "kahan8" and src_mode == "kahan8":
+            assert_bits(st["kahan_comp8"], ss["kahan_comp8"], f"param {i}: kahan_comp8")
+        if dst_mode == "kahan8" and src_mode in ("master", "kahan"):  # to the nearest unit of ulp(p)/256
+            t = (src_full[i].double() - p.detach().double()) * torch.exp2(
+                142 - ((p.detach().view(torch.int16).to(torch.int32) >> 7) & 0xFF).double()
+            )
+            want = torch.where(t.isfinite(), torch.round(t).clamp(-127, 127), 0.0).to(torch.int8)
+            assert_bits(st["kahan_comp8"], want, f"param {i}: kahan_comp8")
         for name in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
             same_fmt = src_kw["state_format"] == dst_kw["state_format"]
             if same_fmt:

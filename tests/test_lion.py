@@ -318,6 +318,7 @@ CKPT = [
     ("bf16-kahan", torch.bfloat16, {"kahan_sum": True}),
     ("8bit", torch.float32, {"state_format": "8bit"}),
     ("bf16-kahan-8bit", torch.bfloat16, {"kahan_sum": True, "state_format": "8bit"}),
+    ("bf16-kahan8-8bit", torch.bfloat16, {"kahan_sum": "8bit", "state_format": "8bit"}),
 ]
 
 
@@ -335,7 +336,8 @@ def test_resume_is_bit_identical(dtype, kw, backend):
     sd = roundtrip(first[1].state_dict())
     for st in sd["state"].values():  # the stored dtypes survive weights_only loading
         assert st["exp_avg"].dtype == (torch.uint8 if kw.get("state_format") == "8bit" else dtype)
-        assert ("kahan_comp" in st) == bool(kw.get("kahan_sum"))
+        assert ("kahan_comp" in st) == (kw.get("kahan_sum") is True)
+        assert ("kahan_comp8" in st) == (kw.get("kahan_sum") == "8bit")
     resumed = build([p.detach() for p in first[0]], backend, sd, **kw)
     for g in grads[2:]:
         step(whole, g)

@@ -346,6 +346,13 @@ def test_parse_recipe():
         parse_recipe("fp32-lion-amsgrad")
     with pytest.raises(ValueError, match="bf16/fp16"):
         Recipe(param_dtype="fp32", kahan=True)
+    r = parse_recipe("bf16-kahan8-8bit")  # the int8 Kahan compensation
+    assert (r.param_dtype, r.kahan, r.state_format) == ("bf16", "8bit", "8bit")
+    assert "Kahan compensation (int8)" in r.describe()
+    with pytest.raises(ValueError, match="bf16 params"):
+        Recipe(param_dtype="fp16", kahan="8bit")
+    with pytest.raises(ValueError, match="kahan must be"):
+        Recipe(param_dtype="bf16", kahan="4bit")
 
 
 def test_bytes_per_param_of_recipes():
@@ -358,6 +365,7 @@ def test_bytes_per_param_of_recipes():
         "fp32-amsgrad": 20,
         "fp32-bf16state": 12,
         "bf16-kahan-8bit": 6 + 2 + 2 * 4 / 256,
+        "bf16-kahan8-8bit": 5 + 2 + 2 * 4 / 256,  # p 2 + int8 comp 1 + m, v 2 + scales; grads 2
         "fp32-sgd": 8,
         "fp32-sgd-momentum": 12,
         "bf16-sr-lion": 6,

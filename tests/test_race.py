@@ -130,7 +130,7 @@ def test_unavailable_recipe_is_skipped_with_a_note(monkeypatch):
 
 
 def test_recipe_table_covers_the_precision_recipes():
-    for name in ("bf16-kahan", "bf16-sr", "bf16-master", "bf16-state", "8bit-state"):
+    for name in ("bf16-kahan", "bf16-kahan8-8bit", "bf16-sr", "bf16-master", "bf16-state", "8bit-state"):
         recipe = race.RECIPES[name]
         assert tasks.OPTIMIZERS[recipe.optimizer].adamkit
         assert tasks.optimizer_kwargs(recipe.optimizer, recipe.precision, recipe.state)  # passes options

@@ -112,6 +112,7 @@ FORMATS = {
     "fp64-8bit": (torch.float64, {"state_format": "8bit", "min_8bit_size": 0}),
     "fp32": (torch.float32, {}),
     "bf16-kahan": (torch.bfloat16, {}),
+    "bf16-kahan8-8bit": (torch.bfloat16, {"kahan_sum": "8bit", "state_format": "8bit", "min_8bit_size": 0}),
     "bf16-sr": (torch.bfloat16, {"stochastic_rounding": True, "kahan_sum": False}),
     "bf16-master": (torch.bfloat16, {"master_weights": True, "kahan_sum": False}),
 }

@@ -144,6 +144,10 @@ def test_bf16_recipe_casts_model():
     assert tasks.cast_model(tasks.GPT(TINY), "bf16-master").tok.weight.dtype == torch.bfloat16
     assert tasks.optimizer_kwargs("adamw", "bf16-sr") == {"stochastic_rounding": True, "kahan_sum": False}
     assert tasks.optimizer_kwargs("adam", "bf16-kahan", "8bit") == {"kahan_sum": True, "state_format": "8bit"}
+    assert tasks.optimizer_kwargs("adamw", "bf16-kahan8", "8bit") == {
+        "kahan_sum": "8bit",
+        "state_format": "8bit",
+    }
 
 
 # ------------------------------------------------------------------------------------------------

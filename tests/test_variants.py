@@ -300,6 +300,11 @@ FORMATS = [
     pytest.param(torch.bfloat16, {"kahan_sum": True}, id="bf16-kahan"),
     pytest.param(torch.bfloat16, {"stochastic_rounding": True, "kahan_sum": False}, id="bf16-sr"),
     pytest.param(torch.bfloat16, {"master_weights": True, "kahan_sum": False}, id="bf16-master"),
+    pytest.param(
+        torch.bfloat16,
+        {"kahan_sum": "8bit", "state_format": "8bit", "min_8bit_size": 0},
+        id="bf16-kahan8-8bit",
+    ),
 ]
 # the parameter buffer each precision option keeps: (key, dtype)
 AUX = {"kahan_sum": ("kahan_comp", torch.bfloat16), "master_weights": ("master_weight", torch.float32)}
@@ -334,13 +339,14 @@ def assert_same(a, b, what, compare=assert_bits):
 # enter (Adam's v): the kernel's sqrtf is correctly rounded, torch's vectorized sqrt is not always
 # (test_kernel_parity checks each step bit for bit where torch's is, to an fp32 ulp elsewhere). Over
 # a few steps that ulp may move an fp32 value by a few ulps (2^-21 relative), a bf16 value rounded
-# from it to its other neighbour (2^-7 relative), an 8-bit code by one.
+# from it to its other neighbour (2^-7 relative), an 8-bit code or an int8 Kahan correction (in
+# units of ulp(p)/256, far coarser than an fp32 ulp of p + correction) by one.
 NEAR = {torch.float32: 2.0**-21, torch.bfloat16: 2.0**-7, torch.float64: 0.0}
 
 
 def assert_near_bits(actual, expected, what):
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    if actual.dtype == torch.uint8:
+    if actual.dtype in (torch.uint8, torch.int8):
         assert (actual.int() - expected.int()).abs().max().item() <= 1, what
         return
     rel = NEAR[actual.dtype]
@@ -399,7 +405,9 @@ def test_dtypes_kept_and_state_formats(name, cls, kw, plan_name, between, dtype,
             if sf == "8bit":
                 assert st[s.name + "_scale"].dtype == torch.float32
         kept = [AUX[k] for k in AUX if fmt.get(k)]
-        assert {k for k in st if k in ("kahan_comp", "master_weight")} == {k for k, _ in kept}
+        if fmt.get("kahan_sum") == "8bit":  # int8 compensation (1 B/param) in place of bf16's 2 B/param
+            kept = [("kahan_comp8", torch.int8) if k == "kahan_comp" else (k, d) for k, d in kept]
+        assert {k for k in st if k in ("kahan_comp", "kahan_comp8", "master_weight")} == {k for k, _ in kept}
         for key, aux_dtype in kept:
             assert st[key].dtype == aux_dtype and st[key].shape == p.shape
 
@@ -525,7 +533,8 @@ def test_planner_state_bytes_exact(name, cls, kw, plan_name, between, dtype, fmt
     live = sum(t.nbytes for p in ps for t in opt.state[p].values())
     planned = adamkit_state_bytes(
         shapes, optimizer=plan_name, state_format=fmt.get("state_format"), param_dtype=dtype,
-        kahan=bool(fmt.get("kahan_sum")), master=bool(fmt.get("master_weights")),
+        kahan="8bit" if fmt.get("kahan_sum") == "8bit" else bool(fmt.get("kahan_sum")),
+        master=bool(fmt.get("master_weights")),
         min_8bit_size=fmt.get("min_8bit_size", 4096),
     )  # fmt: skip
     assert sum(planned.values()) == live

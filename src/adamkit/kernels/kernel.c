@@ -21,7 +21,7 @@
  * hundred lines of C build in about two seconds, once per machine, and load in milliseconds.
  *
  * Bytes per element: param 4 (fp32) or 2 (bf16); grad the same; kahan_comp 2 (bf16);
- * master_weight 4; each state slot 4 (fp32), 2 (bf16) or 1 + 4/256 (8-bit codes + block scales).
+ * kahan_comp8 1 (int8); master_weight 4; each state slot 4 (fp32), 2 (bf16) or 1 + 4/256 (8-bit codes + block scales).
  */
 #include <math.h>
 #include <float.h>
@@ -40,7 +40,7 @@
 
 #define AI inline __attribute__((always_inline))
 
-enum { P_NATIVE = 0, P_PLAIN = 1, P_KAHAN = 2, P_SR = 3, P_MASTER = 4 };
+enum { P_NATIVE = 0, P_PLAIN = 1, P_KAHAN = 2, P_SR = 3, P_MASTER = 4, P_KAHAN8 = 5 };
 enum { S_FP32 = 0, S_BF16 = 1, S_8BIT = 2 };
 enum { ALG_ADAM = 0, ALG_LION = 1 };
 /* Scalars: hp[0] is the gradient's sign (-1 to maximize) for every algorithm, then the
@@ -57,7 +57,7 @@ enum { L_DECAY = 1, L_LR, L_BETA1, L_OMB1, L_BETA2, L_OMB2 };
 typedef struct {         /* one tensor; the optimizer's own buffers (fixed while its state lives) */
     int64_t n;           /* elements */
     int64_t uid;         /* seeds the tensor's rounding streams */
-    void *aux;           /* kahan_comp (bf16) or master_weight (fp32), else NULL */
+    void *aux;           /* kahan_comp (bf16), kahan_comp8 (int8) or master_weight (fp32), else NULL */
     void *slot[MAX_SLOTS];   /* state slots: fp32, bf16 or uint8 codes (padded to whole blocks) */
     float *scale[MAX_SLOTS]; /* 8-bit block scales, else NULL */
     int64_t len;         /* row length: 8-bit codes are rows of ``len`` elements, each padded to whole
@@ -109,6 +109,13 @@ static inline uint16_t f_to_bf16_sr(float x, uint32_t h) {
     const uint16_t r = (uint16_t)((f2u(x) + (h >> 16)) >> 16);
     return x != x ? (uint16_t)0x7FC0 : r;
 }
+
+/* kahan8 (storage/formats.py, kahan8_units): the int8 correction's unit u = ulp(p) / 256 =
+ * 2^(E - 142) and its inverse, from the bf16 exponent field E; ok where p is finite and E >= 16 */
+#define KAHAN8_MIN_EXP 16
+static inline int k8_exp(uint16_t h) { return (h >> 7) & 0xFF; }
+static inline float k8_unit(int e) { return u2f((uint32_t)(e - 15 < 1 ? 1 : (e - 15 > 254 ? 254 : e - 15)) << 23); }
+static inline float k8_inv(int e) { return u2f((uint32_t)(269 - e < 1 ? 1 : (269 - e > 254 ? 254 : 269 - e)) << 23); }
 
 /* ---- seeds: storage/formats.py, mix_seed(step, uid, k), murmur3's finalizer ------------------------------ */
 
@@ -320,6 +327,9 @@ static AI void tile(const ctx_t *C, const int alg, const row_t *R, void *param, 
         if (pm == P_KAHAN) {
             const uint16_t *cs = (const uint16_t *)R->aux + e;
             for (int i = 0; i < len; i++) P[i] = bf16_to_f(ps[i]) + bf16_to_f(cs[i]);
+        } else if (pm == P_KAHAN8) { /* p + q * u(p), exact */
+            const int8_t *qs = (const int8_t *)R->aux + e;
+            for (int i = 0; i < len; i++) P[i] = bf16_to_f(ps[i]) + (float)qs[i] * k8_unit(k8_exp(ps[i]));
         } else if (pm != P_MASTER) {
             for (int i = 0; i < len; i++) P[i] = bf16_to_f(ps[i]);
         }
@@ -349,6 +359,19 @@ static AI void tile(const ctx_t *C, const int alg, const row_t *R, void *param, 
                 const uint16_t h = f_to_bf16_rne(P[i]);
                 ps[i] = h;
                 cs[i] = f_to_bf16_sr(P[i] - bf16_to_f(h), w);
+            }
+        } else if (pm == P_KAHAN8) {
+            /* q = floor(r / u + z) with z the stream's 16 bits: every operation exact (formats.py) */
+            int8_t *qs = (int8_t *)R->aux + e;
+            uint32_t w = weyl(i0, seed[0]);
+            for (int i = 0; i < len; i++, w += WEYL) {
+                const uint16_t h = f_to_bf16_rne(P[i]);
+                const int ex = k8_exp(h);
+                ps[i] = h;
+                const float t = (P[i] - bf16_to_f(h)) * k8_inv(ex);
+                float q = floorf(t + (float)(w >> 16) * (1.0f / 65536.0f));
+                q = q < -127.0f ? -127.0f : (q > 127.0f ? 127.0f : q);
+                qs[i] = (ex >= KAHAN8_MIN_EXP && ex < 255) ? (int8_t)(int32_t)q : (int8_t)0;
             }
         } else if (pm == P_SR) {
             uint32_t w = weyl(i0, seed[0]);
@@ -414,7 +437,9 @@ piece_flags(const ctx_t *C, const int alg, const row_t *R, void *param, const vo
     FORMAT(ALG, NS, P_NATIVE, S_8BIT) FORMAT(ALG, NS, P_PLAIN, S_FP32)                           \
     FORMAT(ALG, NS, P_PLAIN, S_BF16) FORMAT(ALG, NS, P_PLAIN, S_8BIT)                            \
     FORMAT(ALG, NS, P_KAHAN, S_FP32) FORMAT(ALG, NS, P_KAHAN, S_BF16)                            \
-    FORMAT(ALG, NS, P_KAHAN, S_8BIT) FORMAT(ALG, NS, P_SR, S_FP32)                               \
+    FORMAT(ALG, NS, P_KAHAN, S_8BIT) FORMAT(ALG, NS, P_KAHAN8, S_FP32)                           \
+    FORMAT(ALG, NS, P_KAHAN8, S_BF16) FORMAT(ALG, NS, P_KAHAN8, S_8BIT)                          \
+    FORMAT(ALG, NS, P_SR, S_FP32)                                                                 \
     FORMAT(ALG, NS, P_SR, S_BF16) FORMAT(ALG, NS, P_SR, S_8BIT)                                  \
     FORMAT(ALG, NS, P_MASTER, S_FP32) FORMAT(ALG, NS, P_MASTER, S_BF16)                          \
     FORMAT(ALG, NS, P_MASTER, S_8BIT)
@@ -435,7 +460,8 @@ static void run_piece(const ctx_t *C, int64_t r, int64_t a, int64_t b) {
     } else { /* Lion: the formats a Lion user picks for speed; the rest share the generic loop */
         FORMAT(ALG_LION, 1, P_NATIVE, S_FP32) FORMAT(ALG_LION, 1, P_NATIVE, S_BF16)
         FORMAT(ALG_LION, 1, P_NATIVE, S_8BIT) FORMAT(ALG_LION, 1, P_KAHAN, S_BF16)
-        FORMAT(ALG_LION, 1, P_KAHAN, S_8BIT)
+        FORMAT(ALG_LION, 1, P_KAHAN, S_8BIT) FORMAT(ALG_LION, 1, P_KAHAN8, S_FP32)
+        FORMAT(ALG_LION, 1, P_KAHAN8, S_BF16) FORMAT(ALG_LION, 1, P_KAHAN8, S_8BIT)
         piece_flags(C, ALG_LION, R, param, grad, a, b, pm, sf);
     }
 }

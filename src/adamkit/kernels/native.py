@@ -49,7 +49,7 @@ FLAGS = [
 ]
 
 
-PARAM_MODES = {"native": 0, "plain": 1, "kahan": 2, "sr": 3, "master": 4}
+PARAM_MODES = {"native": 0, "plain": 1, "kahan": 2, "sr": 3, "master": 4, "kahan8": 5}
 STATE_FORMATS = {"fp32": 0, "bf16": 1, "8bit": 2}
 MAX_SLOTS = 3
 N_HP = 16
@@ -365,7 +365,7 @@ class Table:
             in_rows = fmt.state == "8bit" and bool(names) and local(st[names[0]]).dim() == 2
             r.len = max(1, math.prod(p.shape[1:])) if in_rows else r.n
             r.index0 = global_offset(p)  # rounding bits follow the whole tensor's positions
-            aux = st.get("kahan_comp", st.get("master_weight"))
+            aux = next((st[k] for k in ("kahan_comp", "kahan_comp8", "master_weight") if k in st), None)
             if aux is not None:
                 r.aux = local(aux).data_ptr()
                 keep.append(aux)

@@ -36,8 +36,8 @@ class Item:
     """One parameter's share of a step: what a backend reads and writes for it.
 
     ``t`` maps names to stored tensors: ``param``, ``grad``, each state slot, the 8-bit scales
-    (``<slot>_scale``) and the parameter's ``kahan_comp``/``master_weight``. They are the tensors
-    where they lie (for a DTensor parameter: its local shard and its state's local shards).
+    (``<slot>_scale``) and the parameter's ``kahan_comp``/``kahan_comp8``/``master_weight``. They
+    are the tensors where they lie (for a DTensor parameter: its local shard and its state's local shards).
     """
 
     t: dict[str, torch.Tensor]
@@ -109,7 +109,7 @@ def step_seeds(step: float, uid: int, n: int = 4) -> list[int]:
 
 
 def needs_index(fmt: Formats) -> bool:
-    return fmt.param in ("sr", "kahan") or fmt.state in ("bf16", "8bit")
+    return fmt.param in ("sr", "kahan", "kahan8") or fmt.state in ("bf16", "8bit")
 
 
 # streams per tensor on the per-tensor backends: the parameter and up to 7 slots (CAME has 6); the

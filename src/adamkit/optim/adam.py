@@ -264,7 +264,10 @@ class Adam(Optimizer):
         max_lr: :math:`\gamma_{max}`; defaults to the group's initial lr.
         kahan_sum: bf16/fp16 parameters keep a compensation buffer ``kahan_comp`` in their dtype
             (+2 B/param) holding what rounding drops; the whole update, decay included, goes
-            through it. ``None`` (default): on for bf16/fp16 parameters.
+            through it. ``None`` (default): on for bf16/fp16 parameters. ``"8bit"``: bf16
+            parameters keep it as an int8 ``kahan_comp8`` (+1 B/param) in units of ulp(p)/256,
+            rounded stochastically: p + q * ulp(p)/256 holds ~16 significant bits
+            (``storage/formats.py``).
         stochastic_rounding: round bf16 parameters stochastically (unbiased, no buffer).
         master_weights: keep an fp32 ``master_weight`` (+4 B/param) that takes the update; the
             bf16/fp16 parameter is its rounded copy, the one the forward pass uses.
@@ -342,7 +345,7 @@ class Adam(Optimizer):
         decoupled_weight_decay: bool = False,
         decouple_lr: bool = False,
         max_lr: float | None = None,
-        kahan_sum: bool | None = None,
+        kahan_sum: bool | str | None = None,
         stochastic_rounding: bool = False,
         master_weights: bool = False,
         state_format: str | None = None,

@@ -34,6 +34,8 @@ from ..storage.formats import (
     choose_formats,
     compute_dtype,
     init_param_aux,
+    kahan8_correction,
+    kahan8_value,
     mix_seed,
     param_aux_key,
     state_dtype,
@@ -47,7 +49,7 @@ USE_TORCH_FUSED = True
 
 _GRAD = operator.attrgetter("grad")
 _IS_SPARSE = operator.attrgetter("is_sparse")
-_AUX_KEYS = ("kahan_comp", "master_weight")
+_AUX_KEYS = ("kahan_comp", "kahan_comp8", "master_weight")
 # Group keys torch.optim's optimizers read in step(); kept in our groups with torch-compatible
 # values so that state dicts move between torch and adamkit both ways.
 _TORCH_GROUP_DEFAULTS = {"capturable": False, "differentiable": False}
@@ -147,8 +149,11 @@ def check_engine_options(group: dict) -> None:
                 "CUDA-graph capture, and its step is not differentiable)"
             )
     kahan = group.get("kahan_sum")
-    if kahan is not None and not isinstance(kahan, bool):
-        raise TypeError(f"kahan_sum must be None or a bool, got {kahan!r}")
+    if kahan is not None and not isinstance(kahan, bool) and kahan != "8bit":
+        raise TypeError(
+            f"kahan_sum must be None, a bool, or '8bit' (an int8 compensation, 1 B/param, for bfloat16 "
+            f"parameters), got {kahan!r}"
+        )
     n_modes = bool(kahan) + group.get("stochastic_rounding", False) + group.get("master_weights", False)
     if n_modes > 1:
         raise ValueError(
@@ -202,6 +207,28 @@ def fused_unavailable_reason(alg: Algorithm) -> str | None:
     if alg.native is None:
         why = f"{alg.name} has no native body"
     return f"native kernel: {why}; torch.compile kernel: {problem}"
+
+
+def _aux_value(p: torch.Tensor, key: str, aux: torch.Tensor) -> torch.Tensor:
+    """The fp32 value a low-precision parameter ``p`` holds with its buffer ``key``. ``p`` may have
+    been cast to fp32 since (``model.to``): its value is still the bf16 one the units derive from."""
+    if key == "kahan_comp8":
+        return kahan8_value(p.detach().to(torch.bfloat16), aux)
+    if key == "kahan_comp":
+        return p.detach().float() + aux.float()
+    return aux.float()  # master_weight
+
+
+def _aux_from_value(p: torch.Tensor, key: str, v: torch.Tensor) -> torch.Tensor:
+    """The buffer ``key`` that, with ``p`` as it is, holds fp32 value ``v`` as closely as it can: the
+    remainder v - p in p's dtype (kahan_comp), in int8 units of ulp(p)/256 rounded to nearest
+    (kahan_comp8; within +-127 units), or v itself (master_weight)."""
+    v = v.to(torch.float32)
+    if key == "kahan_comp8":
+        return kahan8_correction(p.detach(), v)
+    if key == "kahan_comp":
+        return (v - p.detach().float()).to(p.dtype)
+    return v.clone()
 
 
 def _placed_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -554,9 +581,9 @@ class Optimizer(torch.optim.Optimizer):
         if asked and fp32_params:
             warn_once(
                 f"lowprec-{id(self)}",
-                f"adamkit: {', '.join(k + '=True' for k in asked)} applies to bfloat16/float16 parameters "
-                "only; this group's float32/float64 parameters are stepped in their own precision (cast "
-                "the model with model.to(torch.bfloat16) to use it)",
+                f"adamkit: {', '.join(f'{k}={merged[k]!r}' for k in asked)} applies to bfloat16/float16 "
+                "parameters only; this group's float32/float64 parameters are stepped in their own precision "
+                "(cast the model with model.to(torch.bfloat16) to use it)",
             )
         param_group.update({k: v for k, v in merged.items() if k != "params"})
         param_group["params"] = tensors if not named else params
@@ -687,7 +714,8 @@ class Optimizer(torch.optim.Optimizer):
                 )
         aux = param_aux_key(fmt.param)
         if aux is not None and aux not in state:
-            state[aux] = init_param_aux(fmt.param, p)  # kahan_comp 2 B/param, master_weight 4 B/param
+            # kahan_comp 2 B/param, kahan_comp8 1 B/param, master_weight 4 B/param
+            state[aux] = init_param_aux(fmt.param, p)
         return state
 
     @torch.no_grad()
@@ -718,7 +746,9 @@ class Optimizer(torch.optim.Optimizer):
             if key in state and key != wanted:
                 aux = state.pop(key)
                 if wanted is None:  # the parameter holds full precision now: keep the lost bits
-                    p.copy_(aux.float() + p.float() if key == "kahan_comp" else aux)
+                    p.copy_(_aux_value(p, key, aux))
+                else:  # another low-precision recipe (kahan <-> kahan8 <-> master): carry the value over
+                    state[wanted] = _aux_from_value(p, wanted, _aux_value(p, key, aux))
 
     def _item(self, p: torch.Tensor, group: dict, uid: int, grad: torch.Tensor | None = None) -> Item:
         state = self._init_state(p, group)
@@ -1131,16 +1161,16 @@ class Optimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def full_precision_params(self) -> list[torch.Tensor]:
-        """fp32 values of every parameter, in group order: the master weight, or p + kahan_comp,
-        or the parameter itself. Save these to keep what the low-precision copy rounds away."""
+        """fp32 values of every parameter, in group order: the master weight, or p + kahan_comp, or
+        p + kahan_comp8 * ulp(p)/256, or the parameter itself. Save these to keep what the
+        low-precision copy rounds away."""
         out = []
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state.get(p, {})
-                if "master_weight" in st:
-                    out.append(st["master_weight"].clone())
-                elif "kahan_comp" in st:
-                    out.append(p.detach().float() + st["kahan_comp"].float())
+                key = next((k for k in _AUX_KEYS if k in st), None)
+                if key is not None:
+                    out.append(_aux_value(p, key, st[key]))
                 else:
                     out.append(p.detach().clone())
         return out
@@ -1151,7 +1181,8 @@ class Optimizer(torch.optim.Optimizer):
 
         A bf16/fp16 parameter gets the rounded value; with Kahan summation its compensation buffer
         is seeded with the rounding remainder, with master weights the master copy gets the value,
-        so nothing of the fp32 weights is lost."""
+        so nothing of the fp32 weights is lost (with ``kahan_sum="8bit"``, nothing beyond the
+        int8 correction's resolution: |error| <= ulp(p)/512, or ulp(p)/256 where it clamps at +-127)."""
         values = list(values)
         params = [(g, p) for g in self.param_groups for p in g["params"]]
         if len(values) != len(params):
@@ -1163,12 +1194,10 @@ class Optimizer(torch.optim.Optimizer):
             v = v.to(device=p.device, dtype=torch.float32 if p.dtype in LOW_PRECISION else p.dtype)
             fmt = self._formats(group, p)
             p.copy_(v)
-            if fmt.param in ("kahan", "master"):
+            key = param_aux_key(fmt.param)
+            if key is not None:
                 st = self._init_state(p, group)
-                if fmt.param == "kahan":
-                    st["kahan_comp"].copy_(v - p.float())
-                else:
-                    st["master_weight"].copy_(v)
+                st[key].copy_(_aux_from_value(p, key, v))
 
     # ------------------------------------------------------------------------------------------
     # state dicts
@@ -1356,25 +1385,32 @@ class Optimizer(torch.optim.Optimizer):
                 out[name], out[name + "_scale"] = _encode8(slot, native.local(value).float(), p)
             else:
                 out[name] = value.to(state_dtype(fmt.state), copy=True)
-        comp, master = saved.get("kahan_comp"), saved.get("master_weight")
-        for name, t in (("kahan_comp", comp), ("master_weight", master)):
-            if t is not None and t.shape != p.shape:
+        saved_aux = {}
+        for name in _AUX_KEYS:
+            t = saved.get(name)
+            if t is None:
+                continue
+            if t.shape != p.shape:
                 raise bad(f"{name!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
-        comp = None if comp is None else _placed_like(comp.detach().to(p.device), p)
-        master = None if master is None else _placed_like(master.detach().to(p.device), p)
-        if fmt.param == "kahan":
-            if comp is not None:
-                out["kahan_comp"] = comp.detach().to(p.device, p.dtype, copy=True)
-            elif master is not None:  # the fp32 value's rounding remainder: nothing is lost
-                out["kahan_comp"] = (master.to(p.device, torch.float32) - p.detach().float()).to(p.dtype)
-        elif fmt.param == "master":
-            if master is not None:
-                out["master_weight"] = master.detach().to(p.device, torch.float32, copy=True)
-            elif comp is not None:
-                out["master_weight"] = p.detach().float() + comp.to(p.device).float()
-        elif comp is not None or master is not None:
+            if name == "kahan_comp8" and t.dtype != torch.int8:
+                raise bad(f"'kahan_comp8' must be int8, got {t.dtype}")
+            if name != "kahan_comp8" and not t.is_floating_point():
+                raise bad(f"{name!r} must be floating point, got {t.dtype}")
+            saved_aux[name] = _placed_like(t.detach().to(p.device), p)
+        wanted = param_aux_key(fmt.param)
+        if wanted is not None:
+            if wanted in saved_aux:  # the same buffer: kept bit for bit (kahan_comp in p's dtype)
+                t = saved_aux[wanted]
+                dtype = {"kahan_comp": p.dtype, "kahan_comp8": torch.int8}.get(wanted, torch.float32)
+                out[wanted] = t.to(dtype, copy=True)
+            elif saved_aux:  # another one: the fp32 value it holds, carried into this one (nothing
+                # is lost beyond the new buffer's resolution; master_weight first, the most precise)
+                key = next(k for k in ("master_weight", "kahan_comp", "kahan_comp8") if k in saved_aux)
+                out[wanted] = _aux_from_value(p, wanted, _aux_value(p, key, saved_aux[key]))
+        elif saved_aux:
+            key = next(iter(saved_aux))
             raise bad(
-                f"it has {'kahan_comp' if comp is not None else 'master_weight'}, but this optimizer "
+                f"it has {key!r}, but this optimizer "
                 f"keeps the parameter as {fmt.param!r} ({p.dtype}); build it with the same "
                 "kahan_sum/master_weights options, or use load_full_precision_params()"
             )

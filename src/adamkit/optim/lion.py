@@ -118,7 +118,7 @@ class Lion(Optimizer):
         weight_decay: float = 0.0,
         *,
         maximize: bool = False,
-        kahan_sum: bool | None = None,
+        kahan_sum: bool | str | None = None,
         stochastic_rounding: bool = False,
         master_weights: bool = False,
         state_format: str | None = None,

@@ -11,6 +11,22 @@ Parameter modes (bytes per parameter beyond the parameter itself):
   the pair (p, c) holds the fp32 result as p = round(x), c = round(x - p), so what rounding drops
   is carried to the next step (~17 significant bits for bf16). The *whole* update, weight decay
   included, goes through it. For bf16, c is rounded stochastically (unbiased).
+- ``kahan8``  bf16 parameter plus an int8 compensation ``kahan_comp8`` (1 B), ``kahan_sum="8bit"``.
+  The value is x = p + q * u(p), with u(p) = ulp(p) / 256 = 2^(E - 142), E the biased exponent
+  field of the bf16 p (bits 7-14: a shift and a mask, no logarithm). The sum is exact in fp32 (p
+  has 8 significant bits, |q * u| < ulp(p) / 2 lies 15 bits below p's leading bit). A step computes
+  x = p + q * u(p) + delta in fp32, stores p' = bf16(x) rounded to nearest even, and the residual
+  r = x - p' (exact in fp32; |r| <= ulp(p') / 2, i.e. |r / u(p')| <= 128) as
+  q' = clamp(floor(r / u(p') + z), -127, 127), z in [0, 1) the parameter stream's 16 hash bits
+  (``hash_bits``): E[q'] = r / u(p') exactly (every operand is exact in fp32) for |r| <= 127 u;
+  in the outermost unit (127 u < |r| <= 128 u, 1/128 of residuals) the clamp cuts up to one
+  unit u = ulp/256. So the pair holds ~16 significant bits (bf16's 8 + the correction's 8; bf16 +
+  bf16 ``kahan`` holds ~17, fp32 24): |x - (p' + q' u)| < u (u / 2 when rounded to nearest, as
+  conversions do, inside +-127.5 u), and what falls below u is kept on average: a weight decaying
+  by lr * wd = 1e-4 of itself per step (3-7 units u) follows the fp32 trajectory where ``plain``
+  freezes. Parameters with E < 16 (|p| < 2^-111, where u would be subnormal), zero, inf and nan
+  keep q = 0 (a nan stays
+  nan). bf16 parameters only (fp16's exponent range would need another unit).
 - ``sr``      bf16 parameters with stochastic rounding (0 B): round up with probability equal to the
   dropped fraction, so the expected parameter equals the fp32 result.
 - ``master``  an fp32 ``master_weight`` (4 B); the bf16/fp16 parameter is its rounded copy, the one
@@ -28,7 +44,7 @@ from typing import NamedTuple
 import torch
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-PARAM_MODES = ("native", "plain", "kahan", "sr", "master")
+PARAM_MODES = ("native", "plain", "kahan", "kahan8", "sr", "master")
 STATE_FORMATS = ("fp32", "bf16", "fp16", "fp64", "8bit")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 STATE_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
@@ -42,9 +58,14 @@ class Formats(NamedTuple):
 
 
 def choose_formats(
-    dtype: torch.dtype, kahan_sum: bool | None, stochastic_rounding: bool, master_weights: bool, state_format
+    dtype: torch.dtype,
+    kahan_sum: bool | str | None,
+    stochastic_rounding: bool,
+    master_weights: bool,
+    state_format,
 ) -> Formats:
-    """The formats of a parameter of ``dtype`` under a group's options."""
+    """The formats of a parameter of ``dtype`` under a group's options (``kahan_sum``: None, a bool,
+    or ``"8bit"`` for the int8 compensation)."""
     if dtype in LOW_PRECISION:
         if master_weights:
             mode = "master"
@@ -55,6 +76,13 @@ def choose_formats(
                     "master_weights=True for float16 parameters"
                 )
             mode = "sr"
+        elif kahan_sum == "8bit":
+            if dtype != torch.bfloat16:
+                raise ValueError(
+                    "kahan_sum='8bit' supports bfloat16 parameters only; use kahan_sum=True (a float16 "
+                    "compensation) or master_weights=True for float16 parameters"
+                )
+            mode = "kahan8"
         elif kahan_sum or kahan_sum is None:
             mode = "kahan"
         else:
@@ -132,8 +160,47 @@ def round_bf16_stochastic(x: torch.Tensor, index: torch.Tensor, seed) -> torch.T
 # --------------------------------------------------------------------------------------------------
 
 
+# kahan8: the correction's unit u(p) = 2^(E - 142) from the bf16 exponent field E (module docstring)
+KAHAN8_MIN_EXP = 16  # below, u(p) or 1 / u(p) would leave fp32's normal range: q is kept 0
+KAHAN8_MAX_Q = 127
+
+
+def kahan8_units(p: torch.Tensor):
+    """(ok, u, 1/u) of bf16 ``p``, built from its exponent bits: ok where p is finite with
+    E >= KAHAN8_MIN_EXP (elsewhere q stays 0; u and 1/u are then placeholders that stay finite)."""
+    e = (p.view(torch.int16).to(torch.int32) >> 7) & 0xFF
+    ok = (e >= KAHAN8_MIN_EXP) & (e < 255)
+    unit = ((e - 15).clamp(1, 254) << 23).view(torch.float32)  # 2^(E - 142)
+    inv = ((269 - e).clamp(1, 254) << 23).view(torch.float32)  # 2^(142 - E)
+    return ok, unit, inv
+
+
+def kahan8_value(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """fp32 value p + q * u(p) of a bf16 parameter and its int8 correction (exact)."""
+    _, unit, _ = kahan8_units(p)
+    return p.to(torch.float32) + q.to(torch.float32) * unit
+
+
+def kahan8_correction(p: torch.Tensor, x: torch.Tensor, index=None, seed=None) -> torch.Tensor:
+    """The int8 q with p + q * u(p) nearest ``x`` (fp32): stochastically rounded with the hash bits of
+    (index, seed) (the step's encode), or to nearest where ``index`` is None (conversions, loading).
+    The residual x - p is clamped to +-127 units (it is within them where p = bf16(x))."""
+    ok, _, inv = kahan8_units(p)
+    t = (x - p.to(torch.float32)) * inv  # exact: a power of two
+    if index is None:
+        q = torch.round(t)
+    else:
+        # t + z is exact (|t| <= 128 with steps of >= 2^-9, z with steps of 2^-16): floor rounds
+        # up with probability frac(t) exactly
+        q = torch.floor(t + hash_bits(index, seed).to(torch.float32) * (1.0 / 65536.0))
+    q = q.clamp(-KAHAN8_MAX_Q, KAHAN8_MAX_Q)
+    return torch.where(ok & q.isfinite(), q, 0.0).to(torch.int8)
+
+
 def decode_param(mode: str, p: torch.Tensor, aux: torch.Tensor | None, cdt: torch.dtype) -> torch.Tensor:
-    """The compute-dtype value of a parameter (``aux`` is kahan_comp or master_weight)."""
+    """The compute-dtype value of a parameter (``aux`` is kahan_comp, kahan_comp8 or master_weight)."""
+    if mode == "kahan8":
+        return kahan8_value(p, aux)
     if mode == "kahan":
         return p.to(cdt) + aux.to(cdt)
     if mode == "master":
@@ -151,6 +218,9 @@ def encode_param(mode: str, x: torch.Tensor, dtype: torch.dtype, index, seed):
             # decay step (lr * wd = 1e-5); rounding it stochastically keeps that loss unbiased.
             return hi, round_bf16_stochastic(lo.to(torch.float32), index, seed)
         return hi, lo.to(dtype)
+    if mode == "kahan8":
+        hi = x.to(dtype)
+        return hi, kahan8_correction(hi, x, index, seed)
     if mode == "master":
         return x.to(dtype), x.to(torch.float32)
     if mode == "sr":
@@ -159,12 +229,14 @@ def encode_param(mode: str, x: torch.Tensor, dtype: torch.dtype, index, seed):
 
 
 def param_aux_key(mode: str) -> str | None:
-    return {"kahan": "kahan_comp", "master": "master_weight"}.get(mode)
+    return {"kahan": "kahan_comp", "kahan8": "kahan_comp8", "master": "master_weight"}.get(mode)
 
 
 def init_param_aux(mode: str, p: torch.Tensor) -> torch.Tensor | None:
     if mode == "kahan":
         return torch.zeros_like(p, memory_format=torch.preserve_format)  # 2 B/param (bf16/fp16)
+    if mode == "kahan8":
+        return torch.zeros_like(p, dtype=torch.int8, memory_format=torch.preserve_format)  # 1 B/param
     if mode == "master":
         return p.detach().to(torch.float32, copy=True)  # 4 B/param
     return None

@@ -553,6 +553,7 @@ PRECISIONS = {
     "mixed-bf16": ("bf16", True, False, False),
     "mixed-fp16": ("fp16", True, False, False),
     "bf16-kahan": ("bf16", False, True, False),
+    "bf16-kahan8": ("bf16", False, "8bit", False),  # int8 compensation (kahan_sum="8bit"): 1 B/param
     "fp16-kahan": ("fp16", False, True, False),
     "bf16-sr": ("bf16", False, False, True),
     "fp16-sr": ("fp16", False, False, True),
@@ -582,7 +583,8 @@ class Recipe:
         master_weights: keep an fp32 copy of each trainable parameter (4 B/param) that the
             optimizer updates; the low-precision parameters are a rounded copy of it.
         kahan: a compensation buffer in the parameter dtype (2 B/param) carries the rounding error
-            of each low-precision update into the next, so small updates are not lost.
+            of each low-precision update into the next, so small updates are not lost; ``"8bit"``:
+            an int8 compensation in units of ulp/256 (1 B/param, bf16 parameters only).
         stochastic_rounding: round low-precision updates stochastically (unbiased; 0 B/param).
         optimizer: a key of :data:`OPTIMIZERS`.
         state_format: ``None`` (same dtype as the parameter, like torch), ``"fp32"``, ``"bf16"`` or
@@ -599,7 +601,7 @@ class Recipe:
     name: str = "fp32"
     param_dtype: str = "fp32"
     master_weights: bool = False
-    kahan: bool = False
+    kahan: bool | str = False
     stochastic_rounding: bool = False
     optimizer: str = "adamw"
     state_format: str | None = None
@@ -612,12 +614,16 @@ class Recipe:
     def __post_init__(self) -> None:
         object.__setattr__(self, "param_dtype", _dtype_name(self.param_dtype))
         low = self.param_dtype in ("bf16", "fp16")
-        if sum((self.master_weights, self.kahan, self.stochastic_rounding)) > 1:
+        if sum(map(bool, (self.master_weights, self.kahan, self.stochastic_rounding))) > 1:
             raise ValueError(f"{self.name}: choose one of master weights, Kahan, stochastic rounding")
         if (self.master_weights or self.kahan or self.stochastic_rounding) and not low:
             raise ValueError(
                 f"{self.name}: master weights, Kahan and stochastic rounding need bf16/fp16 params"
             )
+        if self.kahan not in (False, True, "8bit"):
+            raise ValueError(f"{self.name}: kahan must be True, False or '8bit', got {self.kahan!r}")
+        if self.kahan == "8bit" and self.param_dtype != "bf16":
+            raise ValueError(f"{self.name}: the int8 Kahan compensation needs bf16 params")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"{self.name}: unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
@@ -645,7 +651,7 @@ class Recipe:
         if self.master_weights:
             parts.append("fp32 master weights")
         if self.kahan:
-            parts.append(f"Kahan compensation ({self.param_dtype})")
+            parts.append(f"Kahan compensation ({'int8' if self.kahan == '8bit' else self.param_dtype})")
         if self.stochastic_rounding:
             parts.append("stochastic rounding")
         if self.gradient_release:
@@ -942,7 +948,7 @@ def tensor_bytes(t: TensorSpec, recipe: Recipe, model: ModelSpec | None = None) 
     if recipe.master_weights:
         out["master"] = 4 * n
     if recipe.kahan:
-        out["kahan"] = p * n
+        out["kahan"] = (1 if recipe.kahan == "8bit" else p) * n
     opt = OPTIMIZERS[recipe.optimizer]
     small_dtype = "fp32" if recipe.state_dtype == "8bit" else recipe.state_dtype
     for component, k, full in opt.states(t, model or ModelSpec("", ()), recipe):
@@ -1035,7 +1041,7 @@ def _slot_state_bytes(shapes, optimizer, state_format, param_dtype, kahan, maste
             else:
                 payload = DTYPE_BYTES["fp32" if fmt == "8bit" else fmt] * k
             out[comp] = out.get(comp, 0) + payload
-        out["kahan"] += DTYPE_BYTES[dtype] * n if kahan else 0
+        out["kahan"] += (1 if kahan == "8bit" else DTYPE_BYTES[dtype]) * n if kahan else 0
         out["master"] += 4 * n if master else 0
     return out
 
@@ -1047,7 +1053,7 @@ def adamkit_state_bytes(
     state_format: str | None = None,
     amsgrad: bool = False,
     param_dtype: Any = "fp32",
-    kahan: bool = False,
+    kahan: bool | str = False,
     master: bool = False,
     block_size: int = BLOCK_SIZE,
     min_8bit_size: int = MIN_8BIT_SIZE,
@@ -1064,7 +1070,7 @@ def adamkit_state_bytes(
         state_format: ``None`` (the parameter's dtype), ``"fp32"``, ``"bf16"`` or ``"8bit"``.
         amsgrad: count ``max_exp_avg_sq`` (Adam/AdamW).
         param_dtype: the parameters' dtype (``torch.bfloat16``, ``"bf16"``...).
-        kahan: a compensation buffer in the parameter dtype.
+        kahan: a compensation buffer in the parameter dtype; ``"8bit"``: in int8 (bf16 parameters).
         master: an fp32 master copy.
         block_size, min_8bit_size: the 8-bit format.
 

@@ -69,6 +69,8 @@ RECIPES: dict[str, Recipe] = {
         Recipe("adamkit-adamw", "adamw"),
         Recipe("adamw-release", "adamw", grads="release"),  # no gradient buffer: peak RSS shows it
         Recipe("bf16-kahan", "adamw", precision="bf16-kahan"),
+        # bf16 params + int8 Kahan + 8-bit m, v: ~5 B/param of parameters and state
+        Recipe("bf16-kahan8-8bit", "adamw", precision="bf16-kahan8", state="8bit"),
         Recipe("bf16-sr", "adamw", precision="bf16-sr"),
         Recipe("bf16-master", "adamw", precision="bf16-master"),
         Recipe("bf16-state", "adamw", state="bf16"),

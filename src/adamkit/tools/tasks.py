@@ -441,6 +441,10 @@ PRECISIONS: dict[str, Precision] = {
     # bf16 keeps 8 mantissa bits: an update smaller than 2^-9 of a weight is lost when added.
     # Kahan summation keeps the lost low bits in a bf16 buffer (+2 B/param) and adds them back.
     "bf16-kahan": Precision(torch.bfloat16, {"kahan_sum": True}, "bf16 parameters + Kahan summation"),
+    # The same with the lost bits in an int8 buffer (+1 B/param), in units of ulp/256: ~16 bits.
+    "bf16-kahan8": Precision(
+        torch.bfloat16, {"kahan_sum": "8bit"}, "bf16 parameters + int8 Kahan compensation"
+    ),
     # Stochastic rounding rounds up or down with probability by distance: unbiased, no buffer.
     "bf16-sr": Precision(
         torch.bfloat16,
