@@ -367,7 +367,9 @@ def test_a_subnormal_block_is_stored_as_zeros_not_nan(signed, subnormals_kept):
     assert y[256] == 3.0 and torch.isfinite(y).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# the compiled kernel traces quant8.encode_blocks, the reference's own code (compiling it for this
+# shape without subnormal flushing cost 36 s); the native kernel has its own encode
+@pytest.mark.parametrize("backend", ["reference", "foreach", "fused"])
 def test_a_long_idle_row_with_decaying_momentum_stays_finite(backend, subnormals_kept):
     """m of a row whose gradients stopped decays by beta1 per step into subnormals; with 8-bit
     state its block must decode to zeros, never nan (a nan m makes the parameter nan)."""

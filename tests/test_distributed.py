@@ -296,6 +296,71 @@ def test_ddp_fused_adamw_matches_torch():
     _spawn(_ddp_checks)
 
 
+# DDP and ZeroRedundancyOptimizer with each adamkit format, on a model with rows wide enough for
+# 8-bit state (300 elements), against torch.optim.AdamW under DDP. Bounds, 6 steps of lr 1e-2:
+# fp32 within fp32 rounding; bf16 state: each moment rounded to 2^-8 relative moves each update by
+# at most that, 6 x 1e-2 x 2^-8 = 2.3e-4 (bound 1e-3); 8-bit state: codes' relative step <= 2/c,
+# a few % on the update, 6 x 1e-2 x 5 % = 3e-3 (bound 6e-3). bf16 parameters (their forward runs in
+# bf16, so torch's fp32 run is no reference): ranks agree bit for bit, and the DDP and ZeRO runs
+# within 1e-2: they differ by one bf16 ulp in a fifth of the elements with every precision option
+# alike (master weights included: it comes from the bf16 forward and backward, not the step), which
+# 6 steps grow to 2-5 ulps (measured: at most 3.9e-3).
+DDP_FORMATS = {
+    "fp32": (torch.float32, {}, None),
+    "bf16-state": (torch.float32, dict(state_format="bf16"), 1e-3),
+    "8bit": (torch.float32, dict(state_format="8bit", min_8bit_size=0), 6e-3),
+    "bf16-kahan": (torch.bfloat16, dict(kahan_sum=True), None),
+    "bf16-kahan8-8bit": (torch.bfloat16, dict(kahan_sum="8bit", state_format="8bit", min_8bit_size=0), None),
+    "bf16-sr": (torch.bfloat16, dict(stochastic_rounding=True), None),
+    "bf16-master": (torch.bfloat16, dict(master_weights=True), None),
+}
+
+
+def _wide(dtype) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 300), nn.Tanh(), nn.Linear(300, 2), nn.Tanh(), nn.Linear(2, 1)).to(
+        dtype
+    )
+
+
+def _ddp_format_checks(rank: int) -> None:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def flat(m):
+        return torch.cat([p.detach().float().reshape(-1) for p in m.parameters()])
+
+    kw = dict(lr=LR, weight_decay=0.1)
+    tm = DDP(_wide(torch.float32))
+    _train(tm, torch.optim.AdamW(tm.parameters(), **kw), rank, 6)
+    ref = flat(tm)
+    for name, (dtype, options, bound) in DDP_FORMATS.items():
+        runs = {}
+        for mode in ("DDP", "ZeRO"):
+            m = DDP(_wide(dtype))
+            if mode == "DDP":
+                opt = adamkit.AdamW(m.parameters(), **kw, **options)
+            else:
+                opt = ZeroRedundancyOptimizer(
+                    m.parameters(), optimizer_class=adamkit.AdamW,
+                    parameters_as_bucket_view=dtype == torch.float32, **kw, **options,
+                )  # fmt: skip
+            _train(m, opt, rank, 6)
+            f = runs[mode] = flat(m)
+            gathered = [torch.empty_like(f) for _ in range(WORLD)]
+            dist.all_gather(gathered, f)
+            assert all(torch.equal(gathered[0], x) for x in gathered), f"{mode} {name}: ranks diverged"
+            if dtype == torch.float32:
+                tol = {} if bound is None else dict(rtol=0, atol=bound)
+                torch.testing.assert_close(f, ref, msg=f"{mode} {name} vs torch AdamW", **tol)
+        if dtype == torch.bfloat16:
+            torch.testing.assert_close(runs["ZeRO"], runs["DDP"], rtol=0, atol=1e-2, msg=name)
+
+
+def test_ddp_and_zero_every_format():
+    _spawn(_ddp_format_checks)
+
+
 # --------------------------------------------------------------------------------------------------
 # every state format and precision option under FSDP2
 # --------------------------------------------------------------------------------------------------
