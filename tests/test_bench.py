@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from adamkit.tools import bench, cli
 
 
@@ -34,7 +36,9 @@ def test_bench_cli_writes_json(tmp_path, capsys):
     assert "arithmetic ms (in cache)" in out
     for r in result["rows"]:
         assert r["arithmetic_ms"] > 0 and r["binds"] in ("arithmetic", "memory")
-        assert r["binds"] == ("arithmetic" if r["arithmetic_ms"] >= bench.ARITH_BOUND * r["ms"] else "memory")
+        memory_ms = r["params"] * r["bytes_per_param"] / (result["stream_gbps"] * 1e9) * 1e3
+        assert r["memory_ms"] == pytest.approx(memory_ms, rel=1e-9)
+        assert r["binds"] == ("arithmetic" if r["arithmetic_ms"] > memory_ms else "memory")
 
 
 def test_unknown_names_are_refused():

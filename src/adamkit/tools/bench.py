@@ -7,9 +7,9 @@ streaming limit and the ratio to torch's fused AdamW. Writes a JSON file next to
 Next to each memory-bound time stands the same implementation's arithmetic-only time for the
 case's parameter count (``arithmetic_ms``): steps of one tensor small enough that its buffers stay
 in the core's L2 cache, at two sizes; the slope of step time against size is the cost per element
-with memory traffic and each step's fixed cost (Python, dispatch) taken out. Where it comes near
-the measured time (``ARITH_BOUND`` of it or more) the arithmetic binds, and fewer bytes cannot make
-that step faster; otherwise the memory stream binds.
+with memory traffic and each step's fixed cost (Python, dispatch) taken out. Beside it stands the
+memory-bound time (``memory_ms``): the step's bytes at the streaming probe's bandwidth. The larger
+of the two binds: where the arithmetic does, fewer bytes cannot make that step faster.
 
 Gradients: each timed step starts from gradients as ``backward()`` leaves them: one tensor per
 parameter, which every implementation reads where it lies. The row "adamkit fused (fresh grads)"
@@ -154,11 +154,10 @@ class Row:
     pct_stream: float
     vs_torch_fused: float | None
     arithmetic_ms: float | None = None  # the same parameters' arithmetic alone (in cache)
-    binds: str | None = None  # "arithmetic" or "memory"
+    memory_ms: float | None = None  # the step's bytes at the streaming probe's bandwidth
+    binds: str | None = None  # "arithmetic" or "memory": the larger of the two limits
 
 
-# arithmetic at or above this share of the measured time: the arithmetic binds
-ARITH_BOUND = 0.8
 # one tensor at each size, stepped in cache (fp32 AdamW: 16 B of buffers per element, 1 MiB at the
 # larger size, inside every current x86 core's L2)
 ARITH_SIZES = (1 << 14, 1 << 16)
@@ -292,12 +291,14 @@ def bench(
             row = Row(case, name, n, len(shapes), sec * 1e3, bpp, gbps, 0.0, None)
             if name in arith:
                 row.arithmetic_ms = arith[name] * n * 1e-6
-                row.binds = "arithmetic" if row.arithmetic_ms >= ARITH_BOUND * row.ms else "memory"
             case_rows.append(row)
             progress(f"{case:38s} {name:42s} {sec * 1e3:8.2f} ms")
         ref = next((r.ms for r in case_rows if r.impl == "torch fused"), None)
         for r in case_rows:
             r.vs_torch_fused = ref / r.ms if ref else None
+            if r.arithmetic_ms is not None:
+                r.memory_ms = n * r.bytes_per_param / (stream * GB) * 1e3
+                r.binds = "arithmetic" if r.arithmetic_ms > r.memory_ms else "memory"
         rows += case_rows
         del runners, fns
         gc.collect()
@@ -365,15 +366,16 @@ def format_table(result: dict) -> str:
         f"torch {result['torch']}, {result['threads']} threads, "
         f"streaming limit {result['stream_gbps']:.1f} GB/s",
         "",
-        "| case | implementation | ms (median) | arithmetic ms (in cache) | binds | B/param | GB/s "
-        "| % of stream | vs torch fused |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|",
+        "| case | implementation | ms (median) | arithmetic ms (in cache) | memory ms (at stream) | binds "
+        "| B/param | GB/s | % of stream | vs torch fused |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         ratio = f"{r['vs_torch_fused']:.2f}x" if r["vs_torch_fused"] else "-"
         arith = f"{r['arithmetic_ms']:.2f}" if r.get("arithmetic_ms") is not None else "-"
+        mem = f"{r['memory_ms']:.2f}" if r.get("memory_ms") is not None else "-"
         lines.append(
-            f"| {r['case']} | {r['impl']} | {r['ms']:.2f} | {arith} | {r.get('binds') or '-'} "
+            f"| {r['case']} | {r['impl']} | {r['ms']:.2f} | {arith} | {mem} | {r.get('binds') or '-'} "
             f"| {r['bytes_per_param']:.0f} | {r['gbps']:.1f} | {r['pct_stream']:.0f}% | {ratio} |"
         )
     if "compile_overhead_s" in result:
