@@ -578,12 +578,16 @@ class Optimizer(torch.optim.Optimizer):
             )
             fp32_params |= p.dtype not in LOW_PRECISION
         asked = [k for k in ("kahan_sum", "stochastic_rounding", "master_weights") if merged[k]]
-        if asked and fp32_params:
-            warn_once(
-                f"lowprec-{id(self)}",
+        if asked and fp32_params and not getattr(self, "_lowprec_warned", False):
+            # once per optimizer: a flag on it, not a global set keyed by id(self), which a new
+            # optimizer reuses once an old one is collected (it then never warned)
+            self._lowprec_warned = True
+            warnings.warn(
                 f"adamkit: {', '.join(f'{k}={merged[k]!r}' for k in asked)} applies to bfloat16/float16 "
                 "parameters only; this group's float32/float64 parameters are stepped in their own precision "
                 "(cast the model with model.to(torch.bfloat16) to use it)",
+                RuntimeWarning,
+                stacklevel=3,
             )
         param_group.update({k: v for k, v in merged.items() if k != "params"})
         param_group["params"] = tensors if not named else params
