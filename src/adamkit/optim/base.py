@@ -989,13 +989,9 @@ class Optimizer(torch.optim.Optimizer):
         rel.micro = 0
         pending, rel.pending = list(rel.pending.values()), {}
         for p, index, i in pending:
-            # a zero gradient for the one step (the per-tensor backends read p.grad), freed after it
-            p.grad = torch.zeros_like(p)
-            try:
-                hp = self._hyper(index, self.param_groups[index])
-                self._release_step(p, p.grad, index, i, hp, self._release.scale)
-            finally:
-                p.grad = None
+            # a zero gradient for the one step, handed to it directly (p.grad stays None)
+            hp = self._hyper(index, self.param_groups[index])
+            self._release_step(p, torch.zeros_like(p), index, i, hp, self._release.scale)
         rel.end_step(self, k)
 
     def _check_window(self, what: str) -> None:
