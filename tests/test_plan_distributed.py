@@ -50,6 +50,7 @@ FSDP2 = [
     ("fp32-amsgrad", "AdamW", torch.float32, dict(amsgrad=True)),
     ("bf16-kahan", "AdamW", torch.bfloat16, dict(kahan_sum=True)),
     ("bf16-kahan-8bit", "AdamW", torch.bfloat16, dict(kahan_sum=True, state_format="8bit")),
+    ("bf16-kahan8-8bit", "AdamW", torch.bfloat16, dict(kahan_sum="8bit", state_format="8bit")),
     ("mixed-bf16", "AdamW", torch.bfloat16, dict(master_weights=True, state_format="fp32")),
     ("bf16-sr-8bit", "AdamW", torch.bfloat16, dict(stochastic_rounding=True, state_format="8bit")),
     ("fp32-8bit-lion", "Lion", torch.float32, dict(state_format="8bit")),

@@ -782,6 +782,14 @@ def eight_bit_layout(
     return None if sharded and shape is not None else "flat"
 
 
+def kahan_bytes(kahan: bool | str, param_dtype: str) -> int:
+    """Bytes per element of a Kahan compensation buffer: the parameter's dtype, or 1 for
+    ``kahan="8bit"`` (int8 units of ulp/256); 0 without one."""
+    if not kahan:
+        return 0
+    return 1 if kahan == "8bit" else DTYPE_BYTES[param_dtype]
+
+
 def state_tensor_bytes(
     numel: int,
     state_dtype: str,
@@ -948,7 +956,7 @@ def tensor_bytes(t: TensorSpec, recipe: Recipe, model: ModelSpec | None = None) 
     if recipe.master_weights:
         out["master"] = 4 * n
     if recipe.kahan:
-        out["kahan"] = (1 if recipe.kahan == "8bit" else p) * n
+        out["kahan"] = kahan_bytes(recipe.kahan, recipe.param_dtype) * n
     opt = OPTIMIZERS[recipe.optimizer]
     small_dtype = "fp32" if recipe.state_dtype == "8bit" else recipe.state_dtype
     for component, k, full in opt.states(t, model or ModelSpec("", ()), recipe):
@@ -1041,7 +1049,7 @@ def _slot_state_bytes(shapes, optimizer, state_format, param_dtype, kahan, maste
             else:
                 payload = DTYPE_BYTES["fp32" if fmt == "8bit" else fmt] * k
             out[comp] = out.get(comp, 0) + payload
-        out["kahan"] += (1 if kahan == "8bit" else DTYPE_BYTES[dtype]) * n if kahan else 0
+        out["kahan"] += kahan_bytes(kahan, dtype) * n
         out["master"] += 4 * n if master else 0
     return out
 
@@ -1519,6 +1527,7 @@ STATE_COMPONENTS = {
     "exp_avg_sq": "v",
     "max_exp_avg_sq": "max_v",
     "kahan_comp": "kahan",
+    "kahan_comp8": "kahan",
     "master_weight": "master",
 }
 
@@ -1551,7 +1560,7 @@ def _fsdp2_tensor_bytes(t: TensorSpec, recipe: Recipe, world: int) -> list[dict[
         if t.trainable:
             d["grads"] = padded_rows * length * p
             d["master"] = 4 * r * length if recipe.master_weights else 0
-            d["kahan"] = p * r * length if recipe.kahan else 0
+            d["kahan"] = kahan_bytes(recipe.kahan, recipe.param_dtype) * r * length
             for slot in slots:
                 if layout == "rows":
                     d[slot] += r * codes
