@@ -189,6 +189,91 @@ def test_parameter_without_gradient_in_the_last_micro_batch_is_stepped_at_the_wi
     assert all(float(opt.state[p]["step"]) == 1 for p in params)
 
 
+class _RaiseInBackward(torch.autograd.Function):
+    """Identity; its backward raises while ``armed`` (after the layers above it got gradients)."""
+
+    armed = False
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        if _RaiseInBackward.armed:
+            raise RuntimeError("out of memory (simulated)")
+        return g
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_a_backward_that_raises_counts_as_a_micro_batch_and_the_window_still_closes(backend):
+    """A backward that raises after some hooks folded (an out-of-memory micro-batch caught by the
+    training loop): autograd never runs its end callback. Before, the window stayed open for good:
+    every later backward folded and none stepped. Now the interrupted pass counts as a micro-batch
+    whose missing gradients are zero, and the window closes after k passes in all."""
+    torch.manual_seed(0)
+    first, last = torch.nn.Linear(4, 3).double(), torch.nn.Linear(3, 2).double()
+    ref_first, ref_last = torch.nn.Linear(4, 3).double(), torch.nn.Linear(3, 2).double()
+    ref_first.load_state_dict(first.state_dict())
+    ref_last.load_state_dict(last.state_dict())
+    params = [*first.parameters(), *last.parameters()]
+    opt = adamkit.AdamW(
+        params, lr=LR, weight_decay=WD, backend=backend, gradient_release=True, accumulation_steps=K
+    )
+    oracle = Oracle([*ref_first.parameters(), *ref_last.parameters()], decoupled=True)
+    xs = [x[:, :4] for x in micro_batches(2 * K)]
+    ref_params = [*ref_first.parameters(), *ref_last.parameters()]
+
+    def ref_grads(x, interrupted):
+        h = ref_first(x)
+        loss = (ref_last(torch.tanh(h.detach() if interrupted else h)) ** 2).sum()
+        gs = torch.autograd.grad(loss, ref_params, allow_unused=True)
+        return [None if g is None else g.detach() for g in gs]
+
+    # window 1: micro-batch 0 raises below the last layer (its hooks fired, the first layer's not)
+    _RaiseInBackward.armed = True
+    with pytest.raises(RuntimeError, match="simulated"):
+        (last(torch.tanh(_RaiseInBackward.apply(first(xs[0])))) ** 2).sum().backward()
+    _RaiseInBackward.armed = False
+    for p in params:
+        p.grad = None  # what a loop that catches the error does (zero_grad)
+    grads = [ref_grads(xs[0], interrupted=True)]
+    with pytest.warns(UserWarning, match="raised inside an accumulation window"):
+        (last(torch.tanh(_RaiseInBackward.apply(first(xs[1])))) ** 2).sum().backward()
+    grads.append(ref_grads(xs[1], interrupted=False))
+    for x in xs[2:K]:
+        (last(torch.tanh(_RaiseInBackward.apply(first(x)))) ** 2).sum().backward()
+        grads.append(ref_grads(x, interrupted=False))
+    oracle.window(grads)
+    for p, q in zip(params, oracle.p):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert all(float(opt.state[p]["step"]) == 1 for p in params)
+    # the next window is an ordinary one
+    grads = []
+    for x in xs[K : 2 * K]:
+        (last(torch.tanh(_RaiseInBackward.apply(first(x)))) ** 2).sum().backward()
+        grads.append(ref_grads(x, interrupted=False))
+    oracle.window(grads)
+    for p, q in zip(params, oracle.p):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert all(float(opt.state[p]["step"]) == 2 for p in params)
+
+
+def test_state_dict_after_a_backward_that_raised_says_so():
+    first, last = torch.nn.Linear(4, 3).double(), torch.nn.Linear(3, 2).double()
+    opt = adamkit.AdamW(
+        [*first.parameters(), *last.parameters()], gradient_release=True, accumulation_steps=K
+    )
+    _RaiseInBackward.armed = True
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            (last(_RaiseInBackward.apply(first(micro_batches(1)[0][:, :4]))) ** 2).sum().backward()
+    finally:
+        _RaiseInBackward.armed = False
+    with pytest.raises(RuntimeError, match="after a backward pass that raised"):
+        opt.state_dict()
+
+
 def test_release_clipping_with_accumulation_uses_the_previous_windows_rms_norm():
     a, b = model(torch.float64), model(torch.float64)
     opt = adamkit.AdamW(

@@ -355,6 +355,7 @@ class _Release:
         self.scale = 1.0  # the clipping multiplier from the previous step's norm
         self.micro = 0  # accumulation: backward passes done in this window (0 .. k-1)
         self.in_backward = False  # accumulation: the end-of-backward callback is queued
+        self.task = -1  # accumulation: autograd's id of the backward that queued it
         # accumulation: parameters folded in this window, not yet stepped (id -> (p, index, i))
         self.pending: dict[int, tuple] = {}
         # DDP (adamkit.release_comm_hook): buckets are stepped after their all-reduce, maybe on
@@ -859,10 +860,24 @@ class Optimizer(torch.optim.Optimizer):
         group = self.param_groups[index]
         params = group["params"]
         hp = self._hyper(index, group)
-        if k > 1 and not rel.in_backward:  # this backward's first hook: count it when it ends
-            ref = _weak(self)
-            torch.autograd.Variable._execution_engine.queue_callback(lambda: _end_backward(ref))
-            rel.in_backward = True
+        if k > 1:
+            task = torch._C._current_graph_task_id()
+            if rel.in_backward and task != rel.task:
+                # The previous backward raised after some of its hooks had folded or stepped:
+                # autograd drops a failed backward's callbacks, so it was never counted and the
+                # window would never close (every later backward folding, none stepping). It
+                # counts as a micro-batch whose missing gradients are zero, as true accumulation
+                # goes on with the partial sums left in .grad when the error is caught.
+                warnings.warn(
+                    "adamkit: a backward pass raised inside an accumulation window; its gradients "
+                    "folded so far stay in the window, which counts it as a micro-batch",
+                    stacklevel=2,
+                )
+                self._end_micro_batch()
+            if not rel.in_backward:  # this backward's first hook: count it when it ends
+                ref = _weak(self)
+                torch.autograd.Variable._execution_engine.queue_callback(lambda: _end_backward(ref))
+                rel.in_backward, rel.task = True, task
         if "step" not in self.state.get(p, {}):
             # state for the whole group at once: the native kernel's tables are built once, not
             # once per parameter as each first gradient arrives
@@ -997,6 +1012,13 @@ class Optimizer(torch.optim.Optimizer):
     def _check_window(self, what: str) -> None:
         rel = self._release
         if rel is not None and (rel.micro or rel.pending):
+            if rel.in_backward and torch._C._current_graph_task_id() != rel.task:
+                raise RuntimeError(
+                    f"adamkit: {what} after a backward pass that raised inside an accumulation "
+                    f"window ({rel.micro} of {self.accumulation_steps} micro-batches done before "
+                    "it): the moments hold a partial sum; run the window's remaining backward "
+                    "passes first (the interrupted one counts as a micro-batch)"
+                )
             raise RuntimeError(
                 f"adamkit: {what} inside an accumulation window ({rel.micro} of "
                 f"{self.accumulation_steps} micro-batches folded): the moments hold a partial sum "
