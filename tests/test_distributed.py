@@ -406,6 +406,20 @@ def _format_checks(rank: int) -> None:
         _train(m2, o2, rank, 2)
         _assert_same_run(m2, o2, m1, o1, exact=True, what=f"{name} resumed")
 
+        # full-precision values (an fp32 checkpoint, read whole on every rank): each rank keeps its
+        # shard of the value and of its remainder; gathered, equal to one process loading them
+        g = torch.Generator().manual_seed(5)
+        values = [torch.randn(p.shape, generator=g) for p in m1.parameters()]
+        m1_plain = _mlp(dtype)
+        o_plain = adamkit.AdamW(m1_plain.parameters(), lr=LR, **kw)
+        o_plain.load_full_precision_params(values)
+        o1.load_full_precision_params(values)
+        for (pname, p), q in zip(m1.named_parameters(), m1_plain.parameters()):
+            assert torch.equal(p.detach().full_tensor(), q.detach()), f"{name}: {pname} loaded"
+            for k, v in o_plain.state[q].items():
+                if k in ("kahan_comp", "kahan_comp8", "master_weight"):
+                    assert torch.equal(o1.state[p][k].full_tensor(), v), f"{name}: {pname} {k} loaded"
+
     # 8-bit state of a DTensor split along another dim than 0 is refused before anything changes
     # (its rows would be cut between ranks); tensors below min_8bit_size keep fp32 state and run
     from torch.distributed.device_mesh import init_device_mesh

@@ -1204,7 +1204,11 @@ class Optimizer(torch.optim.Optimizer):
         A bf16/fp16 parameter gets the rounded value; with Kahan summation its compensation buffer
         is seeded with the rounding remainder, with master weights the master copy gets the value,
         so nothing of the fp32 weights is lost (with ``kahan_sum="8bit"``, nothing beyond the
-        int8 correction's resolution: |error| <= ulp(p)/512, or ulp(p)/256 where it clamps at +-127)."""
+        int8 correction's resolution: |error| <= ulp(p)/512, or ulp(p)/256 where it clamps at +-127).
+
+        Under FSDP2 (DTensor parameters) a value may be the full tensor, as every rank reads it
+        from a checkpoint: each rank keeps its own shard of it (no communication); a DTensor value
+        of another placement is gathered first (a collective: every rank calls this)."""
         values = list(values)
         params = [(g, p) for g in self.param_groups for p in g["params"]]
         if len(values) != len(params):
@@ -1214,12 +1218,14 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"value of shape {tuple(v.shape)} for a parameter of shape {tuple(p.shape)}")
         for (group, p), v in zip(params, values):
             v = v.to(device=p.device, dtype=torch.float32 if p.dtype in LOW_PRECISION else p.dtype)
+            # a full value is cut to the parameter's shard; the copies below are shard to shard
+            v = native.local(_placed_like(v, p))
             fmt = self._formats(group, p)
-            p.copy_(v)
+            native.local(p).copy_(v)
             key = param_aux_key(fmt.param)
             if key is not None:
                 st = self._init_state(p, group)
-                st[key].copy_(_aux_from_value(p, key, v))
+                native.local(st[key]).copy_(_aux_from_value(native.local(p), key, v))
 
     # ------------------------------------------------------------------------------------------
     # state dicts
