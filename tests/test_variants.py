@@ -249,6 +249,32 @@ def test_muon_matches_torch_float64(kw, backend):
     lockstep(ours, Both(muon, adamw), 5, 31, ("momentum_buffer", "exp_avg", "exp_avg_sq"))
 
 
+def test_muon_loads_torch_optim_muon_state_dicts_and_continues_as_torch():
+    """torch.optim.Muon keeps no step count (no bias correction) and no use_muon switch: its
+    state dict loads into adamkit.Muon's Muon group, and both go on alike (float64). An AdamW
+    fallback group cannot take it: refused, nothing changed."""
+    v = values(31, shapes=[(12, 5), (4, 9)])
+    theirs = [x.clone().requires_grad_() for x in v]
+    muon = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for q, g in zip(theirs, grads_for(theirs, gen)):
+            q.grad = g
+        muon.step()
+    sd = roundtrip(muon.state_dict())
+    ours = adamkit.Muon([q.detach().clone().requires_grad_() for q in theirs], lr=0.5, weight_decay=0.0)
+    ours.load_state_dict(sd)
+    group = ours.param_groups[0]
+    assert group["use_muon"] and group["lr"] == 0.02 and group["weight_decay"] == 0.1
+    assert all(float(ours.state[p]["step"]) == 0 for p in group["params"])
+    lockstep(ours, muon, 3, 32, ("momentum_buffer",))
+    fallback = adamkit.Muon([{"params": [x.clone().requires_grad_() for x in v], "use_muon": False}])
+    before = fallback.state_dict()
+    with pytest.raises(ValueError, match="loads into a use_muon=True group"):
+        fallback.load_state_dict(sd)
+    assert fallback.state_dict() == before
+
+
 def test_muon_refusals_change_nothing():
     m, vec = torch.zeros(4, 3, requires_grad=True), torch.zeros(3, requires_grad=True)
     with pytest.raises(ValueError, match="2-D parameters only"):

@@ -1291,6 +1291,7 @@ class Optimizer(torch.optim.Optimizer):
                     f"parameter group {i} has {len(group['params'])} parameters but the state dict's "
                     f"has {len(saved['params'])}; build the optimizer over the same parameters"
                 )
+            saved = self._from_torch_group(saved, group)
             missing = [k for k in self._required_group_keys() if k not in saved]
             if missing:
                 raise ValueError(
@@ -1328,7 +1329,7 @@ class Optimizer(torch.optim.Optimizer):
                     f"state of parameter {key!r} has keys {sorted(saved_state)}; a {alg.name} state has "
                     f"{list(self._state_keys())} (is it from another optimizer?)"
                 )
-            for k in ("step", *required) if alg.uses_step else required:
+            for k in ("step", *required) if self._step_saved(group_of[id(p)]) else required:
                 if k not in saved_state:
                     raise ValueError(f"state of parameter {key!r} lacks {k!r}")
             new_state[p] = self._convert_loaded_state(key, p, saved_state, group_of[id(p)])
@@ -1359,6 +1360,15 @@ class Optimizer(torch.optim.Optimizer):
 
     def _required_group_keys(self) -> tuple[str, ...]:
         return ("lr", "betas", "weight_decay")
+
+    def _from_torch_group(self, saved: dict, group: dict) -> dict:
+        """A saved group as this optimizer's: torch.optim's version of an algorithm may lack
+        keys of ours that its groups imply (algorithms override; ``group`` is the live one)."""
+        return saved
+
+    def _step_saved(self, group: dict) -> bool:
+        """Whether a saved state of ``group`` must have ``step`` (algorithms override)."""
+        return self.algorithm.uses_step
 
     def _loaded_group(self, group: dict) -> None:
         """Adjust a loaded group to this optimizer (e.g. AdamW's decoupled decay); algorithms override."""

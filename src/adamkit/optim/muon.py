@@ -290,3 +290,20 @@ class Muon(Optimizer):
 
     def _required_group_keys(self) -> tuple[str, ...]:
         return ("lr", "weight_decay", "momentum", "use_muon", "adamw_betas")
+
+    def _from_torch_group(self, saved: dict, group: dict) -> dict:
+        # torch.optim.Muon: every group is Muon (2-D parameters only); it has no use_muon switch
+        # and no AdamW betas (unused by a Muon group: the live group's are kept)
+        if "use_muon" in saved or not {"ns_coefficients", "ns_steps", "momentum"} <= saved.keys():
+            return saved
+        if not group["use_muon"]:
+            raise ValueError(
+                "a torch.optim.Muon group (Muon state) loads into a use_muon=True group, not into an "
+                "AdamW fallback group (use_muon=False); build this optimizer with the same groups"
+            )
+        return {**saved, "use_muon": True, "adamw_betas": group["adamw_betas"]}
+
+    def _step_saved(self, group: dict) -> bool:
+        # Muon's update has no bias correction: torch.optim.Muon keeps no step count, and a state
+        # loaded from it counts on from 0 (the count only seeds the rounding of bf16/8-bit state)
+        return not group["use_muon"]
