@@ -1,8 +1,10 @@
 """The benchmark harness runs and writes its JSON (timings themselves are never asserted)."""
 
 import json
+import math
 
 import pytest
+import torch
 
 from adamkit.tools import bench, cli
 
@@ -69,3 +71,21 @@ def test_incache_benchmark_runs_every_recipe(capsys):
     for name in script["RECIPES"]:
         assert f"| {name} | " in out
     assert "| torch fused | " in out and " 1.00x |" in out
+
+
+def test_training_step_case_steps_after_a_real_backward():
+    """Case d: gradients from a real backward of a 100-layer MLP; step + zero_grad are timed."""
+    case = "d: training step (100-layer MLP, 32M)"
+    shapes = bench.CASES[case](1.0)
+    assert len(shapes) == 200 and sum(math.prod(s) for s in shapes) == 32_092_200
+    impl = bench.implementations()["adamkit fused, 8-bit state"]
+    runner = bench._TrainRunner(impl, bench.CASES[case](0.001))
+    before = [p.detach().clone() for p in runner.params]
+    assert runner.step() > 0
+    assert all(p.grad is None for p in runner.params)  # zero_grad ran
+    assert all(not torch.equal(p, q) for p, q in zip(runner.params, before))  # every tensor stepped
+    result = bench.bench(
+        [case], ["torch fused", "adamkit fused"], scale=0.001, warmup=1, repeats=1, arithmetic=False
+    )
+    assert [r["impl"] for r in result["rows"]] == ["torch fused", "adamkit fused"]
+    assert result["rows"][0]["params"] == sum(math.prod(s) for s in bench.CASES[case](0.001))

@@ -58,7 +58,17 @@ CASES: dict[str, Callable[[float], list[tuple]]] = {
         d=max(8, int(400 * math.sqrt(s))), layers=16
     ),
     "c: 2000 tensors of 1K": lambda s: [(1024,)] * 2000,
+    "d: training step (100-layer MLP, 32M)": lambda s: mlp_shapes(max(8, int(566 * math.sqrt(s)))),
 }
+# Cases whose gradients come from a real backward pass (the step then finds them as training
+# leaves them: freshly written, partly in cache); their step + zero_grad is timed, not the backward.
+TRAINING = {"d: training step (100-layer MLP, 32M)"}
+MLP_LAYERS, MLP_BATCH = 100, 32
+
+
+def mlp_shapes(width: int) -> list[tuple]:
+    """Weight and bias shapes of ``MLP_LAYERS`` Linear(width, width) layers (566 wide: 32.1M)."""
+    return [(width, width), (width,)] * MLP_LAYERS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,6 +230,29 @@ class _Runner:
         return time.perf_counter() - t
 
 
+class _TrainRunner(_Runner):
+    """A training step of an MLP of ``shapes`` (``mlp_shapes``): forward and backward untimed,
+    then ``step()`` + ``zero_grad()`` timed, as a training loop runs them."""
+
+    def __init__(self, impl: Impl, shapes):
+        width = shapes[0][0]
+        torch.manual_seed(0)
+        layers: list[torch.nn.Module] = []
+        for _ in range(len(shapes) // 2):
+            layers += [torch.nn.Linear(width, width), torch.nn.Tanh()]
+        self.model = torch.nn.Sequential(*layers).to(impl.dtype)
+        self.params = list(self.model.parameters())
+        self.x = torch.randn(MLP_BATCH, width, dtype=impl.dtype)
+        self.opt = impl.make(self.params)
+
+    def step(self) -> float:
+        self.model(self.x).float().square().mean().backward()
+        t = time.perf_counter()
+        self.opt.step()
+        self.opt.zero_grad()
+        return time.perf_counter() - t
+
+
 def interleaved_medians(fns: list[Callable[[], float]], warmup: int, repeats: int) -> list[float]:
     """Median seconds of each function, timed in rounds (one call of each per round): on a shared
     machine whose speed drifts, every implementation then sees the same conditions."""
@@ -280,7 +313,8 @@ def bench(
         shapes = CASES[case](scale)
         n = sum(math.prod(s) for s in shapes)
         progress(f"{case}: {len(chosen)} implementations, {warmup} warm-up + {repeats} timed rounds ...")
-        runners = [_Runner(all_impls[name], shapes) for name in chosen]
+        runner = _TrainRunner if case in TRAINING else _Runner
+        runners = [runner(all_impls[name], shapes) for name in chosen]
         fns = [_timed(fn) for fn, _ in probes] + [r.step for r in runners]
         medians = interleaved_medians(fns, warmup, repeats)
         stream = max(stream, *(n_probe * nb / t / GB for (_, nb), t in zip(probes, medians)))
@@ -394,7 +428,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .train import positive_float, positive_int
 
     cases = "; ".join(CASES)
-    parser.add_argument("--cases", default="a,b,c", help=f"comma-separated subset of the cases ({cases})")
+    parser.add_argument(
+        "--cases",
+        default="a,b,c,d",
+        help=f"comma-separated subset of the cases ({cases}; d times step + zero_grad after a real backward)",
+    )
     names = "; ".join(implementations())  # peers appear only when installed
     parser.add_argument(
         "--impls",
