@@ -1,7 +1,8 @@
 """The variants under FSDP2 (gloo, 2 processes, one spawn for every check; helpers of
 test_distributed): Sophia-G, elementwise, steps each rank's shard exactly as one process steps the
-whole tensor; the variants whose update reduces over a tensor refuse sharded parameters clearly,
-before anything changes."""
+whole tensor; LAMB and Muon reduce over the whole tensor through torch.distributed and equal one
+process; the variants with factored or per-row state refuse sharded parameters clearly, before
+anything changes."""
 
 from __future__ import annotations
 
@@ -57,9 +58,46 @@ def _checks(rank: int) -> None:
                 assert tuple(st.placements) == tuple(p.placements), what
                 torch.testing.assert_close(st.full_tensor(), popt.state[q][k], rtol=0, atol=0, msg=what)
 
-    # 2. the variants that reduce over a tensor refuse sharded parameters at the first step, with
-    # parameters and state untouched
-    for cls in (adamkit.Lamb, adamkit.AdamMini, adamkit.Adafactor, adamkit.CAME, adamkit.Muon):
+    # 2. LAMB and Muon reduce over the whole tensor (norms; Newton-Schulz on the whole matrix):
+    # on FSDP2 each rank's shard equals one process stepping the whole tensor from the same
+    # gradients; float64, so LAMB's all-reduced norms (another summation order) are within 1e-12;
+    # Muon (its AdamW fallback on the biases included) gathers each matrix's update: bit for bit
+    for cls, kw, tol in (
+        (adamkit.Lamb, dict(lr=1e-2, weight_decay=0.1), 1e-12),
+        (adamkit.Muon, dict(lr=2e-2, adamw_lr=1e-2), 0.0),
+    ):
+        for backend in ("reference", "fused"):
+            m, plain = _fsdp_mlp(torch.float64), _mlp(torch.float64)
+            opt, popt = (
+                cls(m.parameters(), backend=backend, **kw),
+                cls(plain.parameters(), backend=backend, **kw),
+            )
+            for _ in range(4):
+                x, y = _batch(rank)
+                (m(x.double()).squeeze(-1) - y.double()).pow(2).mean().backward()
+                for p, q in zip(m.parameters(), plain.parameters()):
+                    q.grad = p.grad.full_tensor()
+                opt.step()
+                popt.step()
+                opt.zero_grad()
+                popt.zero_grad()
+            for (name, p), q in zip(m.named_parameters(), plain.parameters()):
+                what = f"{cls.__name__} {backend}: {name}"
+                torch.testing.assert_close(p.detach().full_tensor(), q.detach(), rtol=tol, atol=tol, msg=what)
+                for k, st in opt.state[p].items():
+                    if k != "step":
+                        assert tuple(st.placements) == tuple(p.placements), what
+                        torch.testing.assert_close(
+                            st.full_tensor(), popt.state[q][k], rtol=tol, atol=tol, msg=what
+                        )
+            if cls is adamkit.Muon:  # the matrices took Muon's path, the biases AdamW's
+                assert [("momentum_buffer" in opt.state[p]) for p in m.parameters()] == [
+                    p.dim() == 2 for p in m.parameters()
+                ]
+
+    # 3. the variants with state of other shapes than the parameter (factored or per-row
+    # statistics) refuse sharded parameters at the first step, parameters and state untouched
+    for cls in (adamkit.AdamMini, adamkit.Adafactor, adamkit.CAME):
         m = _fsdp_mlp()
         opt = cls(m.parameters(), lr=1e-2)
         before = [_local(p.detach()).clone() for p in m.parameters()]

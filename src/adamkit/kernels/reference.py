@@ -47,6 +47,11 @@ class Item:
     # position of t's first element in its whole parameter (a DTensor's local shard, a chunk of a
     # large tensor): element i is rounded with the bits of position offset + i
     offset: int = 0
+    # a sharded DTensor parameter whose algorithm reduces over the tensor (LAMB's norms, Muon's
+    # orthogonalization): (mesh, placements, shape, stride). Its update then runs on DTensors made
+    # of the decoded local shards, so each reduction covers the whole tensor (torch.distributed's
+    # own collectives); decoding and encoding stay local.
+    spec: tuple | None = None
 
 
 def decode_all(alg: Algorithm, fmt: Formats, t: dict, flags: Flags, cdt: torch.dtype):
@@ -125,6 +130,23 @@ def index_and_seeds(it: Item):
     return index, step_seeds(it.step, it.uid, N_STREAMS)
 
 
+def _whole(x, spec):
+    """A decoded local shard (None: an absent slot) as the DTensor it is a shard of."""
+    if x is None:
+        return None
+    from torch.distributed.tensor import DTensor  # a spec exists only where DTensors do
+
+    mesh, placements, shape, stride = spec
+    return DTensor.from_local(x, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
+def _shard(x):
+    """An update's result back to this rank's shard, in the parameter's placement."""
+    if x is None or not hasattr(x, "device_mesh"):
+        return x
+    return x.to_local()
+
+
 def run_reference(alg: Algorithm, items: list[Item], scalars_of: Callable, flags: Flags) -> None:
     """The spec: one parameter at a time, out-of-place math, results copied back into storage.
 
@@ -134,7 +156,11 @@ def run_reference(alg: Algorithm, items: list[Item], scalars_of: Callable, flags
     for it in items:
         cdt = compute_dtype(it.t["param"].dtype)
         p, g, slots = decode_all(alg, it.fmt, it.t, flags, cdt)
+        if it.spec is not None:
+            p, g, slots = _whole(p, it.spec), _whole(g, it.spec), [_whole(x, it.spec) for x in slots]
         new_p, new_slots = apply_update(alg, p, g, slots, scalars_of(it.step), flags)
+        if it.spec is not None:
+            new_p, new_slots = _shard(new_p), [_shard(x) for x in new_slots]
         index, seeds = index_and_seeds(it)
         for name, value in encode_all(alg, it.fmt, it.t, new_p, new_slots, flags, index, seeds).items():
             it.t[name].copy_(value)

@@ -627,22 +627,24 @@ class Optimizer(torch.optim.Optimizer):
         return hp
 
     def _check_sharded_reductions(self, group: dict) -> None:
-        """An algorithm that is not elementwise reduces over a tensor (LAMB's norms, Adam-mini's and
-        Adafactor's means, Muon's orthogonalization); the kernels see a sharded DTensor's local
-        shard only, so its reductions would cover one rank's part of the tensor and its results
-        would change with the world size. Refused, like sharded 8-bit state, when the group is
-        (re)validated: before anything changes, alike on every rank."""
-        if self.algorithm.elementwise:
+        """An algorithm that is not elementwise reduces over a tensor (LAMB's norms, Muon's
+        orthogonalization, Adam-mini's and Adafactor's means). On a sharded DTensor its update
+        runs on DTensors of the decoded shards (``Item.spec``), so torch.distributed reduces over
+        the whole tensor. Slots of other shapes than the parameter (Adafactor's and CAME's
+        factored rows and columns, Adam-mini's per-row v) have no placement yet: refused when the
+        group is (re)validated, before anything changes, alike on every rank."""
+        if self.algorithm.elementwise or all(s.shape is None for s in self.algorithm.slots):
             return
         for p in group["params"]:
             if native.is_sharded(p):
                 raise ValueError(
                     f"adamkit.{self.algorithm.name} does not support sharded DTensor parameters "
                     f"(FSDP2 fully_shard, tensor parallel; a parameter of shape {tuple(p.shape)} placed "
-                    f"{tuple(p.placements)}): its update reduces over the whole tensor (norms, means, "
-                    "orthogonalization), which each rank's shard does not hold, so the result would "
-                    "change with the world size. Use an elementwise optimizer (AdamW, Lion, SophiaG) "
-                    "on sharded parameters, or keep these parameters unsharded (replicated)"
+                    f"{tuple(p.placements)}): it keeps state of other shapes than the parameter "
+                    "(factored or per-row statistics), which are not placed across ranks, and its update "
+                    "reduces over the whole tensor, so a rank's shard alone would change the result with "
+                    "the world size. Use AdamW, Lion, SophiaG, LAMB or Muon on sharded parameters, or "
+                    "keep these parameters unsharded (replicated)"
                 )
 
     def _check_sharded_8bit(self, group: dict) -> None:
@@ -761,7 +763,10 @@ class Optimizer(torch.optim.Optimizer):
         t["param"], t["grad"] = native.local(p), native.local(p.grad if grad is None else grad)
         # offset: the local shard's first element in the whole parameter, so that rounding bits
         # follow global element positions (the same at every world size)
-        return Item(t, self._formats(group, p), float(state["step"]) + 1, uid, native.global_offset(p))
+        spec = None
+        if not self.algorithm.elementwise and native.is_sharded(p):  # reductions over the whole tensor
+            spec = (p.device_mesh, tuple(p.placements), p.shape, p.stride())
+        return Item(t, self._formats(group, p), float(state["step"]) + 1, uid, native.global_offset(p), spec)
 
     # ------------------------------------------------------------------------------------------
     # step

@@ -147,7 +147,17 @@ def scalars(hp: dict, step: float, f: Flags) -> Scalars:
 
 
 def newton_schulz(x: torch.Tensor, s: Scalars) -> torch.Tensor:
-    """The quintic Newton-Schulz iteration in bf16 (torch.optim.Muon's operations)."""
+    """The quintic Newton-Schulz iteration in bf16 (torch.optim.Muon's operations).
+
+    A sharded DTensor (FSDP2) is gathered whole and every rank iterates on the whole matrix, then
+    keeps its own rows: sharded bf16 matmuls would sum in another order than one process, and bf16
+    rounds those differences to ~1e-3 within a few steps; this way the result is the same at every
+    world size, bit for bit, for one all-gather of the update per matrix."""
+    if hasattr(x, "full_tensor") and any(pl.is_shard() for pl in x.placements):
+        from torch.distributed.tensor import distribute_tensor
+
+        whole = newton_schulz(x.full_tensor(), s)
+        return distribute_tensor(whole, x.device_mesh, x.placements, src_data_rank=None)
     o = x.bfloat16()
     tall = x.size(0) > x.size(1)
     if tall:  # iterate on the wide orientation: the Gram matrix is the smaller one
