@@ -48,10 +48,11 @@ class Item:
     # large tensor): element i is rounded with the bits of position offset + i
     offset: int = 0
     # a sharded DTensor parameter whose algorithm reduces over the tensor (LAMB's norms, Muon's
-    # orthogonalization): (mesh, placements, shape, stride). Its update then runs on DTensors made
-    # of the decoded local shards, so each reduction covers the whole tensor (torch.distributed's
-    # own collectives); decoding and encoding stay local.
-    spec: tuple | None = None
+    # orthogonalization, Adafactor's means): {"param" or a slot name: (mesh, placements, shape,
+    # stride)}. Its update then runs on DTensors made of the decoded local shards, so each
+    # reduction covers the whole tensor (torch.distributed's own collectives); decoding and
+    # encoding stay local.
+    spec: dict | None = None
 
 
 def decode_all(alg: Algorithm, fmt: Formats, t: dict, flags: Flags, cdt: torch.dtype):
@@ -88,8 +89,13 @@ def encode_all(alg: Algorithm, fmt: Formats, t: dict, p, slots, flags: Flags, in
             continue
         idx = index
         if index is not None and slot.shape is not None and tuple(x.shape) != tuple(index.shape):
-            # a slot of its own shape (Slot.shape) numbers its own elements for stochastic rounding
-            idx = torch.arange(x.numel(), device=x.device).view(x.shape)
+            # a slot of its own shape (Slot.shape) numbers its own elements for stochastic rounding;
+            # one that follows the parameter's rows (a shard of them under FSDP2) starts at its
+            # first row's position, so the rounding does not depend on the world size
+            start = 0
+            if slot.follows_rows(p.shape) and p.dim() >= 1 and p.numel() and x.dim() >= 1:
+                start = int(index.reshape(-1)[0]) // (p.numel() // p.shape[0]) * (x.numel() // x.shape[0])
+            idx = torch.arange(start, start + x.numel(), device=x.device).view(x.shape)
         if fmt.state == "8bit" and t[name].dim() == 2:
             # rows (quant8): x has the parameter's (local) shape, idx its elements' positions;
             # each row's padding continues its row's numbering
@@ -140,11 +146,12 @@ def _whole(x, spec):
     return DTensor.from_local(x, mesh, placements, run_check=False, shape=shape, stride=stride)
 
 
-def _shard(x):
-    """An update's result back to this rank's shard, in the parameter's placement."""
-    if x is None or not hasattr(x, "device_mesh"):
+def _shard(x, spec):
+    """An update's result back to this rank's shard in its stored placement (a reduction's partial
+    sums are all-reduced here, a result on a replicated slot is whole on every rank)."""
+    if not hasattr(x, "device_mesh"):
         return x
-    return x.to_local()
+    return x.redistribute(spec[0], spec[1]).to_local()
 
 
 def run_reference(alg: Algorithm, items: list[Item], scalars_of: Callable, flags: Flags) -> None:
@@ -157,10 +164,15 @@ def run_reference(alg: Algorithm, items: list[Item], scalars_of: Callable, flags
         cdt = compute_dtype(it.t["param"].dtype)
         p, g, slots = decode_all(alg, it.fmt, it.t, flags, cdt)
         if it.spec is not None:
-            p, g, slots = _whole(p, it.spec), _whole(g, it.spec), [_whole(x, it.spec) for x in slots]
+            sp = it.spec["param"]
+            names = [s.name for s in alg.active_slots(flags)]
+            specs = [it.spec.get(n) for n in names]
+            p, g = _whole(p, sp), _whole(g, sp)
+            slots = [None if x is None else _whole(x, s) for x, s in zip(slots, specs)]
         new_p, new_slots = apply_update(alg, p, g, slots, scalars_of(it.step), flags)
         if it.spec is not None:
-            new_p, new_slots = _shard(new_p), [_shard(x) for x in new_slots]
+            new_p = _shard(new_p, sp)
+            new_slots = [None if x is None else _shard(x, s) for x, s in zip(new_slots, specs)]
         index, seeds = index_and_seeds(it)
         for name, value in encode_all(alg, it.fmt, it.t, new_p, new_slots, flags, index, seeds).items():
             it.t[name].copy_(value)

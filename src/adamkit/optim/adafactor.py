@@ -52,9 +52,9 @@ def _full_if_vector(s: tuple) -> tuple | None:
 
 
 SLOTS = (
-    Slot("row_var", signed=False, shape=_row_shape),  # R values per matrix
-    Slot("col_var", signed=False, shape=_col_shape),  # C values per matrix
-    Slot("variance", signed=False, shape=_full_if_vector),  # vectors: 4 B/param
+    Slot("row_var", signed=False, shape=_row_shape, rows=lambda s: True),  # R values per matrix
+    Slot("col_var", signed=False, shape=_col_shape, rows=lambda s: len(s) >= 3),  # C values per matrix
+    Slot("variance", signed=False, shape=_full_if_vector, rows=lambda s: True),  # vectors: 4 B/param
     Slot("exp_avg", signed=True, option="beta1"),  # beta1 only: 4 B/param
 )
 

@@ -81,7 +81,10 @@ def adam_mini_update(p, g, slots: list, s: Scalars, f: Flags):
 
 ADAM_MINI = Algorithm(
     name="AdamMini",
-    slots=(Slot("exp_avg", signed=True), Slot("exp_avg_sq", signed=False, shape=block_shape)),
+    slots=(
+        Slot("exp_avg", signed=True),
+        Slot("exp_avg_sq", signed=False, shape=block_shape, rows=lambda s: len(s) >= 2),
+    ),
     check=check,
     flags=flags,
     scalars=scalars,

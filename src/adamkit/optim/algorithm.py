@@ -45,10 +45,22 @@ class Slot:
     # that shape (Adafactor keeps row/col for matrices, a full variance for vectors). None: the
     # parameter's shape. 8-bit storage encodes such a slot as its own flat blocks.
     shape: Callable[[tuple], tuple | None] | None = None
+    # parameter shape -> whether this slot's dim 0 is the parameter's dim 0 (its rows), so that it
+    # is split between ranks with the parameter's rows under FSDP2 (Shard(0)); otherwise every rank
+    # keeps it whole (Replicate: Adafactor's column statistics of a matrix, a vector's one v in
+    # Adam-mini), and the update's reductions over the rows reach it through torch.distributed.
+    # None: only a slot of the parameter's own shape follows its rows.
+    rows: Callable[[tuple], bool] | None = None
 
     def shape_for(self, param_shape) -> tuple | None:
         """This slot's shape for a parameter of ``param_shape``; None where it is not kept."""
         return tuple(param_shape) if self.shape is None else self.shape(tuple(param_shape))
+
+    def follows_rows(self, param_shape) -> bool:
+        """Whether this slot is split with its parameter's rows (see ``rows``)."""
+        if self.shape is None:
+            return True
+        return self.rows is not None and self.rows(tuple(param_shape))
 
 
 @dataclass(frozen=True)

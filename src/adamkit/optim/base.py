@@ -231,12 +231,35 @@ def _aux_from_value(p: torch.Tensor, key: str, v: torch.Tensor) -> torch.Tensor:
     return v.clone()
 
 
-def _placed_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def slot_spec(slot, p: torch.Tensor) -> tuple:
+    """(mesh, placements, global shape, stride) of a DTensor parameter's slot: a slot that follows
+    the parameter's rows (``Slot.follows_rows``) is placed like it, others are replicated on the
+    mesh dimensions where the parameter is sharded (every rank keeps them whole)."""
+    from torch.distributed.tensor import Replicate  # DTensors exist: so does the module
+
+    shape = slot.shape_for(p.shape)
+    rows = slot.follows_rows(p.shape)
+    placements = tuple(pl if rows or not pl.is_shard() else Replicate() for pl in p.placements)
+    stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+    return p.device_mesh, placements, torch.Size(shape), stride
+
+
+def _placed_like(t: torch.Tensor, p: torch.Tensor, slot=None) -> torch.Tensor:
     """A loaded state tensor with its parameter's placement. The kernels read the local shards of a
     parameter and its state together, so state saved without sharding (a full checkpoint) or with
     another placement would be read with the wrong length; a full tensor is cut locally (no
     communication), a DTensor of another placement is gathered first (a collective: every rank
-    loads). Plain tensors for plain parameters pass through unchanged."""
+    loads). Plain tensors for plain parameters pass through unchanged. ``slot``: a slot of another
+    shape than the parameter, placed by ``slot_spec``."""
+    if slot is not None and slot.shape is not None and native.is_dtensor(p):
+        mesh, placements, _, _ = slot_spec(slot, p)
+        if native.is_dtensor(t):
+            if t.device_mesh == mesh and tuple(t.placements) == placements:
+                return t
+            t = t.full_tensor()
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(t, mesh, placements, src_data_rank=None)
     t_dt, p_dt = native.is_dtensor(t), native.is_dtensor(p)
     if not t_dt and not p_dt:
         return t
@@ -630,21 +653,30 @@ class Optimizer(torch.optim.Optimizer):
         """An algorithm that is not elementwise reduces over a tensor (LAMB's norms, Muon's
         orthogonalization, Adam-mini's and Adafactor's means). On a sharded DTensor its update
         runs on DTensors of the decoded shards (``Item.spec``), so torch.distributed reduces over
-        the whole tensor. Slots of other shapes than the parameter (Adafactor's and CAME's
-        factored rows and columns, Adam-mini's per-row v) have no placement yet: refused when the
-        group is (re)validated, before anything changes, alike on every rank."""
+        the whole tensor; slots of other shapes than the parameter are split with its rows or kept
+        whole on every rank (``slot_spec``). Refused when the group is (re)validated, before
+        anything changes, alike on every rank: such slots of a parameter sharded along another dim
+        than 0 (tensor parallel), and in 8 bit (their flat blocks would straddle the shards)."""
         if self.algorithm.elementwise or all(s.shape is None for s in self.algorithm.slots):
             return
         for p in group["params"]:
-            if native.is_sharded(p):
+            if not native.is_sharded(p):
+                continue
+            if not native.rows_whole(p):
                 raise ValueError(
-                    f"adamkit.{self.algorithm.name} does not support sharded DTensor parameters "
-                    f"(FSDP2 fully_shard, tensor parallel; a parameter of shape {tuple(p.shape)} placed "
-                    f"{tuple(p.placements)}): it keeps state of other shapes than the parameter "
-                    "(factored or per-row statistics), which are not placed across ranks, and its update "
-                    "reduces over the whole tensor, so a rank's shard alone would change the result with "
-                    "the world size. Use AdamW, Lion, SophiaG, LAMB or Muon on sharded parameters, or "
-                    "keep these parameters unsharded (replicated)"
+                    f"adamkit.{self.algorithm.name} supports sharded DTensor parameters split along dim 0 "
+                    f"only (FSDP2's fully_shard); a parameter of shape {tuple(p.shape)} is placed "
+                    f"{tuple(p.placements)}: its factored or per-row statistics have no placement along "
+                    "another dim. Shard it along dim 0, or keep it unsharded"
+                )
+            if self._formats(group, p).state == "8bit" and any(
+                s.shape is not None and s.shape_for(p.shape) is not None for s in self.algorithm.slots
+            ):
+                raise ValueError(
+                    f"adamkit.{self.algorithm.name} with state_format='8bit' on sharded DTensor "
+                    f"parameters (a parameter of shape {tuple(p.shape)}): its factored or per-row "
+                    "statistics are 8-bit blocks of their own, which the shards would cut. Use "
+                    "state_format='bf16' or 'fp32' (these statistics are small: rows plus columns)"
                 )
 
     def _check_sharded_8bit(self, group: dict) -> None:
@@ -698,11 +730,17 @@ class Optimizer(torch.optim.Optimizer):
                 continue
             if slot.shape is not None:  # a slot of its own shape (Adafactor's rows, Adam-mini's v)
                 if native.is_dtensor(p):
-                    raise NotImplementedError(
-                        f"adamkit.{self.algorithm.name} keeps {slot.name!r} of another shape than its "
-                        "parameter; DTensor (FSDP2/TP) parameters are not supported for it yet"
+                    # rows with the parameter's rows, the rest whole on every rank (slot_spec);
+                    # fp32 or bf16 (8-bit is refused for these, _check_sharded_reductions)
+                    from torch.distributed.tensor import DTensor
+
+                    mesh, placements, gshape, stride = slot_spec(slot, p)
+                    lshape = slot.shape_for(native.local(p).shape) if slot.follows_rows(p.shape) else gshape
+                    x = torch.zeros(lshape, dtype=state_dtype(fmt.state), device=p.device)
+                    state[slot.name] = DTensor.from_local(
+                        x, mesh, placements, run_check=False, shape=gshape, stride=stride
                     )
-                if fmt.state == "8bit":  # its own flat blocks: 1 B/element padded + 4 B per block
+                elif fmt.state == "8bit":  # its own flat blocks: 1 B/element padded + 4 B per block
                     state[slot.name], state[slot.name + "_scale"] = quant8.zeros(
                         math.prod(shape), slot.signed, p.device
                     )
@@ -765,7 +803,10 @@ class Optimizer(torch.optim.Optimizer):
         # follow global element positions (the same at every world size)
         spec = None
         if not self.algorithm.elementwise and native.is_sharded(p):  # reductions over the whole tensor
-            spec = (p.device_mesh, tuple(p.placements), p.shape, p.stride())
+            spec = {"param": (p.device_mesh, tuple(p.placements), p.shape, p.stride())}
+            for slot in self.algorithm.slots:
+                if slot.name in state:
+                    spec[slot.name] = spec["param"] if slot.shape is None else slot_spec(slot, p)
         return Item(t, self._formats(group, p), float(state["step"]) + 1, uid, native.global_offset(p), spec)
 
     # ------------------------------------------------------------------------------------------
@@ -1423,7 +1464,7 @@ class Optimizer(torch.optim.Optimizer):
                     )
                 if not v.is_floating_point():
                     raise TypeError(f"state[{key!r}][{name!r}] must be floating point, got {v.dtype}")
-                value = _placed_like(v.detach().to(p.device), p)
+                value = _placed_like(v.detach().to(p.device), p, slot)
             if fmt.state == "8bit":
                 out[name], out[name + "_scale"] = _encode8(slot, native.local(value).float(), p)
             else:
@@ -1500,4 +1541,4 @@ class Optimizer(torch.optim.Optimizer):
             out[name + "_scale"] = _placed_like(scales, p).clone() if native.is_dtensor(p) else scales.clone()
             return None
         value = quant8.decode(slot.signed, codes, scales, want, torch.float32, codes.dim() == 2)
-        return _placed_like(value, p) if slot.shape is None else value
+        return _placed_like(value, p, slot)

@@ -51,11 +51,11 @@ def _vector(s: tuple) -> tuple | None:
 
 SLOTS = (
     Slot("exp_avg", signed=True),
-    Slot("exp_avg_sq_row", signed=False, shape=_row),
-    Slot("exp_avg_sq_col", signed=False, shape=_col),
-    Slot("exp_avg_res_row", signed=False, shape=_row),
-    Slot("exp_avg_res_col", signed=False, shape=_col),
-    Slot("exp_avg_sq", signed=False, shape=_vector),
+    Slot("exp_avg_sq_row", signed=False, shape=_row, rows=lambda s: True),
+    Slot("exp_avg_sq_col", signed=False, shape=_col, rows=lambda s: len(s) >= 3),
+    Slot("exp_avg_res_row", signed=False, shape=_row, rows=lambda s: True),
+    Slot("exp_avg_res_col", signed=False, shape=_col, rows=lambda s: len(s) >= 3),
+    Slot("exp_avg_sq", signed=False, shape=_vector, rows=lambda s: True),
 )
 
 
