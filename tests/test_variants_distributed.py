@@ -6,6 +6,9 @@ or kept whole on every rank); what cannot be placed is refused clearly, before a
 
 from __future__ import annotations
 
+import functools
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -22,12 +25,12 @@ def _batch(rank: int):
     return x, torch.sin(3 * x.sum(1))
 
 
-def _backward(model, rank: int) -> None:
+def _backward(model, rank: int, dtype=torch.float32) -> None:
     x, y = _batch(rank)
-    (model(x).squeeze(-1) - y).pow(2).mean().backward()
+    (model(x.to(dtype)).squeeze(-1) - y.to(dtype)).pow(2).mean().backward()
 
 
-def _checks(rank: int) -> None:
+def _checks(rank: int, out_dir: str) -> None:
     # 1. SophiaG on FSDP2 (each backend): every rank's shard equals the whole tensor stepped on one
     # process from the same (all-gathered) gradients, bit for bit; update_hessian() alike
     for backend in ("reference", "foreach"):
@@ -168,6 +171,35 @@ def _checks(rank: int) -> None:
                             assert tuple(o2.state[q][k].placements) == tuple(st.placements), (what, k)
                             assert torch.equal(o2.state[q][k].to_local(), st.to_local()), (what, k)
 
+    # DCP (torch.distributed.checkpoint) with torch's optimizer state dict helpers: saved sharded,
+    # loaded into a new run (after torch's lr-0 initialization step), which goes on bit for bit
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    for cls, kw in (*cases, (adamkit.Lamb, dict(lr=1e-2)), (adamkit.Muon, dict(lr=2e-2))):
+        m = _fsdp_mlp(torch.float64)
+        opt = cls(m.parameters(), backend="fused", state_format="fp32", **kw)
+        for _ in range(2):
+            _backward(m, rank, torch.float64)
+            opt.step()
+            opt.zero_grad()
+        where = os.path.join(out_dir, f"{cls.__name__}-{sorted(kw)}")
+        dcp.save({"optim": get_optimizer_state_dict(m, opt)}, checkpoint_id=where)
+        m2 = _fsdp_mlp(torch.float64)
+        m2.load_state_dict(m.state_dict())
+        o2 = cls(m2.parameters(), backend="fused", state_format="fp32", **kw)
+        sd = {"optim": get_optimizer_state_dict(m2, o2)}
+        dcp.load(sd, checkpoint_id=where)
+        set_optimizer_state_dict(m2, o2, sd["optim"])
+        for mm, oo in ((m, opt), (m2, o2)):
+            _backward(mm, rank, torch.float64)
+            oo.step()
+        for (name, p), q in zip(m.named_parameters(), m2.parameters()):
+            assert torch.equal(p.detach().to_local(), q.detach().to_local()), f"DCP {cls.__name__}: {name}"
+            for k, st in opt.state[p].items():
+                if k != "step":
+                    assert torch.equal(o2.state[q][k].to_local(), st.to_local()), f"DCP {cls.__name__}: {k}"
+
     # 4. refused at the first step, parameters and state untouched: their statistics in 8 bit
     # (flat blocks the shards would cut), and a parameter sharded along another dim than 0
     from torch.distributed.device_mesh import init_device_mesh
@@ -191,5 +223,5 @@ def _checks(rank: int) -> None:
         assert torch.equal(w.detach().full_tensor(), full) and not opt.state[w], cls.__name__
 
 
-def test_variants_under_fsdp2():
-    _spawn(_checks)
+def test_variants_under_fsdp2(tmp_path):
+    _spawn(functools.partial(_checks, out_dir=str(tmp_path)))
