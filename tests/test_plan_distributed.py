@@ -22,7 +22,7 @@ from torch import nn
 
 import adamkit
 from adamkit.tools import cli
-from adamkit.tools.plan import COMPONENTS, STATE_COMPONENTS, fsdp2_rows, per_rank
+from adamkit.tools.plan import COMPONENTS, fsdp2_rows, per_rank, state_component
 from test_distributed import _local, _spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -54,6 +54,15 @@ FSDP2 = [
     ("mixed-bf16", "AdamW", torch.bfloat16, dict(master_weights=True, state_format="fp32")),
     ("bf16-sr-8bit", "AdamW", torch.bfloat16, dict(stochastic_rounding=True, state_format="8bit")),
     ("fp32-8bit-lion", "Lion", torch.float32, dict(state_format="8bit")),
+    # the variants: slots of the parameter's shape hold the rank's rows; factored and per-row
+    # statistics follow the rows or are whole on every rank (Slot.rows)
+    ("fp32-adafactor", "Adafactor", torch.float32, {}),
+    ("fp32-bf16state-adafactor-m", "Adafactor", torch.float32, dict(beta1=0.9, state_format="bf16")),
+    ("fp32-came", "CAME", torch.float32, {}),
+    ("fp32-adam-mini", "AdamMini", torch.float32, {}),
+    ("fp32-8bit-lamb", "Lamb", torch.float32, dict(state_format="8bit")),
+    ("fp32-muon", "Muon", torch.float32, {}),
+    ("fp32-8bit-sophia", "SophiaG", torch.float32, dict(state_format="8bit")),
 ]
 # (planner recipe, options, parameters_as_bucket_view)
 ZERO = [
@@ -81,7 +90,7 @@ def _live(params, state: dict) -> dict[str, int]:
         if p.grad is not None:
             add("grads", p.grad)
         for k, v in state.get(p, {}).items():
-            add("scales" if k.endswith("_scale") else STATE_COMPONENTS[k], v)
+            add(state_component(k), v)
     return out
 
 
@@ -158,7 +167,7 @@ def test_per_rank_cli_and_errors(capsys):
         (dict(parallel="tp"), "parallel must be one of"),
         (dict(devices=0), "devices must be"),
         (dict(recipe="fp32-sgd"), "not 'sgd'"),
-        (dict(recipe="fp32-adafactor"), "under fsdp2"),
+        (dict(recipe="fp32-8bit-adafactor", min_8bit_size=0), "refuses 8-bit state on FSDP2"),
         (dict(recipe="bf16-kahan-accum"), "gradient-accumulation"),
     ):
         with pytest.raises(ValueError, match=match):

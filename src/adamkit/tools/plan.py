@@ -1014,6 +1014,17 @@ ADAMKIT_SLOT_OPTIMIZERS = {
 _SLOT_COMPONENT = {"exp_avg": "m", "max_exp_avg_sq": "max_v", "hessian": "hessian", "momentum_buffer": "m"}
 
 
+def state_component(key: str) -> str:
+    """The planner component of an adamkit optimizer's state key (a live state dict's key):
+    ``*_scale`` -> "scales", Kahan/master buffers and step by name, CAME's ``*_res_*`` ->
+    "confidence", m-like slots -> "m", every other statistic of v -> "v"."""
+    if key.endswith("_scale"):
+        return "scales"
+    if key in STATE_COMPONENTS:
+        return STATE_COMPONENTS[key]
+    return _SLOT_COMPONENT.get(key, "confidence" if "_res" in key else "v")
+
+
 def _slot_state_bytes(shapes, optimizer, state_format, param_dtype, kahan, master, block, min_8bit):
     """Bytes of an adamkit variant's live state, from its algorithm's slots: each slot of a parameter
     has ``prod(slot.shape_for(shape))`` elements in the state format; 8-bit (parameters chosen by
@@ -1037,7 +1048,7 @@ def _slot_state_bytes(shapes, optimizer, state_format, param_dtype, kahan, maste
             if k is None or (slot.option is not None and slot.option not in on):
                 continue
             k = math.prod(k)
-            comp = _SLOT_COMPONENT.get(slot.name, "confidence" if "_res" in slot.name else "v")
+            comp = state_component(slot.name)
             if eight and slot.shape is None and len(shape) >= 2:  # rows, like the parameter
                 payload, scales = state_tensor_bytes(
                     k, "8bit", block_size=block, min_8bit_size=0, shape=shape
@@ -1552,6 +1563,8 @@ def _fsdp2_tensor_bytes(t: TensorSpec, recipe: Recipe, world: int) -> list[dict[
     if fmt == "8bit":
         layout = eight_bit_layout(t.shape, t.numel, recipe.min_8bit_size, recipe.block_size, sharded=True)
     codes, scales = blockwise_8bit_bytes(length, block_size=recipe.block_size)
+    if recipe.optimizer in ADAMKIT_SLOT_OPTIMIZERS:
+        return _fsdp2_slot_bytes(t, recipe, world, layout)
     slots = OPTIMIZERS[recipe.optimizer].full + (("max_v",) if recipe.amsgrad else ())
     out = []
     for r in fsdp2_rows(rows, world):
@@ -1568,6 +1581,55 @@ def _fsdp2_tensor_bytes(t: TensorSpec, recipe: Recipe, world: int) -> list[dict[
                 else:
                     d[slot] += DTYPE_BYTES["fp32" if fmt == "8bit" else fmt] * r * length
             d["step"] = OPTIMIZERS[recipe.optimizer].step_bytes
+        out.append(d)
+    return out
+
+
+def _fsdp2_slot_bytes(t: TensorSpec, recipe: Recipe, world: int, layout: str | None) -> list[dict[str, int]]:
+    """:func:`_fsdp2_tensor_bytes` for a variant (:data:`ADAMKIT_SLOT_OPTIMIZERS`), from its
+    algorithm's slots: a parameter-shaped slot holds the rank's rows (8-bit rows where ``layout``
+    says so); a slot of its own shape that follows the rows (``Slot.follows_rows``: Adafactor's
+    and CAME's row statistics, Adam-mini's per-row v) the rank's rows of it, the others (a
+    matrix's column statistics, a vector's one v) whole on every rank. Those slots' 8-bit blocks
+    the optimizer refuses on sharded parameters; so does this."""
+    import adamkit
+
+    cls_name, options = ADAMKIT_SLOT_OPTIMIZERS[recipe.optimizer]
+    alg = getattr(adamkit, cls_name).algorithm
+    on = options(t.shape) if callable(options) else options
+    slots = [
+        s for s in alg.slots if s.shape_for(t.shape) is not None and (s.option is None or s.option in on)
+    ]
+    if layout is not None and any(s.shape is not None for s in slots):
+        raise ValueError(
+            f"{recipe.name}: adamkit.{cls_name} refuses 8-bit state on FSDP2's sharded parameters "
+            f"({t.name}: its factored or per-row statistics); plan bf16 or fp32 state"
+        )
+    rows, length = t.shape[0], math.prod(t.shape[1:])
+    padded_rows = -(-rows // world)
+    p = DTYPE_BYTES[recipe.param_dtype]
+    fmt = recipe.state_dtype
+    each = DTYPE_BYTES["fp32" if fmt == "8bit" else fmt]
+    codes, scales = blockwise_8bit_bytes(length, block_size=recipe.block_size)
+    out = []
+    for r in fsdp2_rows(rows, world):
+        d = dict.fromkeys(COMPONENTS, 0)
+        d["params"] = padded_rows * length * p
+        if t.trainable:
+            d["grads"] = padded_rows * length * p
+            d["master"] = 4 * r * length if recipe.master_weights else 0
+            d["kahan"] = kahan_bytes(recipe.kahan, recipe.param_dtype) * r * length
+            for slot in slots:
+                comp = state_component(slot.name)
+                if slot.shape is None and layout == "rows":
+                    d[comp] += r * codes
+                    d["scales"] += r * scales
+                elif slot.shape is None:
+                    d[comp] += each * r * length
+                else:
+                    local = (r, *t.shape[1:]) if slot.follows_rows(t.shape) else t.shape
+                    d[comp] += each * math.prod(slot.shape_for(local))
+            d["step"] = 4
         out.append(d)
     return out
 
@@ -1705,8 +1767,9 @@ def per_rank(
 
     Raises:
         ValueError: an unknown layout, fewer than 1 device, a gradient-accumulation recipe (its
-            buffer's placement is not modelled), an optimizer adamkit does not have (or, under
-            FSDP2, one other than adamw, adam or lion), or a 0-D tensor under FSDP2.
+            buffer's placement is not modelled), an optimizer adamkit does not have, a 0-D tensor
+            under FSDP2, or 8-bit state of a variant's factored or per-row statistics under FSDP2
+            (the optimizer refuses it).
     """
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}, got {parallel!r}")
@@ -1725,9 +1788,7 @@ def per_rank(
             f"{recipe.name}: per-rank bytes do not model a gradient-accumulation buffer; plan it "
             "without 'accum' (or with plan(), which shards it as ZeRO does)"
         )
-    supported = (
-        ADAMKIT_OPTIMIZERS if parallel == "fsdp2" else ADAMKIT_OPTIMIZERS + tuple(ADAMKIT_SLOT_OPTIMIZERS)
-    )
+    supported = ADAMKIT_OPTIMIZERS + tuple(ADAMKIT_SLOT_OPTIMIZERS)
     if recipe.optimizer not in supported:
         raise ValueError(
             f"{recipe.name}: per-rank bytes under {parallel} are counted for adamkit's "
@@ -1892,6 +1953,7 @@ def run(args: argparse.Namespace) -> int:
 
 __all__ = [
     "ADAMKIT_OPTIMIZERS",
+    "state_component",
     "COMPONENTS",
     "OPTIMIZERS",
     "PARALLEL",
