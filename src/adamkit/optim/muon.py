@@ -35,9 +35,9 @@ are usually trained with AdamW: put them in a group with ``use_muon=False``.
 
 State: Muon groups ``momentum_buffer`` B (4 B/param fp32); AdamW groups ``exp_avg`` m and
 ``exp_avg_sq`` v (8 B/param); ``step`` a 0-D tensor. Orthogonalization is a matrix operation: Muon
-runs one tensor at a time (reference loop) on every backend, and refuses sharded DTensor parameters,
-as every optimizer whose update reduces over a tensor (a shard's orthogonalization is not the
-matrix's).
+runs one tensor at a time (reference loop) on every backend. On sharded DTensor parameters (FSDP2)
+each matrix's update is gathered and orthogonalized whole on every rank, which keeps its rows (a
+shard's orthogonalization is not the matrix's): equal to one process bit for bit.
 """
 
 from __future__ import annotations
