@@ -38,7 +38,10 @@ def test_bench_cli_writes_json(tmp_path, capsys):
     assert "arithmetic ms (in cache)" in out
     for r in result["rows"]:
         assert r["arithmetic_ms"] > 0 and r["binds"] in ("arithmetic", "memory")
-        memory_ms = r["params"] * r["bytes_per_param"] / (result["stream_gbps"] * 1e9) * 1e3
+        # against the probes timed with the case (one case here: the run's best as well)
+        assert r["case_stream_gbps"] == result["stream_gbps"]
+        assert r["pct_stream"] == pytest.approx(100 * r["gbps"] / r["case_stream_gbps"], rel=1e-9)
+        memory_ms = r["params"] * r["bytes_per_param"] / (r["case_stream_gbps"] * 1e9) * 1e3
         assert r["memory_ms"] == pytest.approx(memory_ms, rel=1e-9)
         assert r["binds"] == ("arithmetic" if r["arithmetic_ms"] > memory_ms else "memory")
 

@@ -4,6 +4,11 @@ Reports the machine's streaming bandwidth, then for each case and implementation
 time (after warm-up), the effective bandwidth (bytes per parameter stated), the share of the
 streaming limit and the ratio to torch's fused AdamW. Writes a JSON file next to the table.
 
+The share of the streaming limit is taken against the probes timed in the same interleaved rounds
+as the case's steps (``case_stream_gbps``): this machine's memory bandwidth changes phase from
+minute to minute, so a case measured in a slow phase compared with another case's fast-phase probe
+would look slow for no fault of its own. The header reports the best probe of the whole run.
+
 Next to each memory-bound time stands the same implementation's arithmetic-only time for the
 case's parameter count (``arithmetic_ms``): steps of one tensor small enough that its buffers stay
 in the core's L2 cache, at two sizes; the slope of step time against size is the cost per element
@@ -161,11 +166,12 @@ class Row:
     ms: float
     bytes_per_param: float
     gbps: float
-    pct_stream: float
+    pct_stream: float  # of the case's own probes (case_stream_gbps)
     vs_torch_fused: float | None
     arithmetic_ms: float | None = None  # the same parameters' arithmetic alone (in cache)
-    memory_ms: float | None = None  # the step's bytes at the streaming probe's bandwidth
+    memory_ms: float | None = None  # the step's bytes at the case's streaming probe's bandwidth
     binds: str | None = None  # "arithmetic" or "memory": the larger of the two limits
+    case_stream_gbps: float | None = None  # the best probe timed in this case's rounds
 
 
 # one tensor at each size, stepped in cache (fp32 AdamW: 16 B of buffers per element, 1 MiB at the
@@ -317,12 +323,14 @@ def bench(
         runners = [runner(all_impls[name], shapes) for name in chosen]
         fns = [_timed(fn) for fn, _ in probes] + [r.step for r in runners]
         medians = interleaved_medians(fns, warmup, repeats)
-        stream = max(stream, *(n_probe * nb / t / GB for (_, nb), t in zip(probes, medians)))
+        case_stream = max(n_probe * nb / t / GB for (_, nb), t in zip(probes, medians))
+        stream = max(stream, case_stream)
         case_rows = []
         for name, sec in zip(chosen, medians[len(probes) :]):
             bpp = all_impls[name].bytes_per_param
             gbps = n * bpp / sec / GB
-            row = Row(case, name, n, len(shapes), sec * 1e3, bpp, gbps, 0.0, None)
+            row = Row(case, name, n, len(shapes), sec * 1e3, bpp, gbps, 100 * gbps / case_stream, None)
+            row.case_stream_gbps = case_stream
             if name in arith:
                 row.arithmetic_ms = arith[name] * n * 1e-6
             case_rows.append(row)
@@ -331,13 +339,11 @@ def bench(
         for r in case_rows:
             r.vs_torch_fused = ref / r.ms if ref else None
             if r.arithmetic_ms is not None:
-                r.memory_ms = n * r.bytes_per_param / (stream * GB) * 1e3
+                r.memory_ms = n * r.bytes_per_param / (case_stream * GB) * 1e3
                 r.binds = "arithmetic" if r.arithmetic_ms > r.memory_ms else "memory"
         rows += case_rows
         del runners, fns
         gc.collect()
-    for r in rows:
-        r.pct_stream = 100 * r.gbps / stream
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -398,11 +404,12 @@ def compile_overhead(cache_dir: str) -> dict:
 def format_table(result: dict) -> str:
     lines = [
         f"torch {result['torch']}, {result['threads']} threads, "
-        f"streaming limit {result['stream_gbps']:.1f} GB/s",
+        f"streaming limit {result['stream_gbps']:.1f} GB/s (the run's best probe; each row's memory ms "
+        "and % of stream are against the probes timed in its case's rounds, the stream column)",
         "",
         "| case | implementation | ms (median) | arithmetic ms (in cache) | memory ms (at stream) | binds "
-        "| B/param | GB/s | % of stream | vs torch fused |",
-        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| B/param | GB/s | stream GB/s | % of stream | vs torch fused |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         ratio = f"{r['vs_torch_fused']:.2f}x" if r["vs_torch_fused"] else "-"
@@ -410,7 +417,8 @@ def format_table(result: dict) -> str:
         mem = f"{r['memory_ms']:.2f}" if r.get("memory_ms") is not None else "-"
         lines.append(
             f"| {r['case']} | {r['impl']} | {r['ms']:.2f} | {arith} | {mem} | {r.get('binds') or '-'} "
-            f"| {r['bytes_per_param']:.0f} | {r['gbps']:.1f} | {r['pct_stream']:.0f}% | {ratio} |"
+            f"| {r['bytes_per_param']:.0f} | {r['gbps']:.1f} | {r['case_stream_gbps']:.1f} "
+            f"| {r['pct_stream']:.0f}% | {ratio} |"
         )
     if "compile_overhead_s" in result:
         c = result["compile_overhead_s"]
