@@ -11,7 +11,9 @@ Training BERT in 76 minutes", ICLR 2020, arXiv 1904.00962).
    \end{aligned}
 
 State: ``exp_avg`` m and ``exp_avg_sq`` v, 4 B/param each in fp32 (Adam's). The trust ratio is a
-per-tensor reduction: LAMB runs one tensor at a time (reference loop) on every backend.
+per-tensor reduction: LAMB runs one tensor at a time (reference loop) on every backend; its norms
+sum each row's squares, then the rows' sums in order, so that FSDP2 shards (whole rows) give the
+bits of one process at every world size.
 """
 
 from __future__ import annotations
@@ -63,13 +65,27 @@ def scalars(hp: dict, step: float, f: Flags) -> Scalars:
     )
 
 
+def _norm(x):
+    """||x||_2 summed in an order that does not depend on how x is sharded: each row's sum of
+    squares (rows are whole on every rank under FSDP2), then the sum of the rows' sums, in row
+    order, over the whole tensor. On a sharded DTensor the rows' sums (R floats) are gathered, so
+    every world size computes the same bits as one process (an all-reduce of partial norms would
+    add the ranks' parts in another order)."""
+    rows = x.square().sum(dim=tuple(range(1, x.dim()))) if x.dim() > 1 else x.square()
+    if hasattr(rows, "full_tensor"):  # a DTensor: Replicate keeps the rows' order on every rank
+        from torch.distributed.tensor import Replicate
+
+        rows = rows.redistribute(rows.device_mesh, [Replicate()] * rows.device_mesh.ndim)
+    return rows.sum().sqrt()
+
+
 def lamb_update(p, g, slots: list, s: Scalars, f: Flags):
     m = slots[0] * s.beta1 + g * (1 - s.beta1)
     v = slots[1] * s.beta2 + (g * g) * (1 - s.beta2)
     r = (m / s.bc1) / ((v / s.bc2).sqrt() + s.eps)
     if f.wd_mode == "l2":
         r = r + p * s.weight_decay
-    p_norm, r_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(r)
+    p_norm, r_norm = _norm(p), _norm(r)
     trust = torch.where((p_norm > 0) & (r_norm > 0), p_norm / r_norm, torch.ones_like(p_norm))
     return p - r * (trust * s.lr), [m, v]
 
