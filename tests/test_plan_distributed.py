@@ -63,6 +63,10 @@ FSDP2 = [
     ("fp32-8bit-lamb", "Lamb", torch.float32, dict(state_format="8bit")),
     ("fp32-muon", "Muon", torch.float32, {}),
     ("fp32-8bit-sophia", "SophiaG", torch.float32, dict(state_format="8bit")),
+    # 8 bit: m in rows, the statistics of their own shape fp32 (optim.base.slot_format)
+    ("fp32-8bit-adafactor-m", "Adafactor", torch.float32, dict(beta1=0.9, state_format="8bit")),
+    ("fp32-8bit-came", "CAME", torch.float32, dict(state_format="8bit")),
+    ("fp32-8bit-adam-mini", "AdamMini", torch.float32, dict(state_format="8bit")),
 ]
 # (planner recipe, options, parameters_as_bucket_view)
 ZERO = [
@@ -167,7 +171,6 @@ def test_per_rank_cli_and_errors(capsys):
         (dict(parallel="tp"), "parallel must be one of"),
         (dict(devices=0), "devices must be"),
         (dict(recipe="fp32-sgd"), "not 'sgd'"),
-        (dict(recipe="fp32-8bit-adafactor", min_8bit_size=0), "refuses 8-bit state on FSDP2"),
         (dict(recipe="bf16-kahan-accum"), "gradient-accumulation"),
     ):
         with pytest.raises(ValueError, match=match):

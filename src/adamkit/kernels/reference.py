@@ -64,7 +64,7 @@ def decode_all(alg: Algorithm, fmt: Formats, t: dict, flags: Flags, cdt: torch.d
         shape = slot.shape_for(p.shape)
         if shape is None:  # not kept for a parameter of this shape (Slot.shape)
             slots.append(None)
-        elif fmt.state == "8bit":
+        elif fmt.state == "8bit" and t[slot.name].dtype == torch.uint8:  # else fp32 (slot_format)
             name = slot.name
             codes = t[name]  # 2-D: rows (quant8), 1-D: flat
             slots.append(quant8.decode(slot.signed, codes, t[name + "_scale"], shape, cdt, codes.dim() == 2))
@@ -96,7 +96,10 @@ def encode_all(alg: Algorithm, fmt: Formats, t: dict, p, slots, flags: Flags, in
             if slot.follows_rows(p.shape) and p.dim() >= 1 and p.numel() and x.dim() >= 1:
                 start = int(index.reshape(-1)[0]) // (p.numel() // p.shape[0]) * (x.numel() // x.shape[0])
             idx = torch.arange(start, start + x.numel(), device=x.device).view(x.shape)
-        if fmt.state == "8bit" and t[name].dim() == 2:
+        if fmt.state == "8bit" and t[name].dtype != torch.uint8:
+            # a sharded parameter's statistics of their own shape keep fp32 (optim.base.slot_format)
+            out[name] = encode_state("fp32", x, idx, seeds[k + 1])
+        elif fmt.state == "8bit" and t[name].dim() == 2:
             # rows (quant8): x has the parameter's (local) shape, idx its elements' positions;
             # each row's padding continues its row's numbering
             codes, scales = quant8.encode(slot.signed, x, idx, seeds[k + 1], rows=True)

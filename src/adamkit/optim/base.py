@@ -244,6 +244,16 @@ def slot_spec(slot, p: torch.Tensor) -> tuple:
     return p.device_mesh, placements, torch.Size(shape), stride
 
 
+def slot_format(fmt_state: str, slot, p: torch.Tensor) -> str:
+    """One slot's storage format: the parameter's, except that under state_format='8bit' a slot of
+    its own shape of a sharded DTensor parameter (Adafactor's and CAME's factored statistics,
+    Adam-mini's v) keeps fp32: its own flat 8-bit blocks would be cut by the shards, and such
+    statistics are rows plus columns, a few bytes per row. Parameter-shaped slots keep 8-bit rows."""
+    if fmt_state == "8bit" and slot.shape is not None and native.is_sharded(p):
+        return "fp32"
+    return fmt_state
+
+
 def _placed_like(t: torch.Tensor, p: torch.Tensor, slot=None) -> torch.Tensor:
     """A loaded state tensor with its parameter's placement. The kernels read the local shards of a
     parameter and its state together, so state saved without sharding (a full checkpoint) or with
@@ -654,9 +664,9 @@ class Optimizer(torch.optim.Optimizer):
         orthogonalization, Adam-mini's and Adafactor's means). On a sharded DTensor its update
         runs on DTensors of the decoded shards (``Item.spec``), so torch.distributed reduces over
         the whole tensor; slots of other shapes than the parameter are split with its rows or kept
-        whole on every rank (``slot_spec``). Refused when the group is (re)validated, before
-        anything changes, alike on every rank: such slots of a parameter sharded along another dim
-        than 0 (tensor parallel), and in 8 bit (their flat blocks would straddle the shards)."""
+        whole on every rank (``slot_spec``), in fp32 under state_format='8bit' (``slot_format``).
+        Refused when the group is (re)validated, before anything changes, alike on every rank:
+        such slots of a parameter sharded along another dim than 0 (tensor parallel)."""
         if self.algorithm.elementwise or all(s.shape is None for s in self.algorithm.slots):
             return
         for p in group["params"]:
@@ -668,15 +678,6 @@ class Optimizer(torch.optim.Optimizer):
                     f"only (FSDP2's fully_shard); a parameter of shape {tuple(p.shape)} is placed "
                     f"{tuple(p.placements)}: its factored or per-row statistics have no placement along "
                     "another dim. Shard it along dim 0, or keep it unsharded"
-                )
-            if self._formats(group, p).state == "8bit" and any(
-                s.shape is not None and s.shape_for(p.shape) is not None for s in self.algorithm.slots
-            ):
-                raise ValueError(
-                    f"adamkit.{self.algorithm.name} with state_format='8bit' on sharded DTensor "
-                    f"parameters (a parameter of shape {tuple(p.shape)}): its factored or per-row "
-                    "statistics are 8-bit blocks of their own, which the shards would cut. Use "
-                    "state_format='bf16' or 'fp32' (these statistics are small: rows plus columns)"
                 )
 
     def _check_sharded_8bit(self, group: dict) -> None:
@@ -731,12 +732,13 @@ class Optimizer(torch.optim.Optimizer):
             if slot.shape is not None:  # a slot of its own shape (Adafactor's rows, Adam-mini's v)
                 if native.is_dtensor(p):
                     # rows with the parameter's rows, the rest whole on every rank (slot_spec);
-                    # fp32 or bf16 (8-bit is refused for these, _check_sharded_reductions)
+                    # fp32 or bf16 (fp32 under state_format='8bit': slot_format)
                     from torch.distributed.tensor import DTensor
 
                     mesh, placements, gshape, stride = slot_spec(slot, p)
                     lshape = slot.shape_for(native.local(p).shape) if slot.follows_rows(p.shape) else gshape
-                    x = torch.zeros(lshape, dtype=state_dtype(fmt.state), device=p.device)
+                    dtype = state_dtype(slot_format(fmt.state, slot, p))
+                    x = torch.zeros(lshape, dtype=dtype, device=p.device)
                     state[slot.name] = DTensor.from_local(
                         x, mesh, placements, run_check=False, shape=gshape, stride=stride
                     )
@@ -773,7 +775,8 @@ class Optimizer(torch.optim.Optimizer):
             if v is None:
                 continue
             scale = state.get(slot.name + "_scale")
-            if fmt.state == "8bit":
+            sf = slot_format(fmt.state, slot, p)
+            if sf == "8bit":
                 if scale is None:
                     state[slot.name], state[slot.name + "_scale"] = _encode8(slot, native.local(v).float(), p)
             elif scale is not None:  # 8-bit codes, now a floating format
@@ -782,10 +785,10 @@ class Optimizer(torch.optim.Optimizer):
                     slot.signed, codes, native.local(scale),
                     slot.shape_for(native.local(p).shape), torch.float32, codes.dim() == 2,
                 )  # fmt: skip
-                state[slot.name] = _like_param(x, p, slot).to(state_dtype(fmt.state))
+                state[slot.name] = _like_param(x, p, slot).to(state_dtype(sf))
                 del state[slot.name + "_scale"]
-            elif v.dtype != state_dtype(fmt.state):
-                state[slot.name] = v.to(state_dtype(fmt.state))
+            elif v.dtype != state_dtype(sf):
+                state[slot.name] = v.to(state_dtype(sf))
         wanted = param_aux_key(fmt.param)
         for key in _AUX_KEYS:
             if key in state and key != wanted:
@@ -1465,10 +1468,11 @@ class Optimizer(torch.optim.Optimizer):
                 if not v.is_floating_point():
                     raise TypeError(f"state[{key!r}][{name!r}] must be floating point, got {v.dtype}")
                 value = _placed_like(v.detach().to(p.device), p, slot)
-            if fmt.state == "8bit":
+            sf = slot_format(fmt.state, slot, p)
+            if sf == "8bit":
                 out[name], out[name + "_scale"] = _encode8(slot, native.local(value).float(), p)
             else:
-                out[name] = value.to(state_dtype(fmt.state), copy=True)
+                out[name] = value.to(state_dtype(sf), copy=True)
         saved_aux = {}
         for name in _AUX_KEYS:
             t = saved.get(name)
@@ -1536,7 +1540,7 @@ class Optimizer(torch.optim.Optimizer):
         scales = scales.float()
         if rows and codes.dim() == 1:  # an older flat checkpoint
             codes, scales = quant8.to_rows(slot.signed, codes, scales, want)
-        if fmt.state == "8bit":
+        if slot_format(fmt.state, slot, p) == "8bit":
             out[name] = _placed_like(codes, p).clone() if native.is_dtensor(p) else codes.clone()
             out[name + "_scale"] = _placed_like(scales, p).clone() if native.is_dtensor(p) else scales.clone()
             return None

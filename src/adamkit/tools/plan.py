@@ -1590,8 +1590,8 @@ def _fsdp2_slot_bytes(t: TensorSpec, recipe: Recipe, world: int, layout: str | N
     algorithm's slots: a parameter-shaped slot holds the rank's rows (8-bit rows where ``layout``
     says so); a slot of its own shape that follows the rows (``Slot.follows_rows``: Adafactor's
     and CAME's row statistics, Adam-mini's per-row v) the rank's rows of it, the others (a
-    matrix's column statistics, a vector's one v) whole on every rank. Those slots' 8-bit blocks
-    the optimizer refuses on sharded parameters; so does this."""
+    matrix's column statistics, a vector's one v) whole on every rank; those keep fp32 under
+    8-bit state (``optim.base.slot_format``)."""
     import adamkit
 
     cls_name, options = ADAMKIT_SLOT_OPTIMIZERS[recipe.optimizer]
@@ -1600,16 +1600,11 @@ def _fsdp2_slot_bytes(t: TensorSpec, recipe: Recipe, world: int, layout: str | N
     slots = [
         s for s in alg.slots if s.shape_for(t.shape) is not None and (s.option is None or s.option in on)
     ]
-    if layout is not None and any(s.shape is not None for s in slots):
-        raise ValueError(
-            f"{recipe.name}: adamkit.{cls_name} refuses 8-bit state on FSDP2's sharded parameters "
-            f"({t.name}: its factored or per-row statistics); plan bf16 or fp32 state"
-        )
     rows, length = t.shape[0], math.prod(t.shape[1:])
     padded_rows = -(-rows // world)
     p = DTYPE_BYTES[recipe.param_dtype]
     fmt = recipe.state_dtype
-    each = DTYPE_BYTES["fp32" if fmt == "8bit" else fmt]
+    each = DTYPE_BYTES["fp32" if fmt == "8bit" else fmt]  # 8-bit: statistics and unquantized slots fp32
     codes, scales = blockwise_8bit_bytes(length, block_size=recipe.block_size)
     out = []
     for r in fsdp2_rows(rows, world):
@@ -1768,8 +1763,7 @@ def per_rank(
     Raises:
         ValueError: an unknown layout, fewer than 1 device, a gradient-accumulation recipe (its
             buffer's placement is not modelled), an optimizer adamkit does not have, a 0-D tensor
-            under FSDP2, or 8-bit state of a variant's factored or per-row statistics under FSDP2
-            (the optimizer refuses it).
+            under FSDP2.
     """
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}, got {parallel!r}")
