@@ -1563,9 +1563,25 @@ def _fsdp2_tensor_bytes(t: TensorSpec, recipe: Recipe, world: int) -> list[dict[
     if fmt == "8bit":
         layout = eight_bit_layout(t.shape, t.numel, recipe.min_8bit_size, recipe.block_size, sharded=True)
     codes, scales = blockwise_8bit_bytes(length, block_size=recipe.block_size)
+    each = DTYPE_BYTES["fp32" if fmt == "8bit" else fmt]  # unquantized slots keep fp32 under 8 bit
+    # (component, slot): slot None or of the parameter's shape holds the rank's rows; a variant's
+    # slot of its own shape (ADAMKIT_SLOT_OPTIMIZERS) follows the rows (``Slot.follows_rows``:
+    # Adafactor's and CAME's row statistics, Adam-mini's per-row v) or is whole on every rank (a
+    # matrix's column statistics, a vector's one v), in fp32 under 8 bit (``optim.base.slot_format``)
     if recipe.optimizer in ADAMKIT_SLOT_OPTIMIZERS:
-        return _fsdp2_slot_bytes(t, recipe, world, layout)
-    slots = OPTIMIZERS[recipe.optimizer].full + (("max_v",) if recipe.amsgrad else ())
+        import adamkit
+
+        cls_name, options = ADAMKIT_SLOT_OPTIMIZERS[recipe.optimizer]
+        on = options(t.shape) if callable(options) else options
+        slots = [
+            (state_component(s.name), s)
+            for s in getattr(adamkit, cls_name).algorithm.slots
+            if s.shape_for(t.shape) is not None and (s.option is None or s.option in on)
+        ]
+        step = 4
+    else:
+        names = OPTIMIZERS[recipe.optimizer].full + (("max_v",) if recipe.amsgrad else ())
+        slots, step = [(name, None) for name in names], OPTIMIZERS[recipe.optimizer].step_bytes
     out = []
     for r in fsdp2_rows(rows, world):
         d = dict.fromkeys(COMPONENTS, 0)
@@ -1574,57 +1590,16 @@ def _fsdp2_tensor_bytes(t: TensorSpec, recipe: Recipe, world: int) -> list[dict[
             d["grads"] = padded_rows * length * p
             d["master"] = 4 * r * length if recipe.master_weights else 0
             d["kahan"] = kahan_bytes(recipe.kahan, recipe.param_dtype) * r * length
-            for slot in slots:
-                if layout == "rows":
-                    d[slot] += r * codes
-                    d["scales"] += r * scales
-                else:
-                    d[slot] += DTYPE_BYTES["fp32" if fmt == "8bit" else fmt] * r * length
-            d["step"] = OPTIMIZERS[recipe.optimizer].step_bytes
-        out.append(d)
-    return out
-
-
-def _fsdp2_slot_bytes(t: TensorSpec, recipe: Recipe, world: int, layout: str | None) -> list[dict[str, int]]:
-    """:func:`_fsdp2_tensor_bytes` for a variant (:data:`ADAMKIT_SLOT_OPTIMIZERS`), from its
-    algorithm's slots: a parameter-shaped slot holds the rank's rows (8-bit rows where ``layout``
-    says so); a slot of its own shape that follows the rows (``Slot.follows_rows``: Adafactor's
-    and CAME's row statistics, Adam-mini's per-row v) the rank's rows of it, the others (a
-    matrix's column statistics, a vector's one v) whole on every rank; those keep fp32 under
-    8-bit state (``optim.base.slot_format``)."""
-    import adamkit
-
-    cls_name, options = ADAMKIT_SLOT_OPTIMIZERS[recipe.optimizer]
-    alg = getattr(adamkit, cls_name).algorithm
-    on = options(t.shape) if callable(options) else options
-    slots = [
-        s for s in alg.slots if s.shape_for(t.shape) is not None and (s.option is None or s.option in on)
-    ]
-    rows, length = t.shape[0], math.prod(t.shape[1:])
-    padded_rows = -(-rows // world)
-    p = DTYPE_BYTES[recipe.param_dtype]
-    fmt = recipe.state_dtype
-    each = DTYPE_BYTES["fp32" if fmt == "8bit" else fmt]  # 8-bit: statistics and unquantized slots fp32
-    codes, scales = blockwise_8bit_bytes(length, block_size=recipe.block_size)
-    out = []
-    for r in fsdp2_rows(rows, world):
-        d = dict.fromkeys(COMPONENTS, 0)
-        d["params"] = padded_rows * length * p
-        if t.trainable:
-            d["grads"] = padded_rows * length * p
-            d["master"] = 4 * r * length if recipe.master_weights else 0
-            d["kahan"] = kahan_bytes(recipe.kahan, recipe.param_dtype) * r * length
-            for slot in slots:
-                comp = state_component(slot.name)
-                if slot.shape is None and layout == "rows":
-                    d[comp] += r * codes
-                    d["scales"] += r * scales
-                elif slot.shape is None:
-                    d[comp] += each * r * length
-                else:
+            for comp, slot in slots:
+                if slot is not None and slot.shape is not None:
                     local = (r, *t.shape[1:]) if slot.follows_rows(t.shape) else t.shape
                     d[comp] += each * math.prod(slot.shape_for(local))
-            d["step"] = 4
+                elif layout == "rows":
+                    d[comp] += r * codes
+                    d["scales"] += r * scales
+                else:
+                    d[comp] += each * r * length
+            d["step"] = step
         out.append(d)
     return out
 
