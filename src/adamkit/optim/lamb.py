@@ -12,8 +12,8 @@ Training BERT in 76 minutes", ICLR 2020, arXiv 1904.00962).
 
 State: ``exp_avg`` m and ``exp_avg_sq`` v, 4 B/param each in fp32 (Adam's). The trust ratio is a
 per-tensor reduction: LAMB runs one tensor at a time (reference loop) on every backend; its norms
-sum each row's squares, then the rows' sums in order, so that FSDP2 shards (whole rows) give the
-bits of one process at every world size.
+are the norms of the rows' norms, so that FSDP2 shards (whole rows) give the bits of one process at
+every world size.
 """
 
 from __future__ import annotations
@@ -66,17 +66,17 @@ def scalars(hp: dict, step: float, f: Flags) -> Scalars:
 
 
 def _norm(x):
-    """||x||_2 summed in an order that does not depend on how x is sharded: each row's sum of
-    squares (rows are whole on every rank under FSDP2), then the sum of the rows' sums, in row
-    order, over the whole tensor. On a sharded DTensor the rows' sums (R floats) are gathered, so
-    every world size computes the same bits as one process (an all-reduce of partial norms would
-    add the ranks' parts in another order)."""
-    rows = x.square().sum(dim=tuple(range(1, x.dim()))) if x.dim() > 1 else x.square()
+    """||x||_2 reduced in an order that does not depend on how x is sharded: the norm of each row
+    (rows are whole on every rank under FSDP2), then the norm of the rows' norms, over the whole
+    tensor (one pass over x; a vector is its own rows). On a sharded DTensor the rows' norms (R
+    floats) are gathered, so every world size computes the bits of one process (an all-reduce of
+    partial norms would add the ranks' parts in another order)."""
+    rows = torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim()))) if x.dim() > 1 else x
     if hasattr(rows, "full_tensor"):  # a DTensor: Replicate keeps the rows' order on every rank
         from torch.distributed.tensor import Replicate
 
         rows = rows.redistribute(rows.device_mesh, [Replicate()] * rows.device_mesh.ndim)
-    return rows.sum().sqrt()
+    return torch.linalg.vector_norm(rows)
 
 
 def lamb_update(p, g, slots: list, s: Scalars, f: Flags):
