@@ -73,11 +73,13 @@ def decode_all(alg: Algorithm, fmt: Formats, t: dict, flags: Flags, cdt: torch.d
     return decode_param(fmt.param, p, t.get(aux), cdt), t["grad"].to(cdt), slots
 
 
-def encode_all(alg: Algorithm, fmt: Formats, t: dict, p, slots, flags: Flags, index, seeds):
+def encode_all(alg: Algorithm, fmt: Formats, t: dict, p, slots, flags: Flags, index, seeds, offset: int = 0):
     """Compute-dtype (p, slots) -> {name: new stored value} for every tensor that changes.
 
     ``index`` is each element's position (for stochastic rounding), ``seeds`` one independent
-    32-bit seed per stream (the parameter, then each slot) of this tensor and step.
+    32-bit seed per stream (the parameter, then each slot) of this tensor and step; ``offset`` the
+    position of ``p``'s first element in its whole parameter (``Item.offset``), from which a slot
+    of its own shape that follows the rows numbers its elements.
     """
     out: dict[str, torch.Tensor] = {}
     out["param"], aux = encode_param(fmt.param, p, t["param"].dtype, index, seeds[0])
@@ -88,13 +90,15 @@ def encode_all(alg: Algorithm, fmt: Formats, t: dict, p, slots, flags: Flags, in
         if x is None:  # not kept for this parameter's shape
             continue
         idx = index
-        if index is not None and slot.shape is not None and tuple(x.shape) != tuple(index.shape):
-            # a slot of its own shape (Slot.shape) numbers its own elements for stochastic rounding;
-            # one that follows the parameter's rows (a shard of them under FSDP2) starts at its
-            # first row's position, so the rounding does not depend on the world size
+        if index is not None and slot.shape is not None:
+            # a slot of its own shape (Slot.shape) numbers its own elements for stochastic rounding,
+            # even where its shape happens to be the parameter's local one (a whole-tensor slot of
+            # a one-element shard); one that follows the parameter's rows (a shard of them under
+            # FSDP2) starts at its first row's position, so the rounding does not depend on the
+            # world size
             start = 0
-            if slot.follows_rows(p.shape) and p.dim() >= 1 and p.numel() and x.dim() >= 1:
-                start = int(index.reshape(-1)[0]) // (p.numel() // p.shape[0]) * (x.numel() // x.shape[0])
+            if offset and slot.follows_rows(p.shape) and p.numel() and x.dim() >= 1:
+                start = offset // (p.numel() // p.shape[0]) * (x.numel() // x.shape[0])
             idx = torch.arange(start, start + x.numel(), device=x.device).view(x.shape)
         if fmt.state == "8bit" and t[name].dtype != torch.uint8:
             # a sharded parameter's statistics of their own shape keep fp32 (optim.base.slot_format)
@@ -177,5 +181,6 @@ def run_reference(alg: Algorithm, items: list[Item], scalars_of: Callable, flags
             new_p = _shard(new_p, sp)
             new_slots = [None if x is None else _shard(x, s) for x, s in zip(new_slots, specs)]
         index, seeds = index_and_seeds(it)
-        for name, value in encode_all(alg, it.fmt, it.t, new_p, new_slots, flags, index, seeds).items():
+        out = encode_all(alg, it.fmt, it.t, new_p, new_slots, flags, index, seeds, it.offset)
+        for name, value in out.items():
             it.t[name].copy_(value)
