@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+import host_rounding
+
 torch.set_flush_denormal(True)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--perturb-rounding",
+        action="store_true",
+        help="run as on a host whose fp32 sqrt and division are 1 ulp off in a fifth of the "
+        "elements (tests/host_rounding.py); spawned processes inherit it",
+    )
+
+
+def pytest_configure(config):
+    if config.getoption("--perturb-rounding"):
+        os.environ[host_rounding.ENV] = "1"
+    host_rounding.install_if_requested()
+
 
 # (id, optimizer name, constructor kwargs). Every row is a configuration torch.optim also has,
 # except decouple_lr (fully decoupled decay), which torch reproduces with weight_decay scaled by

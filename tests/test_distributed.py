@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import adamkit
+import host_rounding
 from adamkit.kernels import native
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -38,6 +39,7 @@ def _free_port() -> int:
 
 
 def _entry(rank: int, fn, port: int, world: int) -> None:
+    host_rounding.install_if_requested()  # as the parent test process (pytest --perturb-rounding)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # several processes on a shared machine
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -18,9 +18,10 @@ What is compared, and how exactly. For one step from the same parameters and sta
   value (bf16) or within the 8-bit format's stated error of it. The exact fp32 values come from a
   *twin*: the reference backend with fp32 state and master weights, loaded from the same state,
   whose fp32 results are the unrounded ones;
-- the native kernel takes correctly rounded square roots (sqrtf), torch's vectorized one is not
-  always: the fused backend's values that depend on a square root are compared bit for bit where
-  torch's is correctly rounded (>99 % of elements; checked), and to a ulp elsewhere.
+- square roots, divisions and fused multiply-adds are correctly rounded in both the native kernel
+  (sqrtf, /, fmaf) and the reference (``adamkit.ieee``, which does not use the host's vector math
+  library, whose fp32 square root is 1 ulp off in ~20 % of elements on some CPUs), so every value,
+  including those that depend on a square root, is compared bit for bit on any host.
 """
 
 from __future__ import annotations
@@ -300,34 +301,18 @@ def assert_kahan8(p: torch.Tensor, q: torch.Tensor, exact: torch.Tensor, what: s
     assert bool(torch.where(ok, near, qd == 0).all()), f"{what}: not a rounding of the residual"
 
 
-def sqrt_correctly_rounded(v: torch.Tensor) -> torch.Tensor:
-    """Where torch's square root of fp32 ``v`` (what the reference computes) is correctly rounded,
-    as the native kernel's sqrtf is."""
-    return (torch.sqrt(v) == torch.sqrt(v.double()).float()) | v.isnan()
-
-
 def compare(backend, dtype, kw, R, W, T, amsgrad):
     """One step's results of the tested backend T against the reference R and its fp32 twin W."""
     mode = param_mode(dtype, kw)
     state = kw.get("state_format") or ("bf16" if dtype == torch.bfloat16 else "fp32")
     exact_rounding = backend != "fused" or SAME_ROUNDING_STREAMS
     names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
-    checked = total = 0
     stats = {}  # stochastic rounding of the fused backend: far picks, expected far picks
     for i, (rp, wp, tp) in enumerate(zip(R[0], W[0], T[0])):
         rs, ws, ts = R[1].state[rp], W[1].state[wp], T[1].state[tp]
         assert set(ts) == set(rs), f"param {i}: state keys"
         assert_bits(ts["step"], rs["step"], f"param {i}: step")
         exact_p = ws["master_weight"] if mode != "native" else wp.detach()  # the unrounded result
-        # sqrt-dependent values: bit for bit where torch's sqrt is correctly rounded (fused)
-        where = None
-        if backend == "fused":
-            where = sqrt_correctly_rounded(ws[names[-1]]).reshape(-1)
-            checked, total = checked + int(where.sum()), total + where.numel()
-            # elsewhere the update differs by the last bit of a square root (6e-8 of it), which
-            # may flip a bf16 rounding (one ulp: 2^-7 of the value)
-            rel = 2**-7 if dtype == torch.bfloat16 else 2e-6
-            torch.testing.assert_close(tp.detach(), rp.detach(), rtol=rel, atol=LR * 1e-5, equal_nan=True)
         # the twin's premise: its fp32 result is the one the reference rounds
         if mode in ("plain", "master", "kahan", "kahan8"):
             assert_bits(rp, exact_p.to(torch.bfloat16), f"param {i}: reference vs twin")
@@ -335,19 +320,19 @@ def compare(backend, dtype, kw, R, W, T, amsgrad):
             assert_bits(rp, exact_p, f"param {i}: reference vs twin")
         # parameters
         if mode == "sr" and not exact_rounding:
-            assert_sr(tp, exact_p, f"param {i}", where, stats, "param")
+            assert_sr(tp, exact_p, f"param {i}", None, stats, "param")
         else:
-            assert_bits(tp, rp, f"param {i}", where)
+            assert_bits(tp, rp, f"param {i}")
         if mode == "master":
-            assert_bits(ts["master_weight"], rs["master_weight"], f"param {i}: master_weight", where)
+            assert_bits(ts["master_weight"], rs["master_weight"], f"param {i}: master_weight")
         if mode == "kahan":
             if exact_rounding:
-                assert_bits(ts["kahan_comp"], rs["kahan_comp"], f"param {i}: kahan_comp", where)
+                assert_bits(ts["kahan_comp"], rs["kahan_comp"], f"param {i}: kahan_comp")
             else:  # the remainder exact_p - round(exact_p) is exact in fp32
                 rem = exact_p - tp.detach().float()
-                assert_sr(ts["kahan_comp"], rem, f"param {i}: kahan_comp", where, stats, "kahan_comp")
+                assert_sr(ts["kahan_comp"], rem, f"param {i}: kahan_comp", None, stats, "kahan_comp")
         if mode == "kahan8":  # the residual exact_p - p, in int8 units of ulp(p)/256, rounded stochastically
-            assert_bits(ts["kahan_comp8"], rs["kahan_comp8"], f"param {i}: kahan_comp8", where)
+            assert_bits(ts["kahan_comp8"], rs["kahan_comp8"], f"param {i}: kahan_comp8")
             assert_kahan8(rp.detach(), rs["kahan_comp8"], exact_p, f"param {i}: kahan_comp8 (reference)")
         # moments: they do not depend on a square root
         for name in names:
@@ -361,8 +346,6 @@ def compare(backend, dtype, kw, R, W, T, amsgrad):
             if state == "8bit":
                 assert_8bit(ts, name, ws[name], what, None if exact_rounding else stats)
                 assert_8bit(rs, name, ws[name], what + " (reference)")
-    if backend == "fused":
-        assert checked > 0.95 * total, "too few correctly rounded square roots to compare"
     assert_dithered(stats)
 
 

@@ -407,6 +407,7 @@ class Table:
 
     def step(self, grads: list, has: list[bool], all_have: bool, scalars_of) -> None:
         """Step the rows whose parameter has a gradient. ``grads``/``has`` are the whole group's."""
+        self._check_uniform()  # the counters are the state dict's: an in-place load may set them
         gs = self.get(grads)
         if all_have:
             sel = None

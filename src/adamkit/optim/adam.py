@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..ieee import div_rn, fma_rn, lerp_rn, sqrt_rn
 from .algorithm import Accumulation, Algorithm, Flags, Slot
 from .base import Optimizer, as_float, check_betas, check_bools, check_nonneg, warn_once
 
@@ -104,24 +105,27 @@ def scalars(hp: dict, step: float, f: Flags) -> Scalars:
 def adam_update(p, g, slots: list, s: Scalars, f: Flags):
     """One Adam(W) step on compute-dtype values, in named stages. Returns (p, [m, v(, max v)])."""
     m, v = slots[0], slots[1]
-    # decay: L2 as torch adds it (grad.add(p, alpha=wd): one rounding); decoupled on p
+    # Operations rounded once (fma, lerp, sqrt, division) take adamkit.ieee's correctly rounded
+    # forms: torch's CPU square root differs between hosts, and this is the spec the native kernel
+    # is held to bit for bit. decay: L2 as torch adds it (grad.add(p, alpha=wd): one rounding);
+    # decoupled on p
     if f.wd_mode == "l2":
-        g = g.add(p, alpha=s.l2)
+        g = fma_rn(p, s.l2, g)
     elif f.wd_mode == "runtime":  # the compiled kernel: no 0 * p (an inf p would give nan)
-        g = torch.where(s.l2 != 0, g + p * s.l2, g)
+        g = torch.where(s.l2 != 0, fma_rn(p, s.l2, g), g)
     if f.wd_mode in ("decoupled", "full", "runtime"):
         p = p * s.decay
     # moments: exponential moving averages of g and g^2 (torch's lerp / mul+addcmul order)
-    m = m.lerp(g, s.one_minus_beta1)
+    m = lerp_rn(m, g, s.one_minus_beta1)
     v = v * s.beta2 + (g * g) * s.one_minus_beta2
     # precondition: bias-corrected v (the m correction is folded into step_size); AMSGrad's max
     vv = v
     if f.amsgrad:
         vmax = slots[2].maximum(v)
         vv = vmax
-    denom = vv.sqrt() / s.bc2_sqrt + s.eps
+    denom = div_rn(sqrt_rn(vv), s.bc2_sqrt) + s.eps
     # apply
-    p = p - (m / denom) * s.step_size
+    p = p - div_rn(m, denom) * s.step_size
     return p, ([m, v, vmax] if f.amsgrad else [m, v])
 
 

@@ -41,6 +41,7 @@ from ..storage.formats import (
     state_dtype,
 )
 from .algorithm import Algorithm
+from .state import StateMap
 
 BACKENDS = ("auto", "reference", "foreach", "fused")
 # torch's own fused kernels serve the formats they have (Adam/AdamW, fp32 or plain low-precision
@@ -528,6 +529,7 @@ class Optimizer(torch.optim.Optimizer):
         self._plans: dict[int, native.GroupPlan] = {}
         self._checked: dict[int, tuple] = {}
         super().__init__(params, defaults)
+        self.state = StateMap(self.state)  # knows when the user replaces state (optim/state.py)
         if accumulation_steps > 1:
             for index, group in enumerate(self.param_groups):
                 self._hyper(index, group)  # refusals (e.g. a beta of 0) at construction
@@ -553,6 +555,8 @@ class Optimizer(torch.optim.Optimizer):
         state.setdefault("release_clipping", "previous_step")
         state["_release"] = None  # hooks live on the parameters: not pickled, not restored
         super().__setstate__(state)
+        if not isinstance(self.state, StateMap):
+            self.state = StateMap(self.state)
         self._plans, self._checked = {}, {}
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -717,6 +721,18 @@ class Optimizer(torch.optim.Optimizer):
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         """Create missing state of ``p``: step, slots in their format, Kahan/master buffer. For a
         DTensor parameter, floating state is a DTensor of the parameter's placement."""
+        with self._tracked().quiet():
+            return self._init_state_quietly(p, group)
+
+    def _tracked(self) -> StateMap:
+        """``self.state``, as a StateMap again if the user assigned another mapping to it (the
+        kernel's tables then no longer describe it)."""
+        if type(self.state) is not StateMap:
+            self.state = StateMap(self.state)
+            self._plans = {}
+        return self.state
+
+    def _init_state_quietly(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
         fmt = self._formats(group, p)
         if "step" not in state:
@@ -777,7 +793,7 @@ class Optimizer(torch.optim.Optimizer):
             scale = state.get(slot.name + "_scale")
             sf = slot_format(fmt.state, slot, p)
             if sf == "8bit":
-                if scale is None:
+                if scale is None or v.dtype != torch.uint8:  # a floating value (the user's): encoded
                     state[slot.name], state[slot.name + "_scale"] = _encode8(slot, native.local(v).float(), p)
             elif scale is not None:  # 8-bit codes, now a floating format
                 codes = native.local(v)
@@ -970,7 +986,9 @@ class Optimizer(torch.optim.Optimizer):
             options = tuple(group[k] for k in STORAGE_OPTIONS)
             none = [False] * len(params)
             ok = plan is not None and group["backend"] in ("auto", "fused") and native.USE_NATIVE
-            rel.checked[index] = plan if ok and plan.matches(params, none, flags, options) else None
+            rel.checked[index] = (
+                plan if ok and self._plan_current(plan, params, none, flags, options) else None
+            )
         plan = rel.checked[index]
         hit = plan.row_of.get(i) if plan is not None else None
         if hit is not None:  # one row of a table: O(1) in the group's size
@@ -1157,13 +1175,16 @@ class Optimizer(torch.optim.Optimizer):
             if lib is not None:
                 options = tuple(group[k] for k in STORAGE_OPTIONS)
                 plan = self._plans.get(index)
-                if plan is None or not plan.matches(params, has, flags, options):
+                if plan is None or not self._plan_current(plan, params, has, flags, options):
                     for p, h in zip(params, has):
                         if h:
                             self._init_state(p, group)
-                    plan = native.GroupPlan(
-                        lib, alg, params, self.state, lambda p: self._formats(group, p), base, flags, options
-                    )
+                    state = self._tracked()
+                    with state.quiet():  # the tables' step counters are the engine's own writes
+                        plan = native.GroupPlan(
+                            lib, alg, params, state, lambda p: self._formats(group, p), base, flags, options
+                        )
+                    plan.state_version = (state, state.version)
                     self._plans[index] = plan
                 all_have = all(has)
                 for table in plan.tables:
@@ -1185,6 +1206,12 @@ class Optimizer(torch.optim.Optimizer):
             self._run_unserved(items, hp, flags, scalars_of)
         for c in counters:  # only now that every update succeeded
             c.add_(1)
+
+    def _plan_current(self, plan: native.GroupPlan, params: list, has: list, flags, options) -> bool:
+        """Whether a group's native tables still describe it: the same parameters where they were,
+        the same options, and no state replaced or cleared since they were built."""
+        state, version = plan.state_version
+        return state is self.state and state.version == version and plan.matches(params, has, flags, options)
 
     def _run_unserved(self, items: list[Item], hp: dict, flags, scalars_of) -> None:
         """Items the native kernel does not serve under backend auto/fused: torch's own fused
@@ -1281,17 +1308,16 @@ class Optimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """torch's state dict, with each ``step`` a tensor of its own (the kernel keeps step
-        counters as views of one buffer, which ``torch.save`` would otherwise write whole), and
-        8-bit state marked with its parameter's shape (``param_shape``, int64), which loading checks:
-        codes alone only tell the number of blocks."""
+        """torch's state dict: the live state tensors, as torch returns them (an in-place load,
+        ``dcp.load(sd := opt.state_dict())``, restores moments and step counters alike; the
+        native kernel's counters are 0-D views of one buffer per table, which ``torch.save`` writes
+        once), and 8-bit state marked with its parameter's shape (``param_shape``, int64), which
+        loading checks: codes alone only tell the number of blocks."""
         self._check_window("state_dict()")
         sd = super().state_dict()
         sd["state"] = {k: dict(v) for k, v in sd["state"].items()}  # torch's entries are our live dicts
         params = [p for g in self.param_groups for p in g["params"]]
         for key, st in sd["state"].items():
-            if isinstance(st.get("step"), torch.Tensor):
-                st["step"] = st["step"].clone()
             if any(k.endswith("_scale") for k in st) and isinstance(key, int) and key < len(params):
                 st["param_shape"] = torch.tensor(list(params[key].shape), dtype=torch.int64)
         if self._release is not None and self.max_grad_norm is not None:
@@ -1398,7 +1424,7 @@ class Optimizer(torch.optim.Optimizer):
 
         # Everything checked: commit.
         self._plans, self._checked = {}, {}  # the kernel's tables point at the old state
-        self.state = defaultdict(dict, new_state)
+        self.state = StateMap(new_state)
         self.param_groups = new_groups
         clip = state_dict.get("release_clip")
         if clip is not None and self._release is not None:

@@ -43,6 +43,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..ieee import div_rn, sqrt_rn
 from .formats import hash_bits
 
 BLOCK = 256
@@ -116,13 +117,13 @@ def encode_blocks(signed: bool, xb: torch.Tensor, index: torch.Tensor, seed):
     # subnormals are not flushed, torch's default. What is dropped is below 1.2e-38.
     a = torch.where(a < _TINY, 0.0, a)
     u = hash_bits(index, seed).to(torch.float32) * (1.0 / 65536.0)
-    inv_a = torch.where(a > 0, 1.0 / a, 0.0)  # one division per block, not per element
+    inv_a = torch.where(a > 0, div_rn(1.0, a), 0.0)  # one division per block, not per element
     r = mag * inv_a  # in [0, 1]
     if signed:
-        c = torch.clamp(torch.floor(torch.sqrt(r) * _QM), max=_QM - 1)
+        c = torch.clamp(torch.floor(sqrt_rn(r) * _QM), max=_QM - 1)
         lo, hi = c * c * (1.0 / _QM**2), (c + 1) * (c + 1) * (1.0 / _QM**2)
     else:
-        c = torch.clamp(torch.floor(torch.sqrt(torch.sqrt(r)) * _QV), max=_QV - 1)
+        c = torch.clamp(torch.floor(sqrt_rn(sqrt_rn(r)) * _QV), max=_QV - 1)
         c2, d2 = c * c, (c + 1) * (c + 1)
         lo, hi = c2 * c2 * (1.0 / _QV**4), d2 * d2 * (1.0 / _QV**4)
     # Round up with probability (r - lo) / (hi - lo): unbiased in the *linear* domain. (Uniform
