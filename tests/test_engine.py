@@ -243,10 +243,10 @@ def test_low_precision_options_on_fp32_parameters_warn_once():
     """kahan_sum, stochastic_rounding and master_weights apply to bf16/fp16 parameters; on fp32
     ones wave 1 ignored them silently."""
     ps = [torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)]
-    with pytest.warns(RuntimeWarning, match="stochastic_rounding=True applies to bfloat16") as rec:
+    with pytest.warns(UserWarning, match="stochastic_rounding=True applies to bfloat16") as rec:
         adamkit.AdamW(ps, stochastic_rounding=True)
     assert len([w for w in rec if "applies to" in str(w.message)]) == 1
-    with pytest.warns(RuntimeWarning, match="kahan_sum='8bit' applies to bfloat16"):
+    with pytest.warns(UserWarning, match="kahan_sum='8bit' applies to bfloat16"):
         adamkit.AdamW([torch.zeros(3, requires_grad=True)], kahan_sum="8bit")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -255,7 +255,7 @@ def test_low_precision_options_on_fp32_parameters_warn_once():
 
 def test_decouple_lr_with_torch_sized_decay_warns_once():
     ps = [torch.zeros(3, requires_grad=True)]
-    with pytest.warns(RuntimeWarning, match="decouple_lr=True with weight_decay >= 1e-3") as rec:
+    with pytest.warns(UserWarning, match="decouple_lr=True with weight_decay >= 1e-3") as rec:
         adamkit.AdamW([{"params": ps}, {"params": [torch.zeros(1, requires_grad=True)]}], decouple_lr=True)
     assert len(rec) == 1 and "[0, 1]" in str(rec[0].message)
     with warnings.catch_warnings():
@@ -294,6 +294,21 @@ def test_compiled_step_is_correct_and_never_recompiles(backend):
     assert counters["stats"]["unique_graphs"] == 0 and not counters["recompiles"]
 
 
+def test_decouple_lr_warning_for_every_new_optimizer():
+    """Each of 20 optimizers built one after another warns (keyed by id(self), those that reused a
+    collected optimizer's address never did)."""
+    import gc
+
+    ids = []
+    for _ in range(20):
+        with pytest.warns(UserWarning, match="decouple_lr=True with weight_decay >= 1e-3"):
+            opt = adamkit.AdamW([torch.zeros(3, requires_grad=True)], decouple_lr=True)
+        ids.append(id(opt))
+        del opt
+        gc.collect()
+    assert len(set(ids)) < len(ids)  # an address was reused: the case this test is about
+
+
 def test_low_precision_warning_for_every_new_optimizer():
     """Each optimizer warns once. The old once-only key was id(optimizer), which the next optimizer
     reuses when the previous one is collected: it then never warned (and the suite's order decided
@@ -302,7 +317,7 @@ def test_low_precision_warning_for_every_new_optimizer():
 
     ids = []
     for _ in range(20):
-        with pytest.warns(RuntimeWarning, match="kahan_sum=True applies to bfloat16"):
+        with pytest.warns(UserWarning, match="kahan_sum=True applies to bfloat16"):
             opt = adamkit.AdamW([torch.zeros(3, requires_grad=True)], kahan_sum=True)
         ids.append(id(opt))
         del opt

@@ -136,10 +136,14 @@ def test_gradient_release_equals_ordinary_step(alg, backend, fmt):
     ob = ALGS[alg](b.parameters(), backend=backend, **kw)
     sa = torch.optim.lr_scheduler.StepLR(oa, 1, gamma=0.5)
     sb = torch.optim.lr_scheduler.StepLR(ob, 1, gamma=0.5)
-    for x in batches(3, dtype):
+    for t, x in enumerate(batches(3, dtype)):
         loss_of(a, x).backward()
-        assert all(p.grad is None for p in a.parameters())  # stepped and freed in backward
-        oa.step()  # callable: does nothing to released parameters
+        if t == 0:  # the first backward is observed: its gradients wait for step() (release_check)
+            assert all(p.grad is not None for p in a.parameters())
+        else:
+            assert all(p.grad is None for p in a.parameters())  # stepped and freed in backward
+        oa.step()  # callable: after the first step, does nothing to released parameters
+        assert all(p.grad is None for p in a.parameters())
         oa.zero_grad()
         loss_of(b, x).backward()
         ob.step()
@@ -189,3 +193,91 @@ def test_release_refusals():
     scaler.scale(loss_of(m, batches(1)[0])).backward()
     with pytest.raises(RuntimeError, match="GradScaler"):
         scaler.step(opt)
+
+
+# ------------------------------------------------------------------------------------------------
+# Habits gradient release cannot honour: refused before anything is stepped (release_check)
+# ------------------------------------------------------------------------------------------------
+
+
+def assert_untouched(m, opt, before):
+    for p, q in zip(m.parameters(), before):
+        assert torch.equal(p, q)
+    assert all("step" not in opt.state.get(p, {}) for p in m.parameters())
+
+
+def test_release_refuses_user_clipping_before_stepping():
+    """clip_grad_norm_ after a released backward saw no gradients (returned 0) and clipped nothing;
+    now the first step() finds the gradients changed and refuses, naming max_grad_norm."""
+    m = model()
+    before = [p.detach().clone() for p in m.parameters()]
+    opt = adamkit.AdamW(m.parameters(), lr=1e-2, gradient_release=True)
+    loss_of(m, batches(1)[0]).backward()
+    norm = torch.nn.utils.clip_grad_norm_(m.parameters(), 0.1)
+    assert float(norm) > 0  # the user's clipping saw the gradients
+    with pytest.raises(RuntimeError, match="max_grad_norm="):
+        opt.step()
+    assert_untouched(m, opt, before)
+
+
+def test_release_refuses_several_backwards_per_step():
+    """A "k backwards, then step()" loop (transformers' Trainer with gradient accumulation)
+    stepped k times; now the second backward raises, naming accumulation_steps."""
+    m = model()
+    before = [p.detach().clone() for p in m.parameters()]
+    opt = adamkit.AdamW(m.parameters(), lr=1e-2, gradient_release=True)
+    x, y = batches(2)
+    loss_of(m, x).backward()
+    with pytest.raises(RuntimeError, match="accumulation_steps=k"):
+        loss_of(m, y).backward()
+    assert_untouched(m, opt, before)
+
+
+def test_release_refuses_gradscaler_before_stepping():
+    m = model()
+    before = [p.detach().clone() for p in m.parameters()]
+    opt = adamkit.AdamW(m.parameters(), lr=1e-2, gradient_release=True)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(loss_of(m, batches(1)[0])).backward()
+    with pytest.raises(RuntimeError, match="nothing was stepped"):
+        scaler.step(opt)
+    assert_untouched(m, opt, before)
+
+
+def test_release_check_off_and_step_less_loops():
+    """With release_check=False the first backward steps in its hooks (a loop that never calls
+    step()); with the check, such a loop calls step() once, after its first backward."""
+    xs = batches(3)
+    runs = []
+    for check in (False, True):
+        m = model()
+        opt = adamkit.AdamW(m.parameters(), lr=1e-2, gradient_release=True, release_check=check)
+        for t, x in enumerate(xs):
+            loss_of(m, x).backward()
+            assert all(p.grad is None for p in m.parameters()) or (check and t == 0)
+            if check and t == 0:
+                opt.step()
+        runs.append([p.detach().clone() for p in m.parameters()])
+        assert all(float(opt.state[p]["step"]) == 3 for p in m.parameters())
+    for p, q in zip(*runs):
+        assert torch.equal(p, q)
+
+
+def test_remove_gradient_release():
+    """A public way to stop release: the hooks go, gradients stay until step(), as without it;
+    the run equals one that never released."""
+    a, b = model(), model()
+    oa = adamkit.AdamW(a.parameters(), lr=1e-2, gradient_release=True)
+    ob = adamkit.AdamW(b.parameters(), lr=1e-2)
+    for t, x in enumerate(batches(4)):
+        if t == 2:
+            oa.remove_gradient_release()
+            assert not any(p._post_accumulate_grad_hooks for p in a.parameters())
+        for m, o in ((a, oa), (b, ob)):
+            loss_of(m, x).backward()
+            if t >= 2:
+                assert all(p.grad is not None for p in m.parameters())
+            o.step()
+            o.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)

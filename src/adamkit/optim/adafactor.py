@@ -1,6 +1,6 @@
 r"""Adafactor: factored second moments (Shazeer & Stern, "Adafactor: Adaptive Learning Rates with
 Sublinear Memory Cost", ICML 2018, arXiv 1804.04235), with ``torch.optim.Adafactor``'s signature and
-results, plus an optional first moment (``beta1``, as transformers' Adafactor has it).
+results, plus an optional first moment (``beta1``; transformers' Adafactor has one too, averaged after scaling).
 
 For a parameter of :math:`\ge 2` dimensions (factored over its last two, of sizes R x C):
 
@@ -161,6 +161,36 @@ ADAFACTOR = Algorithm(
 )
 
 
+def _transformers_names(lr, d, beta2_decay, relative_step, scale_parameter, warmup_init, clip, decay):
+    """transformers' Adafactor spellings: accepted where they name this class's behaviour, refused
+    with the nearest equivalent where they do not. Returns (lr, d, beta2_decay)."""
+    if relative_step is not True:
+        raise ValueError(
+            "relative_step=False (transformers: a constant step lr) has no switch here: the step is "
+            "min(lr, 1/sqrt(t)) as in torch.optim.Adafactor, which equals lr only for the first 1/lr^2 "
+            "steps (1e6 at lr=1e-3); drop the argument to accept that, or use adamkit.AdamW"
+        )
+    if scale_parameter is not True:
+        raise ValueError(
+            "scale_parameter=False has no equivalent: the step is always scaled by max(eps2, RMS(p)) "
+            "(transformers' scale_parameter=True, torch.optim.Adafactor's only behaviour)"
+        )
+    if warmup_init is not False:
+        raise ValueError(
+            "warmup_init=True has no switch here: warm up with an lr scheduler instead (the step is "
+            "min(lr, 1/sqrt(t)) times the parameter scale, so a linear warmup of lr from 1e-6 per step "
+            "gives transformers' warmup)"
+        )
+    if lr is None:  # transformers' relative step alone: min(1e-2, 1/sqrt(t))
+        lr = 1e-2
+    for name, ours, theirs, default in (("d", d, clip, 1.0), ("beta2_decay", beta2_decay, decay, -0.8)):
+        if theirs is not None and ours != default and ours != theirs:
+            raise ValueError(f"{name}={ours} and its transformers spelling ({theirs}) disagree; pass one")
+    d = d if clip is None else clip
+    beta2_decay = beta2_decay if decay is None else decay
+    return lr, d, beta2_decay
+
+
 class Adafactor(Optimizer):
     r"""Adafactor (see the module docstring), ``torch.optim.Adafactor``'s signature and results.
 
@@ -174,8 +204,17 @@ class Adafactor(Optimizer):
             and of the parameter RMS. Default (None, 1e-3).
         d: clipping threshold of the update's RMS. Default 1.
         weight_decay: :math:`\lambda`, decoupled: :math:`\theta(1 - \gamma\lambda)`. Default 0.
-        beta1: optional first moment of the clipped update (+4 B/param; transformers' Adafactor
-            keeps it). Default None.
+        beta1: optional first moment of the clipped update, before it is scaled by
+            :math:`\alpha_t` (+4 B/param). transformers' Adafactor averages the update *after*
+            scaling it (:math:`m_t = \beta_1 m_{t-1} + (1-\beta_1)\alpha_t u_t`): the two agree
+            only while :math:`\alpha_t` is constant. Default None.
+        relative_step, scale_parameter, warmup_init, clip_threshold, decay_rate: transformers'
+            spellings. ``lr=None`` with ``relative_step=True`` (its default) is ``lr=1e-2`` (the step
+            min(1e-2, 1/sqrt(t))); ``scale_parameter=True`` and ``warmup_init=False`` are this
+            class's behaviour; ``clip_threshold`` is ``d``, ``decay_rate`` is ``beta2_decay``. The
+            other values raise with the nearest equivalent. (transformers' weight decay is scaled by
+            its computed step, this class's by ``lr``, as torch's; its ``eps[0]`` is added to
+            :math:`g^2`, this class's is a floor.)
         maximize, kahan_sum, stochastic_rounding, master_weights, state_format, min_8bit_size,
         backend, foreach, fused, max_grad_norm, skip_nonfinite_steps, gradient_release: as for
         :class:`adamkit.AdamW` (every backend runs it per tensor; with gradient release each
@@ -191,7 +230,7 @@ class Adafactor(Optimizer):
     def __init__(
         self,
         params: Iterable,
-        lr: float | torch.Tensor = 1e-2,
+        lr: float | torch.Tensor | None = 1e-2,
         beta2_decay: float = -0.8,
         eps: tuple[float | None, float] = (None, 1e-3),
         d: float = 1.0,
@@ -203,8 +242,17 @@ class Adafactor(Optimizer):
         gradient_release: bool = False,
         max_grad_norm: float | None = None,
         skip_nonfinite_steps: bool = False,
+        relative_step: bool = True,
+        scale_parameter: bool = True,
+        warmup_init: bool = False,
+        clip_threshold: float | None = None,
+        decay_rate: float | None = None,
         **engine: Any,
     ):
+        group_options, options = engine_kwargs("Adafactor", engine)
+        lr, d, beta2_decay = _transformers_names(
+            lr, d, beta2_decay, relative_step, scale_parameter, warmup_init, clip_threshold, decay_rate
+        )
         super().__init__(
             params,
             dict(
@@ -216,11 +264,12 @@ class Adafactor(Optimizer):
                 beta1=beta1,
                 foreach=foreach,
                 maximize=maximize,
-                **engine_kwargs("Adafactor", engine),
+                **group_options,
             ),
             gradient_release=gradient_release,
             max_grad_norm=max_grad_norm,
             skip_nonfinite_steps=skip_nonfinite_steps,
+            **options,
         )
 
     def _required_group_keys(self) -> tuple[str, ...]:

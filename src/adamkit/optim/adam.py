@@ -9,6 +9,7 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -16,7 +17,7 @@ import torch
 
 from ..ieee import div_rn, fma_rn, lerp_rn, sqrt_rn
 from .algorithm import Accumulation, Algorithm, Flags, Slot
-from .base import Optimizer, as_float, check_betas, check_bools, check_nonneg, warn_once
+from .base import Optimizer, as_float, check_betas, check_bools, check_nonneg
 
 # --------------------------------------------------------------------------------------------------
 # Weight-decay modes. The names follow the formulas, not the papers' marketing:
@@ -34,6 +35,23 @@ SLOTS = (
     Slot("exp_avg_sq", signed=False),  # v: the same
     Slot("max_exp_avg_sq", signed=False, option="amsgrad"),  # max v (AMSGrad only): the same
 )
+
+
+def warn_strong_decay(opt: Optimizer) -> None:
+    """Fully decoupled decay is not multiplied by lr: weight_decay is the fraction removed per step
+    at peak lr, so torch-sized values (1e-2) shrink weights 1000x faster. Warns once per optimizer
+    (a flag on it: a key such as id(opt) is reused by the next optimizer once one is collected),
+    as a UserWarning, the category of a suspicious argument (optimi's too)."""
+    strong = [i for i, g in enumerate(opt.param_groups) if g.get("decouple_lr") and g["weight_decay"] >= 1e-3]
+    if strong and not getattr(opt, "_strong_decay_warned", False):
+        opt._strong_decay_warned = True
+        warnings.warn(
+            f"adamkit: parameter group(s) {strong} use decouple_lr=True with weight_decay >= 1e-3; "
+            "fully decoupled decay removes weight_decay * (lr / max_lr) of each weight per step, "
+            "not lr * weight_decay: typical values are ~1e-5 to 1e-4 (1e-2 / 1e3 for lr=1e-3)",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 class Scalars(NamedTuple):
@@ -57,14 +75,8 @@ def check(group: dict) -> dict:
     eps = check_nonneg("eps", group["eps"])
     wd = check_nonneg("weight_decay", group["weight_decay"])
     b1, b2 = check_betas(group["betas"])
-    max_lr = group.get("max_lr")
-    if max_lr is not None:
-        max_lr = as_float("max_lr", max_lr)
-        if not math.isfinite(max_lr) or max_lr <= 0:
-            raise ValueError(f"Invalid max_lr: {max_lr}; it must be a finite number > 0")
-    check_bools(group, ("amsgrad", "decoupled_weight_decay", "decouple_lr"))
-    if group.get("decouple_lr", False) and max_lr is None:
-        raise ValueError("decouple_lr=True needs max_lr (it defaults to the group's initial lr)")
+    check_bools(group, ("amsgrad", "decoupled_weight_decay"))
+    max_lr = check_max_lr(group)
     if wd == 0:
         wd_mode = "none"
     elif group.get("decouple_lr", False):
@@ -74,6 +86,28 @@ def check(group: dict) -> dict:
     else:
         wd_mode = "l2"
     return dict(lr=lr, eps=eps, weight_decay=wd, beta1=b1, beta2=b2, max_lr=max_lr, wd_mode=wd_mode)
+
+
+def check_max_lr(group: dict) -> float | None:
+    """``max_lr`` and ``decouple_lr`` (fully decoupled decay), for every algorithm that has them."""
+    max_lr = group.get("max_lr")
+    if max_lr is not None:
+        max_lr = as_float("max_lr", max_lr)
+        if not math.isfinite(max_lr) or max_lr <= 0:
+            raise ValueError(f"Invalid max_lr: {max_lr}; it must be a finite number > 0")
+    check_bools(group, ("decouple_lr",))
+    if group.get("decouple_lr", False) and max_lr is None:
+        raise ValueError("decouple_lr=True needs max_lr (it defaults to the group's initial lr)")
+    return max_lr
+
+
+def default_max_lr(group: dict) -> None:
+    """``max_lr`` defaults to the group's initial lr (where it is > 0)."""
+    if group.get("max_lr") is None:
+        lr = as_float("lr", group["lr"])
+        if lr <= 0 and group.get("decouple_lr"):
+            raise ValueError("decouple_lr=True needs max_lr > 0; the group's lr is 0, pass max_lr")
+        group["max_lr"] = lr if lr > 0 else None  # lr == 0 and no decoupling: max_lr is unused
 
 
 def flags(group: dict, hp: dict) -> Flags:
@@ -363,6 +397,7 @@ class Adam(Optimizer):
         skip_nonfinite_steps: bool = False,
         accumulation_steps: int = 1,
         release_clipping: str = "previous_step",
+        release_check: bool = True,
         capturable: bool = False,
         differentiable: bool = False,
     ):
@@ -395,29 +430,14 @@ class Adam(Optimizer):
             skip_nonfinite_steps=skip_nonfinite_steps,
             accumulation_steps=accumulation_steps,
             release_clipping=release_clipping,
+            release_check=release_check,
         )
-        strong = [
-            i for i, g in enumerate(self.param_groups) if g["decouple_lr"] and g["weight_decay"] >= 1e-3
-        ]
-        if strong:
-            # fully decoupled decay is not multiplied by lr: weight_decay is the fraction removed
-            # per step at peak lr, so torch-sized values (1e-2) shrink weights 1000x faster
-            warn_once(
-                f"decouple-lr-{id(self)}",
-                f"adamkit: parameter group(s) {strong} use decouple_lr=True with weight_decay >= 1e-3; "
-                "fully decoupled decay removes weight_decay * (lr / max_lr) of each weight per step, "
-                "not lr * weight_decay: typical values are ~1e-5 to 1e-4 (1e-2 / 1e3 for lr=1e-3)",
-                stacklevel=3,
-            )
+        warn_strong_decay(self)
 
     def _prepare_group(self, group: dict) -> None:
         if group.get("decouple_lr"):
             group["decoupled_weight_decay"] = True
-        if group.get("max_lr") is None:  # defaults to the group's initial lr
-            lr = as_float("lr", group["lr"])
-            if lr <= 0 and group.get("decouple_lr"):
-                raise ValueError("decouple_lr=True needs max_lr > 0; the group's lr is 0, pass max_lr")
-            group["max_lr"] = lr if lr > 0 else None  # lr == 0 and no decoupling: max_lr is unused
+        default_max_lr(group)
 
     def _required_group_keys(self) -> tuple[str, ...]:
         return ("lr", "betas", "eps", "weight_decay")

@@ -132,12 +132,26 @@ def refuse_skip_nonfinite(group: dict, name: str) -> None:
         )
 
 
-def engine_kwargs(cls_name: str, kw: dict) -> dict:
-    """The engine's keyword arguments a variant passes through (``**engine``); others raise."""
-    unknown = sorted(set(kw) - set(ENGINE_DEFAULTS))
+# Options of the optimizer as a whole (not of a group), shared by every algorithm.
+OPTIMIZER_OPTIONS = (
+    "gradient_release",
+    "max_grad_norm",
+    "skip_nonfinite_steps",
+    "accumulation_steps",
+    "release_clipping",
+    "release_check",
+)
+
+
+def engine_kwargs(cls_name: str, kw: dict) -> tuple[dict, dict]:
+    """Split the engine's keyword arguments a variant passes through (``**engine``) into group
+    options and optimizer options; every algorithm takes the same ones (each then applies or is
+    refused with the reason by the engine). Other names raise."""
+    unknown = sorted(set(kw) - set(ENGINE_DEFAULTS) - set(OPTIMIZER_OPTIONS))
     if unknown:
         raise TypeError(f"{cls_name}() got unexpected keyword arguments {unknown}")
-    return kw
+    group = {k: v for k, v in kw.items() if k in ENGINE_DEFAULTS}
+    return group, {k: v for k, v in kw.items() if k in OPTIMIZER_OPTIONS}
 
 
 def check_engine_options(group: dict) -> None:
@@ -378,7 +392,7 @@ class _Release:
     steps; a callback queued on autograd's engine at each backward's first hook counts the
     backward passes, so ``step()``/``zero_grad()`` calls between them change nothing."""
 
-    def __init__(self):
+    def __init__(self, observe: bool = True):
         self.handles: list = []
         self.where: dict[int, tuple[int, int]] = {}  # id(p) -> (group index, position)
         self.seen: set[int] = set()
@@ -397,6 +411,10 @@ class _Release:
         self.ddp = False
         self.lock = threading.Lock()
         self.ddp_done: set[int] = set()  # stepped by the comm hook in this backward
+        # release_check: the first backward keeps its gradients until step() (or zero_grad())
+        # has checked the training loop (Optimizer._observed_step); id(p) -> (p, grad, version)
+        self.observing = observe
+        self.observed: dict[int, tuple] = {}
 
     def register(self, opt: Optimizer, index: int) -> None:
         ref = _weak(opt)
@@ -460,6 +478,7 @@ class Optimizer(torch.optim.Optimizer):
         skip_nonfinite_steps: bool = False,
         accumulation_steps: int = 1,
         release_clipping: str = "previous_step",
+        release_check: bool = True,
     ):
         if release_clipping not in ("previous_step", "per_tensor"):
             raise ValueError(
@@ -513,7 +532,10 @@ class Optimizer(torch.optim.Optimizer):
         self.skip_nonfinite_steps = skip_nonfinite_steps
         self.skipped_steps = 0  # whole steps skipped for a non-finite gradient (or GradScaler's found_inf)
         self.last_grad_norm: float | None = None  # the global gradient norm the last clipping used
-        self._release = _Release() if gradient_release else None
+        if not isinstance(release_check, bool):
+            raise TypeError(f"release_check must be a bool, got {release_check!r}")
+        observe = release_check and accumulation_steps == 1
+        self._release = _Release(observe) if gradient_release else None
         defaults = {**ENGINE_DEFAULTS, **defaults}
         defaults["betas"] = (
             tuple(defaults["betas"]) if isinstance(defaults.get("betas"), list) else defaults.get("betas")
@@ -597,7 +619,7 @@ class Optimizer(torch.optim.Optimizer):
                     "must appear exactly once"
                 )
             seen.add(id(p))
-        merged = {**self.defaults, **param_group, "params": params}
+        merged = {**self.defaults, **param_group, "params": tensors}  # names set apart: checks see tensors
         if "backend" in param_group or "foreach" in param_group or "fused" in param_group:
             merged["backend"] = resolve_backend(
                 merged.get("backend", "auto"), merged.get("foreach"), merged.get("fused")
@@ -620,11 +642,11 @@ class Optimizer(torch.optim.Optimizer):
             # once per optimizer: a flag on it, not a global set keyed by id(self), which a new
             # optimizer reuses once an old one is collected (it then never warned)
             self._lowprec_warned = True
-            warnings.warn(
+            warnings.warn(  # a suspicious argument: UserWarning, as Python's and the peers' convention
                 f"adamkit: {', '.join(f'{k}={merged[k]!r}' for k in asked)} applies to bfloat16/float16 "
                 "parameters only; this group's float32/float64 parameters are stepped in their own precision "
                 "(cast the model with model.to(torch.bfloat16) to use it)",
-                RuntimeWarning,
+                UserWarning,
                 stacklevel=3,
             )
         param_group.update({k: v for k, v in merged.items() if k != "params"})
@@ -843,6 +865,8 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._release is not None and self._release.observed:
+            self._observed_step()  # the first backward's gradients, kept to check the loop
         if self._release is not None:
             if getattr(self, "found_inf", None) is not None:
                 raise RuntimeError(
@@ -862,6 +886,11 @@ class Optimizer(torch.optim.Optimizer):
                 done.clear()
             if self.accumulation_steps == 1:
                 self._release.end_step(self)  # with accumulation: at the window's last backward
+        self._step_all()
+        return loss
+
+    def _step_all(self) -> None:
+        """The ordinary step of every parameter that has a gradient."""
         # Pass 1: check everything, so that bad input raises before any state or parameter changes.
         work = []
         for index, group in enumerate(self.param_groups):
@@ -888,14 +917,68 @@ class Optimizer(torch.optim.Optimizer):
         )
         if gscale is None:
             self.skipped_steps += 1
-            return loss
+            return
         # Pass 2: update.
         base = 1  # uid: the parameter's position in the optimizer, stable across save/load
         for index, group, hp, grads, has in work:
             if any(has):
                 self._step_group(index, group, hp, grads, has, base, gscale)
             base += len(group["params"])
-        return loss
+
+    def _observed_step(self) -> None:
+        """End gradient release's first, observed backward (``release_check``): refuse the habits
+        release cannot honour while nothing has been stepped, else run the hooks that backward
+        deferred, in the order they fired (each steps its parameter and frees its gradient, as
+        release does), and release from now on.
+
+        Release consumes each gradient inside backward. A loop that changes gradients between
+        backward and ``step()`` (``clip_grad_norm_`` would see none and return 0; ``unscale_``
+        would unscale nothing), that is driven by GradScaler (it could not skip an inf step), or
+        that runs several backward passes per ``step()`` (each would be a step) would train
+        silently wrong."""
+        rel = self._release
+        observed, rel.observed = rel.observed, {}
+        if getattr(self, "found_inf", None) is not None or getattr(self, "grad_scale", None) is not None:
+            raise RuntimeError(
+                "adamkit: GradScaler cannot drive gradient_release=True (nothing was stepped): release "
+                "steps each parameter inside backward, before GradScaler could check the gradients "
+                "for inf/nan; train with bf16 autocast (no loss scaling), or gradient_release=False, "
+                "or skip_nonfinite=True to skip non-finite elements inside the step"
+            )
+        changed = [p for p, g, v in observed.values() if p.grad is not g or g._version != v]
+        if changed:
+            raise RuntimeError(
+                "adamkit: the gradients were changed between backward and step() (nothing was "
+                "stepped): with gradient_release=True each gradient is consumed and freed inside "
+                "backward, so what runs after it (torch.nn.utils.clip_grad_norm_, which would see no "
+                "gradients and return 0; GradScaler.unscale_) cannot apply. Pass max_grad_norm= to "
+                "the optimizer for clipping (its norm is folded into the step), and drop the "
+                "gradient changes from the loop; release_check=False skips this check"
+            )
+        rel.observing = False
+        for p, _, _ in observed.values():
+            self._release_hook(p)
+
+    def remove_gradient_release(self) -> None:
+        """Stop gradient release: remove its hooks from the parameters (a parameter's gradient is
+        then kept until ``step()``, as without release). State, groups and step counts are kept;
+        ``step()`` steps the gradients that backward leaves from now on. Refused inside an
+        accumulation window (its folded micro-batches would be lost)."""
+        rel = self._release
+        if rel is None:
+            return
+        self._check_window("remove_gradient_release()")
+        if rel.observed:
+            self._observed_step()
+        rel.remove()
+        self._release = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; under gradient release it also closes the first, observed step
+        (as it closes every released step: ``step()`` is optional there)."""
+        if self._release is not None and self._release.observed:
+            self._observed_step()
+        super().zero_grad(set_to_none)
 
     @torch._disable_dynamo
     @torch.no_grad()
@@ -918,6 +1001,21 @@ class Optimizer(torch.optim.Optimizer):
         if g.is_sparse:
             raise RuntimeError(f"adamkit.{type(self).__name__} does not support sparse gradients")
         k = self.accumulation_steps
+        if rel.observing:
+            # The first backward: nothing is stepped yet. Its gradients are kept until step() (or
+            # zero_grad()) checks that the loop leaves them alone (_observed_step).
+            if id(p) in rel.observed:
+                rel.observed.clear()
+                raise RuntimeError(
+                    "adamkit: a second backward before step() (nothing was stepped): with "
+                    "gradient_release=True each backward is one optimizer step. To accumulate k "
+                    "micro-batches per step, pass accumulation_steps=k (and, with transformers' "
+                    "Trainer, gradient_accumulation_steps=1); a loop that never calls step() must "
+                    "call opt.step() (or zero_grad()) after its first backward, which ends this "
+                    "check (release_check=False skips it)"
+                )
+            rel.observed[id(p)] = (p, g, g._version)
+            return
         if k == 1 and id(p) in rel.seen:  # a second backward without step(): close the previous step
             rel.end_step(self)
         rel.seen.add(id(p))

@@ -175,7 +175,7 @@ class CAME(Optimizer):
         skip_nonfinite_steps: bool = False,
         **engine: Any,
     ):
-        engine = engine_kwargs("CAME", engine)
+        engine, options = engine_kwargs("CAME", engine)
         super().__init__(
             params,
             dict(
@@ -185,6 +185,7 @@ class CAME(Optimizer):
             gradient_release=gradient_release,
             max_grad_norm=max_grad_norm,
             skip_nonfinite_steps=skip_nonfinite_steps,
+            **options,
         )  # fmt: skip
 
     def _required_group_keys(self) -> tuple[str, ...]:

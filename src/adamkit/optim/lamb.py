@@ -136,13 +136,14 @@ class Lamb(Optimizer):
         skip_nonfinite_steps: bool = False,
         **engine: Any,
     ):
-        engine = engine_kwargs("Lamb", engine)
+        engine, options = engine_kwargs("Lamb", engine)
         super().__init__(
             params,
             dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **engine),
             gradient_release=gradient_release,
             max_grad_norm=max_grad_norm,
             skip_nonfinite_steps=skip_nonfinite_steps,
+            **options,
         )
 
     def _required_group_keys(self) -> tuple[str, ...]:

@@ -20,8 +20,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .adam import check_max_lr, default_max_lr, warn_strong_decay
 from .algorithm import Algorithm, Flags, Slot, where
-from .base import Optimizer, check_betas, check_nonneg
+from .base import Optimizer, as_float, check_betas, check_nonneg
 
 
 class Scalars(NamedTuple):
@@ -40,7 +41,9 @@ def check(group: dict) -> dict:
     lr = check_nonneg("lr", group["lr"])
     wd = check_nonneg("weight_decay", group["weight_decay"])
     b1, b2 = check_betas(group["betas"])
-    return dict(lr=lr, weight_decay=wd, beta1=b1, beta2=b2, wd_mode="decoupled" if wd else "none")
+    max_lr = check_max_lr(group)
+    mode = "none" if not wd else ("full" if group.get("decouple_lr", False) else "decoupled")
+    return dict(lr=lr, weight_decay=wd, beta1=b1, beta2=b2, max_lr=max_lr, wd_mode=mode)
 
 
 def flags(group: dict, hp: dict) -> Flags:
@@ -49,14 +52,17 @@ def flags(group: dict, hp: dict) -> Flags:
 
 def scalars(hp: dict, step: float, f: Flags) -> Scalars:
     lr, b1, b2 = hp["lr"], hp["beta1"], hp["beta2"]
-    return Scalars(-1.0 if f.maximize else 1.0, 1.0 - lr * hp["weight_decay"], lr, b1, 1.0 - b1, b2, 1.0 - b2)
+    rate = lr / hp["max_lr"] if hp["wd_mode"] == "full" else lr  # fully decoupled: lr / max_lr
+    return Scalars(
+        -1.0 if f.maximize else 1.0, 1.0 - rate * hp["weight_decay"], lr, b1, 1.0 - b1, b2, 1.0 - b2
+    )
 
 
 def lion_update(p, g, slots: list, s: Scalars, f: Flags):
     """One Lion step on compute-dtype values. Returns (p, [m])."""
     m = slots[0]
     c = m * s.beta1 + g * s.one_minus_beta1  # the interpolation whose sign is the update
-    if f.wd_mode in ("decoupled", "runtime"):
+    if f.wd_mode in ("decoupled", "full", "runtime"):
         p = p * s.decay
     # sign(nan) is nan, as the native kernel computes it: torch.sign(nan) gives 0 on the CPU, which
     # would freeze an element whose gradient went nan (m stays nan) instead of showing the failure
@@ -94,6 +100,15 @@ class Lion(Optimizer):
             momentum's decay. Default (0.9, 0.99).
         weight_decay: :math:`\lambda`, decoupled: :math:`\theta \leftarrow \theta(1-\gamma\lambda)`.
             Default 0.
+        decouple_lr: fully decoupled decay, :math:`\theta \leftarrow \theta(1 -
+            \frac{\gamma}{\gamma_{max}}\lambda)`: ``weight_decay`` is the fraction removed per step
+            at ``max_lr`` (default: the group's initial lr), as :class:`adamkit.AdamW`'s.
+        decoupled_weight_decay: lion-pytorch's spelling of the same: ``True`` divides
+            ``weight_decay`` by the constructor's ``lr`` (its ``init_lr``), which is
+            ``decouple_lr=True, max_lr=lr``; the results equal lion-pytorch's.
+        use_triton: lion-pytorch's Triton switch: ``False`` is accepted; ``True`` is refused
+            (the step runs adamkit's native fused kernel on CPU tensors and ``torch.compile``
+            elsewhere, chosen by ``backend``).
         maximize, kahan_sum, stochastic_rounding, master_weights, state_format, min_8bit_size,
         skip_nonfinite, backend, foreach, fused, max_grad_norm, skip_nonfinite_steps,
         gradient_release, release_clipping: as for :class:`adamkit.AdamW`.
@@ -117,6 +132,10 @@ class Lion(Optimizer):
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
         *,
+        decouple_lr: bool = False,
+        max_lr: float | None = None,
+        decoupled_weight_decay: bool = False,
+        use_triton: bool = False,
         maximize: bool = False,
         kahan_sum: bool | str | None = None,
         stochastic_rounding: bool = False,
@@ -132,13 +151,25 @@ class Lion(Optimizer):
         skip_nonfinite_steps: bool = False,
         accumulation_steps: int = 1,
         release_clipping: str = "previous_step",
+        release_check: bool = True,
     ):
+        if use_triton:
+            raise ValueError(
+                "use_triton=True (lion-pytorch's Triton kernel) has no counterpart in adamkit.Lion: "
+                "its step runs the native fused kernel on CPU tensors and torch.compile elsewhere "
+                "(backend='auto'); drop the argument"
+            )
+        if decoupled_weight_decay:  # lion-pytorch: wd / init_lr, init_lr the constructor's lr
+            decouple_lr = True
+            max_lr = as_float("lr", lr) if max_lr is None else max_lr
         super().__init__(
             params,
             dict(
                 lr=lr,
                 betas=betas,
                 weight_decay=weight_decay,
+                decouple_lr=decouple_lr,
+                max_lr=max_lr,
                 maximize=maximize,
                 kahan_sum=kahan_sum,
                 stochastic_rounding=stochastic_rounding,
@@ -155,4 +186,13 @@ class Lion(Optimizer):
             skip_nonfinite_steps=skip_nonfinite_steps,
             accumulation_steps=accumulation_steps,
             release_clipping=release_clipping,
+            release_check=release_check,
         )
+        warn_strong_decay(self)
+
+    def _prepare_group(self, group: dict) -> None:
+        default_max_lr(group)
+
+    def _loaded_group(self, group: dict) -> None:
+        if group.get("max_lr") is None:
+            group["max_lr"] = as_float("lr", group.get("initial_lr", group["lr"]))

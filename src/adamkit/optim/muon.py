@@ -271,7 +271,7 @@ class Muon(Optimizer):
         skip_nonfinite_steps: bool = False,
         **engine: Any,
     ):
-        engine = engine_kwargs("Muon", engine)
+        engine, options = engine_kwargs("Muon", engine)
         coeffs = tuple(ns_coefficients) if isinstance(ns_coefficients, list) else ns_coefficients
         if adamw_lr is not None:
             check_nonneg("adamw_lr", adamw_lr)
@@ -286,6 +286,7 @@ class Muon(Optimizer):
             gradient_release=gradient_release,
             max_grad_norm=max_grad_norm,
             skip_nonfinite_steps=skip_nonfinite_steps,
+            **options,
         )  # fmt: skip
 
     def _prepare_group(self, group: dict) -> None:

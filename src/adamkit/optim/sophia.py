@@ -136,7 +136,7 @@ class SophiaG(Optimizer):
         skip_nonfinite_steps: bool = False,
         **engine: Any,
     ):
-        engine = engine_kwargs("SophiaG", engine)
+        engine, options = engine_kwargs("SophiaG", engine)
         if gradient_release is not False:
             # The hooks would step every parameter inside each backward: the sampled-label backward
             # that update_hessian() reads would move the weights too, and step(bs=...) would come
@@ -151,6 +151,7 @@ class SophiaG(Optimizer):
             dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, bs=5120, **engine),
             max_grad_norm=max_grad_norm,
             skip_nonfinite_steps=skip_nonfinite_steps,
+            **options,
         )
 
     def _required_group_keys(self) -> tuple[str, ...]:
