@@ -218,13 +218,81 @@ def test_fused_state_dict_roundtrip_into_other_backends():
     assert_same(other, ref, cont, rps)
 
 
-def test_native_kernel_is_built_once_per_machine(tmp_path, monkeypatch):
+def test_native_kernel_is_built_once_per_machine(tmp_path, monkeypatch, capfd):
+    """Built once, saying so (the first step on a fresh machine waited ~20 s without a word)."""
     monkeypatch.setenv("ADAMKIT_CACHE_DIR", str(tmp_path))
     assert native.load.__wrapped__() is not None
+    assert "building the native kernel for this CPU, once" in capfd.readouterr().err
     (built,) = tmp_path.glob("adamkit_kernel_*.so")
     stamp = built.stat().st_mtime_ns
     assert native.load.__wrapped__() is not None  # loaded from the cache, not rebuilt
+    assert "building" not in capfd.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == [built.name] and built.stat().st_mtime_ns == stamp
+
+
+def test_the_whole_cc_keys_the_cache():
+    """Words in $CC (``ccache gcc``, ``gcc -m32``) change the build: they key the cache too."""
+    assert native.kernel_name("gcc", "gcc 12") != native.kernel_name("gcc -m32", "gcc 12")
+    assert native.kernel_name("gcc", "gcc 12") == native.kernel_name("gcc", "gcc 12")
+
+
+def test_a_library_of_another_abi_is_refused(monkeypatch):
+    """The Python mirror of the kernel's structs is checked when a library loads: one built from
+    another kernel.c (a stale prebuilt .so) is refused instead of reading fields at wrong offsets."""
+    lib = native.load()
+    assert native.abi_problem(lib) is None
+    monkeypatch.setattr(native, "ABI_VERSION", native.ABI_VERSION + 1)
+    assert "ABI" in native.abi_problem(lib)
+    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setattr(native, "_load_prebuilt", lambda: None)
+    assert native.load.__wrapped__() is None
+    assert "ABI" in native.failure()
+
+
+def test_unknown_algorithm_id_is_refused_with_nothing_changed():
+    """An algorithm id the kernel has no body for ran Lion's body; now the call is refused."""
+    p = torch.randn(300, requires_grad=True)
+    opt = adamkit.AdamW([p], lr=1e-2, backend="fused")
+    p.grad = torch.randn(300)
+    opt.step()
+    (table,) = [t for plan in opt._plans.values() for t in plan.tables]
+    before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    table.args.alg = 7
+    group = opt.param_groups[0]
+    hp = opt._hyper(0, group)
+    with pytest.raises(RuntimeError, match="refused"):
+        table.step([p.grad], [True], True, opt._scalars_of(hp, opt.algorithm.flags(group, hp), 1.0))
+    assert torch.equal(p, before[0])
+    for k, v in before[1].items():
+        assert torch.equal(opt.state[p][k], v), k
+
+
+def test_8bit_slot_signedness_comes_from_the_declaration():
+    """The kernel took each 8-bit slot's code (signed or magnitude) from a table in C; now from the
+    algorithm's Slot declarations: an Adam whose v is declared signed (signed codes of a magnitude)
+    steps bit for bit as the reference does with the same declaration."""
+    import dataclasses
+
+    from adamkit.optim.adam import ADAM
+
+    slots = tuple(dataclasses.replace(s, signed=True) if s.name == "exp_avg_sq" else s for s in ADAM.slots)
+
+    class SignedV(adamkit.AdamW):
+        algorithm = dataclasses.replace(ADAM, slots=slots)
+
+    runs = []
+    for backend in ("fused", "reference"):
+        g = torch.Generator().manual_seed(0)
+        p = torch.randn(3, 300, generator=g).requires_grad_()
+        opt = SignedV([p], lr=1e-2, backend=backend, state_format="8bit", min_8bit_size=0)
+        for _ in range(3):
+            p.grad = torch.randn(3, 300, generator=g)
+            opt.step()
+        runs.append((p.detach().clone(), opt.state[p]["exp_avg_sq"].clone()))
+        if backend == "fused":
+            (table,) = [t for plan in opt._plans.values() for t in plan.tables]
+            assert table.args.signs == 0b11
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
 def test_native_kernel_off_without_c_compiler(monkeypatch):

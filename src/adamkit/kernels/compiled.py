@@ -105,9 +105,40 @@ def run_compiled(alg: Algorithm, items: list[Item], scalars_of: Callable, flags:
         try:
             _compiled(alg, it.fmt, rflags)(t, hp, seeds, offset)
         except Exception as e:  # a missing or broken compiler surfaces here, on first use
-            msg = str(e).lower()
-            if "compil" in msg or "cpp" in msg or "cxx" in msg:
+            cause = compiler_failure(e)
+            if cause is not None:
                 _unavailable_reason = (
-                    f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    f"torch.compile failed: {type(cause).__name__}: {str(cause).splitlines()[0][:200]}"
                 )
             raise
+
+
+def compiler_failure(e: BaseException) -> BaseException | None:
+    """The exception in ``e``'s chain that says the C++ compiler is missing or failed, or None.
+
+    Recognised by type, not by words in a message: Inductor's ``InvalidCxxCompiler`` (none found)
+    and ``CppCompileError`` (it failed), or the OS failing to run it (``FileNotFoundError``,
+    ``PermissionError``, ``subprocess.CalledProcessError``), reached through dynamo's
+    ``BackendCompilerFailed.inner_exception`` and ``__cause__``/``__context__``."""
+    import subprocess
+
+    from torch._inductor.exc import CppCompileError, InvalidCxxCompiler
+
+    kinds = (
+        InvalidCxxCompiler,
+        CppCompileError,
+        FileNotFoundError,
+        PermissionError,
+        subprocess.CalledProcessError,
+    )
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, kinds):
+            return x
+        todo += [getattr(x, "inner_exception", None), x.__cause__, x.__context__]
+    return None

@@ -80,8 +80,14 @@ typedef struct {
     float hp[N_HP];
     int64_t step;              /* the step number: seeds the rounding streams */
     int32_t alg, pmode, sfmt, nslots, ams, skip, nthreads;
+    int32_t signs;             /* bit k: slot k holds values of both signs (8-bit: signed codes),
+                                * from the algorithm's slot declarations (optim/algorithm.py, Slot) */
     void *omp_parallel;        /* GOMP_parallel of torch's OpenMP runtime, or NULL */
 } args_t;
+
+/* The layout the Python side mirrors (kernels/native.py, Row and Args), checked when it loads a
+ * library: a stale or foreign build is refused instead of reading fields at the wrong offsets. */
+#define ABI_VERSION 2
 
 /* ---- storage: bf16 and rounding ------------------------------------------------------------ */
 
@@ -344,7 +350,7 @@ static AI void tile(const ctx_t *C, const int alg, const row_t *R, void *param, 
             const uint16_t *s = (const uint16_t *)R->slot[k] + e;
             for (int i = 0; i < len; i++) S[k][i] = bf16_to_f(s[i]);
         } else {
-            decode8((const uint8_t *)R->slot[k] + t, R->scale[k][t / BLOCK], S[k], k == 0 || alg == ALG_LION);
+            decode8((const uint8_t *)R->slot[k] + t, R->scale[k][t / BLOCK], S[k], (C->A->signs >> k) & 1);
         }
     }
     float *restrict s0 = sv[0], *restrict s1 = sv[1], *restrict s2 = sv[2];
@@ -390,7 +396,7 @@ static AI void tile(const ctx_t *C, const int alg, const row_t *R, void *param, 
             /* a short last block is encoded as the reference pads it: with zeros */
             for (int i = len; i < BLOCK; i++) S[k][i] = 0.0f;
             encode8(S[k], (uint8_t *)R->slot[k] + t, &R->scale[k][t / BLOCK], i0, seed[k + 1],
-                    k == 0 || alg == ALG_LION);
+                    (C->A->signs >> k) & 1);
         }
     }
 }
@@ -530,8 +536,21 @@ static void *pthread_worker(void *arg) {
 
 typedef void (*omp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
 
-/* Returns 0, or -1 where memory for the table of starts could not be had (nothing was changed). */
+/* out[0..4] = ABI_VERSION, sizeof(row_t), sizeof(args_t), N_HP, MAX_SLOTS */
+void adamkit_abi(int64_t *out) {
+    out[0] = ABI_VERSION;
+    out[1] = (int64_t)sizeof(row_t);
+    out[2] = (int64_t)sizeof(args_t);
+    out[3] = N_HP;
+    out[4] = MAX_SLOTS;
+}
+
+/* Returns 0; -1 where memory for the table of starts could not be had; -2 for an algorithm,
+ * parameter mode, state format or slot count this kernel does not have (nothing was changed). */
 int adamkit_step(const args_t *A) {
+    if (A->alg != ALG_ADAM && A->alg != ALG_LION) return -2;
+    if (A->pmode < P_NATIVE || A->pmode > P_KAHAN8 || A->sfmt < S_FP32 || A->sfmt > S_8BIT) return -2;
+    if (A->nslots < 1 || A->nslots > MAX_SLOTS || A->nslots > (A->alg == ALG_ADAM ? 3 : 1)) return -2;
     if (A->nrows <= 0) return 0;
     int64_t local[65];
     int64_t *start = A->nrows < 64 ? local : (int64_t *)malloc((size_t)(A->nrows + 1) * sizeof(int64_t));

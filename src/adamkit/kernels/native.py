@@ -30,6 +30,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -38,7 +39,7 @@ import torch
 SOURCE = Path(__file__).with_name("kernel.c")
 FLAGS = [
     "-O3",
-    "-march=native",
+    "-march=native",  # or $ADAMKIT_NATIVE_MARCH (e.g. x86-64-v3: the AVX2 level a wheel carries)
     "-fno-math-errno",  # sqrtf as one instruction (the result is the same)
     "-fno-trapping-math",
     "-ffp-contract=off",  # round every operation as the reference backend does
@@ -89,8 +90,27 @@ class Args(ctypes.Structure):
         ("ams", ctypes.c_int32),
         ("skip", ctypes.c_int32),
         ("nthreads", ctypes.c_int32),
+        ("signs", ctypes.c_int32),
         ("omp_parallel", ctypes.c_void_p),
     ]
+
+
+ABI_VERSION = 2  # kernel.c's ABI_VERSION: the layout of Row and Args
+
+
+def abi_problem(lib) -> str | None:
+    """Why ``lib`` does not match this module's mirror of its structs, or None."""
+    try:
+        fn = lib.adamkit_abi
+    except AttributeError:
+        return "the library has no adamkit_abi (built from an older kernel.c)"
+    fn.argtypes, fn.restype = [ctypes.POINTER(ctypes.c_int64)], None
+    out = (ctypes.c_int64 * 5)()
+    fn(out)
+    want = (ABI_VERSION, ctypes.sizeof(Row), ctypes.sizeof(Args), N_HP, MAX_SLOTS)
+    if tuple(out) != want:
+        return f"its ABI (version, sizes) {tuple(out)} differs from this adamkit's {want}"
+    return None
 
 
 def supports(alg, fmt, param_dtype: torch.dtype, device: torch.device) -> bool:
@@ -136,6 +156,24 @@ def failure() -> str | None:
     return _failure
 
 
+def build_flags() -> list[str]:
+    """FLAGS, with ``-march`` from ``$ADAMKIT_NATIVE_MARCH`` where set (a shared cache for CPUs
+    of several kinds, or testing the x86-64-v3 kernel a wheel carries on an AVX-512 machine)."""
+    march = os.environ.get("ADAMKIT_NATIVE_MARCH")
+    return [f"-march={march}" if f == "-march=native" and march else f for f in FLAGS]
+
+
+def kernel_name(cc: str, version: str) -> str:
+    """The cached library's file name: a hash of the source, the whole ``$CC`` (``ccache gcc``,
+    ``gcc -m32``: its words change the build), the flags, the compiler's version and the CPU."""
+    key = hashlib.sha256(
+        b"\0".join(
+            [SOURCE.read_bytes(), cc.encode(), " ".join(build_flags()).encode(), version.encode(), _cpu_id().encode()]
+        )
+    ).hexdigest()[:16]
+    return f"adamkit_kernel_{key}.so"
+
+
 def _build(cc: str, out: Path) -> str | None:
     """Compile the kernel to ``out`` unless it is there; returns why it failed, or None."""
     if out.exists():
@@ -145,7 +183,13 @@ def _build(cc: str, out: Path) -> str | None:
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so")
     os.close(fd)
     try:
-        cmd = [*cc.split(), *FLAGS, "-o", tmp, str(SOURCE)]
+        cmd = [*cc.split(), *build_flags(), "-o", tmp, str(SOURCE)]
+        # the first use on a machine waits for this: say so, once (the result is cached)
+        print(
+            f"adamkit: building the native kernel for this CPU, once (~20 s; cached in {out.parent})",
+            file=sys.stderr,
+            flush=True,
+        )
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             return f"{cc} failed: {r.stderr.strip()[-300:]}"
@@ -165,6 +209,8 @@ def load():
         _failure = "disabled by ADAMKIT_NATIVE=0"
         return None
     lib = _build_and_load()
+    if lib is not None and (why := abi_problem(lib)) is not None:
+        _failure, lib = f"the kernel built here does not match: {why}", None
     if lib is None:
         lib = _load_prebuilt()  # a wheel's kernel, where this machine cannot build one
     if lib is None:
@@ -212,6 +258,8 @@ def _load_prebuilt():
                 lib = ctypes.CDLL(str(path))
             except OSError:
                 continue
+            if abi_problem(lib) is not None:  # a wheel's kernel from another adamkit version
+                continue
             loaded_from = f"prebuilt {level}"
             return lib
     return None
@@ -230,10 +278,7 @@ def _build_and_load():
     except (OSError, subprocess.SubprocessError) as e:
         _failure = f"{cc} --version: {type(e).__name__}: {e}"
         return None
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(FLAGS).encode() + ver.stdout.encode() + _cpu_id().encode()
-    ).hexdigest()[:16]
-    name = f"adamkit_kernel_{key}.so"
+    name = kernel_name(cc, ver.stdout)
     # an unwritable cache directory (read-only home) falls back to a per-user temporary one
     user = os.getuid() if hasattr(os, "getuid") else 0
     dirs = [cache_dir(), Path(tempfile.gettempdir()) / f"adamkit-{user}"]
@@ -248,7 +293,8 @@ def _build_and_load():
             _failure = f"{type(e).__name__}: {e}"
     else:
         return None
-    loaded_from = "built here"
+    march = os.environ.get("ADAMKIT_NATIVE_MARCH")
+    loaded_from = "built here" + (f" (-march={march})" if march else "")
     return lib
 
 
@@ -394,6 +440,8 @@ class Table:
         a.param = self.param_ptrs.buffer_info()[0]
         a.alg, a.pmode, a.sfmt = alg.native, PARAM_MODES[fmt.param], STATE_FORMATS[fmt.state]
         a.nslots, a.ams, a.skip = len(names), int(flags.amsgrad), int(flags.skip_nonfinite)
+        # 8-bit codes: signed or magnitude codes per slot, as the algorithm declares its slots
+        a.signs = sum(1 << k for k, slot in enumerate(alg.active_slots(flags)) if slot.signed)
         a.omp_parallel = openmp_parallel()
 
     def _check_uniform(self) -> None:
@@ -451,8 +499,7 @@ class Table:
             hp = [float(x) for x in scalars_of(step)]
             a.hp[: len(hp)] = hp
             a.step = int(step)
-            if self.lib.adamkit_step(ctypes.byref(a)) != 0:
-                raise MemoryError("adamkit's native kernel could not allocate its work table")
+            _check(self.lib.adamkit_step(ctypes.byref(a)))
         if sel is None:
             self.steps.add_(1)
             if self.uniform is not None:
@@ -484,8 +531,7 @@ class Table:
         hp = [float(x) for x in scalars_of(step)]
         a.hp[: len(hp)] = hp
         a.step = int(step)
-        if self.lib.adamkit_step(ctypes.byref(a)) != 0:
-            raise MemoryError("adamkit's native kernel could not allocate its work table")
+        _check(self.lib.adamkit_step(ctypes.byref(a)))
         self.steps[j] += 1
         self.uniform = None  # rows advance one by one; Table.step regroups them by step number
         gp[j] = 0
@@ -503,6 +549,16 @@ class Table:
             copy = gs[bad].clone()
             keep.append(copy)
             gp[bad] = copy.data_ptr()
+
+
+def _check(rc: int) -> None:
+    if rc == -1:
+        raise MemoryError("adamkit's native kernel could not allocate its work table")
+    if rc != 0:
+        raise RuntimeError(
+            f"adamkit's native kernel refused the call ({rc}): an algorithm, format or slot count it "
+            "does not have (nothing was changed)"
+        )
 
 
 class GroupPlan:

@@ -1,6 +1,7 @@
 r"""Adafactor: factored second moments (Shazeer & Stern, "Adafactor: Adaptive Learning Rates with
 Sublinear Memory Cost", ICML 2018, arXiv 1804.04235), with ``torch.optim.Adafactor``'s signature and
-results, plus an optional first moment (``beta1``; transformers' Adafactor has one too, averaged after scaling).
+results, plus an optional first moment (``beta1``; transformers' Adafactor has one too, which
+averages the update after scaling it).
 
 For a parameter of :math:`\ge 2` dimensions (factored over its last two, of sizes R x C):
 
