@@ -166,11 +166,8 @@ def build_flags() -> list[str]:
 def kernel_name(cc: str, version: str) -> str:
     """The cached library's file name: a hash of the source, the whole ``$CC`` (``ccache gcc``,
     ``gcc -m32``: its words change the build), the flags, the compiler's version and the CPU."""
-    key = hashlib.sha256(
-        b"\0".join(
-            [SOURCE.read_bytes(), cc.encode(), " ".join(build_flags()).encode(), version.encode(), _cpu_id().encode()]
-        )
-    ).hexdigest()[:16]
+    parts = [SOURCE.read_bytes(), cc.encode(), " ".join(build_flags()).encode(), version.encode()]
+    key = hashlib.sha256(b"\0".join([*parts, _cpu_id().encode()])).hexdigest()[:16]
     return f"adamkit_kernel_{key}.so"
 
 
