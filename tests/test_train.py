@@ -317,6 +317,27 @@ def test_resume_continues_bit_for_bit(tmp_path, recipe):
         assert torch.equal(a, b), name
 
 
+def test_resume_keeps_the_saved_thread_count(tmp_path):
+    """A run started with one thread resumed on torch's default (2 here) and was not bit-identical
+    (3.4e-5 off on the README's settings): the count is saved with the run and restored; another
+    one is refused."""
+    straight = tiny_train(steps=6, evals=2, threads=1)
+    path = tmp_path / "run.pt"
+    tiny_train(steps=6, evals=2, threads=1, save_to=path, stop_after=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # what a new process has
+    try:
+        resumed = train(TrainConfig(progress=False), resume=path)
+        assert torch.get_num_threads() == 2  # restored afterwards
+        with pytest.raises(ValueError, match="threads=2 differs from the saved run's 1"):
+            train(TrainConfig(progress=False, threads=2), resume=path)
+    finally:
+        torch.set_num_threads(before)
+    assert resumed.train_losses == straight.train_losses
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_cli_save_resume_and_sample(tmp_path, capsys):
     path = str(tmp_path / "run.pt")
     base = ["train", "--steps", "6", "--no-progress", "--threads", "1", *TINY_FLAGS]
@@ -327,6 +348,8 @@ def test_cli_save_resume_and_sample(tmp_path, capsys):
     # the saved run's settings are taken; a conflicting one is refused, with what to drop
     assert cli.main(["train", "--resume", path, "--state", "8bit"]) == 2
     assert "drop --state" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", path, "--threads", "2"]) == 2
+    assert "drop --threads (the saved run has 1)" in capsys.readouterr().err
     argv = ["train", "--resume", path, "--no-progress", "--sample", "40", "--prompt", "def "]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out

@@ -746,11 +746,12 @@ def test_float64_oracle(name, cls, kw, plan_name, between, backend):
 def release_drive(ps, opt, between, steps, seed):
     """As ``drive``, through backward: sum(p * g) gives each parameter the gradient g."""
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+    for t in range(steps):
         gs = grads_for(ps, gen)
         sum((p * g).sum() for p, g in zip(ps, gs)).backward()
-        assert all(p.grad is None for p in ps)  # stepped and freed inside backward
-        opt.step()  # callable: nothing left to step
+        # stepped and freed inside backward; the first backward's wait for step() (release_check)
+        assert all((p.grad is None) == (t > 0) for p in ps)
+        opt.step()  # callable: after the first, nothing left to step
         if between is not None:
             between(opt)
 

@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -407,6 +407,7 @@ RECIPE_FIELDS = (
     "grads",
     "accumulate",
     "evals",
+    "threads",  # torch splits its reductions between threads: another count changes the bits
 )
 
 
@@ -446,21 +447,31 @@ def train(
 ) -> TrainResult:
     """Train the character-level GPT with ``config`` (default ``TrainConfig()``); return the measurements.
 
-    ``save``: write a checkpoint there (at every evaluation and at the end). ``resume``: continue the
-    run saved there; its settings come from the checkpoint (``config`` supplies only ``threads``
-    and ``progress``). ``stop_after``: stop after that step, e.g. to resume later.
+    ``save``: write a checkpoint there (at every evaluation and at the end), with every setting
+    that changes the run's bits, the thread count included (torch splits its reductions between
+    threads). ``resume``: continue the run saved there with its settings (``config`` supplies only
+    ``progress``; a ``threads`` other than the saved run's is refused: the run would no longer be
+    bit-identical). ``stop_after``: stop after that step, e.g. to resume later.
     """
     config = TrainConfig() if config is None else config
+    if config.threads is not None and config.threads < 1:
+        raise ValueError(f"threads must be >= 1, got {config.threads}")
     ckpt = None
     if resume is not None:
         saved, ckpt = load_checkpoint(resume)
+        if config.threads is not None and saved.threads is not None and config.threads != saved.threads:
+            raise ValueError(
+                f"threads={config.threads} differs from the saved run's {saved.threads}: the resumed run "
+                "would not be bit-identical to one that never stopped; leave threads unset"
+            )
         config = TrainConfig(
             **{k: getattr(saved, k) for k in RECIPE_FIELDS},
-            threads=config.threads,
             progress=config.progress,
         )
-    if config.threads is not None and config.threads < 1:
-        raise ValueError(f"threads must be >= 1, got {config.threads}")
+        if config.threads is None:  # a checkpoint from before threads were saved
+            config = replace(config, threads=torch.get_num_threads())
+    elif config.threads is None:  # saved with the run: the count it ran with
+        config = replace(config, threads=torch.get_num_threads())
     torch.set_flush_denormal(True)  # denormals slow fp32 CPU math ~20x
     task = tasks.CharTask(config.model, batch_size=config.batch_size)
     before = torch.get_num_threads()
@@ -594,7 +605,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument(
         "--resume",
         metavar="PATH",
-        help="continue a saved run where it stopped, with its settings (bit-identical to not stopping); "
+        help="continue a saved run where it stopped, with its settings, the thread count included "
+        "(bit-identical to not stopping); "
         "new checkpoints go to --save",
     )
     io.add_argument(
@@ -625,6 +637,7 @@ _FLAGS = {
     "grads": "--grads",
     "accumulate": "--accumulate",
     "evals": "--evals",
+    "threads": "--threads",
 }
 
 
@@ -694,7 +707,6 @@ def run(args: argparse.Namespace) -> int:
                 )
             config = TrainConfig(
                 **{k: getattr(saved, k) for k in RECIPE_FIELDS},
-                threads=config.threads,
                 progress=config.progress,
             )
     except ValueError as err:

@@ -1,0 +1,116 @@
+"""adamkit.ieee: the reference backend's correctly rounded fp32 operations, exact on any host.
+
+The oracle is independent of torch's vector math: Python's ``math.sqrt`` and true division on
+doubles (IEEE, correctly rounded; rounding their result to fp32 is innocuous for one fp32
+operation, 53 >= 2 * 24 + 2 bits) and exact rational arithmetic for the fused multiply-add. Under
+``pytest --perturb-rounding`` torch's own fp32 sqrt and division are 1 ulp off in a fifth of the
+elements: these must hold all the same."""
+
+from __future__ import annotations
+
+import math
+import os
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+import host_rounding
+from adamkit.ieee import div_rn, fma_rn, lerp_rn, sqrt_rn
+from adamkit.kernels import native
+
+
+def f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+def wide_values(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, generator=g) * torch.exp2(torch.randint(-140, 120, (n,), generator=g).float())
+    return torch.cat([x, torch.tensor([0.0, -0.0, float("inf"), 1e-45, 3.4e38, 1.0, 4.0])])
+
+
+def bits(x: torch.Tensor) -> list[int]:
+    return x.view(torch.int32).tolist()
+
+
+def test_sqrt_rn_is_correctly_rounded():
+    x = wide_values(20000, 0)
+    want = torch.tensor([f32(math.sqrt(v)) for v in x.tolist()])
+    assert bits(sqrt_rn(x)) == bits(want)
+    assert sqrt_rn(torch.tensor([-1.0, float("nan")])).isnan().all()
+
+
+def test_div_rn_is_correctly_rounded():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(20000, generator=g), torch.randn(20000, generator=g)
+    want = torch.tensor([f32(x / y) for x, y in zip(a.tolist(), b.tolist())])
+    assert bits(div_rn(a, b)) == bits(want)
+    assert bits(div_rn(a, 0.3)) == bits(torch.tensor([f32(x / f32(0.3)) for x in a.tolist()]))
+    assert bits(div_rn(1.0, b)) == bits(torch.tensor([f32(1.0 / y) for y in b.tolist()]))
+
+
+def exact_round(q: Fraction) -> float:
+    """q rounded to the nearest fp32 value, ties to even (q in fp32's normal range)."""
+    f = np.float32(float(q))  # within an ulp
+    cands = [np.nextafter(f, np.float32(-np.inf)), f, np.nextafter(f, np.float32(np.inf))]
+    return float(min(cands, key=lambda c: (abs(Fraction(float(c)) - q), int(np.array(c).view(np.int32)) & 1)))
+
+
+def test_fma_rn_rounds_once():
+    g = torch.Generator().manual_seed(2)
+    a, b, c = (torch.randn(3000, generator=g) for _ in range(3))
+    # the case a second rounding gets wrong: a * b + c within 2^-70 of a midpoint between floats
+    a = torch.cat([a, torch.tensor([1 - 2**-23, -(1 - 2**-23)])])
+    b = torch.cat([b, torch.tensor([2**-24 * (1 + 2**-23)] * 2)])
+    c = torch.cat([c, torch.tensor([1 + 2**-23, -(1 + 2**-23)])])
+    want = [
+        exact_round(Fraction(x) * Fraction(y) + Fraction(z))
+        for x, y, z in zip(a.tolist(), b.tolist(), c.tolist())
+    ]
+    assert bits(fma_rn(a, b, c)) == bits(torch.tensor(want))
+    assert fma_rn(a[-2:], b[-2:], c[-2:]).tolist() == [1 + 2**-23, -(1 + 2**-23)]  # not 1 + 2^-22
+    naive = (a[-2:].double() * b[-2:].double() + c[-2:].double()).float()
+    assert naive.tolist() != [1 + 2**-23, -(1 + 2**-23)]  # the double rounding this avoids
+
+
+@pytest.mark.parametrize("w", [0.1, 0.9, 0.5])
+def test_lerp_rn_is_torchs_formula_rounded_once(w):
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(3000, generator=g), torch.randn(3000, generator=g)
+    w32 = Fraction(f32(w))
+    want = []
+    for x, y in zip(a.tolist(), b.tolist()):
+        d = Fraction(f32(y - x))  # b - a, rounded (torch's too)
+        want.append(
+            exact_round(w32 * d + Fraction(x)) if w32 < 0.5 else exact_round((w32 - 1) * d + Fraction(y))
+        )
+    assert bits(lerp_rn(a, b, w)) == bits(torch.tensor(want))
+    assert bits(lerp_rn(a, b, torch.tensor(w))) == bits(torch.tensor(want))  # a 0-d tensor weight
+
+
+def test_the_host_perturbation_is_what_it_claims():
+    """Under --perturb-rounding torch's fp32 sqrt and division are off by one ulp in about a fifth
+    of the elements (and only then): the suite's second run really runs on such a host."""
+    x = torch.rand(100000) + 0.5
+    exact = torch.tensor([f32(math.sqrt(v)) for v in x.tolist()])
+    off = (torch.sqrt(x) != exact).float().mean().item()
+    if host_rounding.installed():
+        host = torch.sqrt.__wrapped__(x)  # this host's own result, before the perturbation
+        assert 0.15 < (torch.sqrt(x) != host).float().mean().item() < 0.25
+        assert off > 0.15
+        ulps = (torch.sqrt(x).view(torch.int32) - exact.view(torch.int32)).abs()
+        assert int(ulps.max()) <= 2  # the host's own ulp, and the perturbation's
+        assert ((x / 3.0) != torch.tensor([f32(v / 3.0) for v in x.tolist()])).float().mean() > 0.15
+    else:
+        assert os.environ.get(host_rounding.ENV) != "1"
+        assert off < 0.25  # this host's library (0 here or ~0.2 on some CPUs)
+
+
+def test_the_native_kernel_under_test_is_the_one_asked_for():
+    """scripts/test.sh runs the parity tests again on the x86-64-v3 build (ADAMKIT_NATIVE_MARCH):
+    that run must really load it."""
+    assert native.load() is not None
+    march = os.environ.get("ADAMKIT_NATIVE_MARCH")
+    assert native.loaded_from == ("built here" + (f" (-march={march})" if march else ""))
