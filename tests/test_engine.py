@@ -329,3 +329,25 @@ def test_low_precision_warning_for_every_new_optimizer():
         del opt
         gc.collect()
     assert len(set(ids)) < len(ids)  # an address was reused: the case this test is about
+
+
+def test_a_missing_compiler_is_recognised_by_its_cause_not_its_words():
+    """The fallback used to be taken for any exception whose message held "compil", "cpp" or
+    "cxx" (a real error in a kernel could then be hidden behind a fallback). Now only the
+    compiler's own exception types count, wherever dynamo wrapped them."""
+    import subprocess
+
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import CppCompileError
+
+    assert compiled.compiler_failure(RuntimeError("could not compile the cpp kernel (cxx)")) is None
+    assert compiled.compiler_failure(ValueError("bad shape")) is None
+    err = CppCompileError(["g++", "x.cpp"], "error: x.cpp:1: oops")
+    assert compiled.compiler_failure(BackendCompilerFailed(lambda: None, err, None)) is err
+    try:
+        try:
+            raise subprocess.CalledProcessError(1, ["g++"])
+        except subprocess.CalledProcessError as inner:
+            raise RuntimeError("wrapped") from inner
+    except RuntimeError as outer:
+        assert isinstance(compiled.compiler_failure(outer), subprocess.CalledProcessError)

@@ -4,6 +4,7 @@ tests (state dicts, resume, dtypes, lr changes, bad input, storage formats, back
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -898,3 +899,124 @@ def test_plan_muon_recipe_equals_live_state(state):
     )
     planned = model_state_bytes(model, recipe)
     assert sum(v for k, v in planned.items() if k not in ("params", "grads")) == live
+
+
+# ------------------------------------------------------------------------------------------------
+# One engine-option path: every optimizer takes the same options, and named parameters
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,cls,kw,plan_name,between", ROWS)
+def test_named_parameters_step_as_plain_ones(name, cls, kw, plan_name, between):
+    """``model.named_parameters()`` (torch.optim's and every other class's input; Muon raised
+    AttributeError on its tuples): the same steps as plain parameters, names in the state dict."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+    twin = copy.deepcopy(model)
+    named = cls(model.named_parameters(), **kw)
+    plain = cls(twin.parameters(), **kw)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    for m, opt in ((model, named), (twin, plain)):
+        for _ in range(2):
+            m(x).square().sum().backward()
+            opt.step()
+            if between is not None:
+                between(opt)
+            opt.zero_grad()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    names = [n for g in named.state_dict()["param_groups"] for n in g["param_names"]]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("name,cls,kw,plan_name,between", ROWS)
+def test_engine_options_apply_or_are_refused_with_the_reason(name, cls, kw, plan_name, between):
+    """Adafactor, CAME, Adam-mini, LAMB, Sophia-G and Muon raised a bare TypeError for
+    release_clipping= and accumulation_steps=; every class now takes the engine's options."""
+    ps = [torch.randn(6, 4, requires_grad=True), torch.randn(4, requires_grad=True)]
+    if cls is adamkit.SophiaG:  # refuses gradient release itself, with its reason
+        with pytest.raises(ValueError, match="update_hessian"):
+            cls(ps, **kw, gradient_release=True, max_grad_norm=1.0, release_clipping="per_tensor")
+    else:
+        opt = cls(ps, **kw, gradient_release=True, max_grad_norm=1.0, release_clipping="per_tensor")
+        assert opt.release_clipping == "per_tensor"
+        opt.remove_gradient_release()
+    if cls not in (adamkit.Adam, adamkit.AdamW):
+        with pytest.raises(ValueError, match="accumulation_steps > 1 is not supported|gradient_release"):
+            cls(ps, **kw, gradient_release=cls is not adamkit.SophiaG, accumulation_steps=2)
+    with pytest.raises(ValueError, match="release_clipping applies to gradient_release=True"):
+        cls(ps, **kw, release_clipping="per_tensor")
+    with pytest.raises(TypeError, match="release_check must be a bool"):
+        cls(ps, **kw, release_check="yes")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        cls(ps, **kw, no_such_option=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Peers' option names
+# ------------------------------------------------------------------------------------------------
+
+
+def test_lion_pytorch_decoupled_weight_decay_and_use_triton():
+    """lion-pytorch's decoupled_weight_decay=True (wd / the constructor's lr) is decouple_lr=True
+    with max_lr=lr: equal to lion-pytorch in float64 under a schedule; use_triton=True is refused
+    with the equivalent, use_triton=False accepted."""
+    from lion_pytorch import Lion as TheirLion
+
+    v = values(31, shapes=GSHAPES)
+    ours = adamkit.Lion(
+        [x.clone().requires_grad_() for x in v], lr=1e-3, weight_decay=1e-4, decoupled_weight_decay=True,
+        use_triton=False, backend="reference",
+    )  # fmt: skip
+    theirs = TheirLion(
+        [x.clone().requires_grad_() for x in v], lr=1e-3, weight_decay=1e-4, decoupled_weight_decay=True
+    )
+    scheds = [torch.optim.lr_scheduler.StepLR(o, 2, gamma=0.3) for o in (ours, theirs)]
+    gen = torch.Generator().manual_seed(32)
+    a_ps, b_ps = ours.param_groups[0]["params"], theirs.param_groups[0]["params"]
+    for _ in range(6):
+        for p, q, g in zip(a_ps, b_ps, grads_for(a_ps, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+        for s in scheds:
+            s.step()
+    for p, q in zip(a_ps, b_ps):
+        assert rel_err(p.detach(), q.detach()) < 1e-12
+    assert ours.param_groups[0]["decouple_lr"] and ours.param_groups[0]["max_lr"] == 1e-3
+    with pytest.raises(ValueError, match="use_triton=True"):
+        adamkit.Lion([torch.zeros(3, requires_grad=True)], use_triton=True)
+
+
+def test_lion_fully_decoupled_decay():
+    """decouple_lr on Lion: p *= 1 - (lr / max_lr) * wd, independent of lr at max_lr."""
+    p = torch.ones(4, dtype=torch.float64, requires_grad=True)
+    opt = adamkit.Lion([p], lr=1e-2, weight_decay=1e-4, decouple_lr=True, max_lr=2e-2, backend="reference")
+    p.grad = torch.zeros(4, dtype=torch.float64)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((4,), 1 - 0.5 * 1e-4, dtype=torch.float64))
+
+
+def test_transformers_adafactor_names():
+    """transformers' Adafactor spellings: accepted where they name this class's behaviour (its
+    default call, lr=None with relative_step=True, equals lr=1e-2), refused with the nearest
+    equivalent where they do not."""
+    v = values(33, shapes=GSHAPES)
+    a = adamkit.Adafactor(
+        [x.clone().requires_grad_() for x in v], lr=None, relative_step=True, scale_parameter=True,
+        warmup_init=False, clip_threshold=1.0, decay_rate=-0.8, backend="reference",
+    )  # fmt: skip
+    b = adamkit.Adafactor([x.clone().requires_grad_() for x in v], lr=1e-2, backend="reference")
+    drive(a.param_groups[0]["params"], a, None, 3, 34)
+    drive(b.param_groups[0]["params"], b, None, 3, 34)
+    for p, q in zip(a.param_groups[0]["params"], b.param_groups[0]["params"]):
+        assert torch.equal(p, q)
+    ps = [torch.zeros(3, 3, requires_grad=True)]
+    for kw, match in [
+        ({"relative_step": False}, "relative_step=False"),
+        ({"scale_parameter": False}, "scale_parameter=False has no equivalent"),
+        ({"warmup_init": True}, "lr scheduler"),
+        ({"d": 2.0, "clip_threshold": 3.0}, "disagree"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            adamkit.Adafactor(ps, **kw)
