@@ -7,10 +7,12 @@ An algorithm is a small declaration (see ``adam.py``, ``lion.py``):
 - its hyperparameters: defaults and a ``check`` that turns a group into validated floats;
 - its scalars: a ``NamedTuple`` whose first field is ``grad_sign`` (-1 to maximize), computed on the
   host from the hyperparameters and the step number;
-- its update, written once on fp32 (or fp64) values with Python operators and a few methods
-  (``lerp``, ``sqrt``, ``maximum``, ``sign``, ``add(alpha=)``) that work on tensors and on the
-  foreach backend's tensor lists alike; the reference backend runs it and tests hold every other
-  path to it;
+- its update, written once on fp32 (or fp64) values with Python operators, a few methods
+  (``maximum``, ``sign``, ``isnan``) and, for every operation the native kernel rounds once, the
+  correctly rounded functions of ``adamkit.ieee`` (``sqrt_rn``, ``div_rn``, ``fma_rn``,
+  ``lerp_rn``: torch's CPU square root differs between hosts), all of which work on tensors and on
+  the foreach backend's tensor lists alike; the reference backend runs it and tests hold every
+  other path to it (the native kernel bit for bit, on any host);
 - the id of its body in the native kernel (``kernels/kernel.c``), if it has one.
 
 Storage formats, precision options, kernels, state dicts and the planner come from the engine.
