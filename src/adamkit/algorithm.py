@@ -7,10 +7,12 @@ An algorithm is a small declaration (see ``adam.py``, ``lion.py``):
 - its hyperparameters: defaults and a ``check`` that turns a group into validated floats;
 - its scalars: a ``NamedTuple`` whose first field is ``grad_sign`` (-1 to maximize), computed on the
   host from the hyperparameters and the step number;
-- its update, written once on fp32 (or fp64) values with Python operators and a few methods
-  (``lerp``, ``sqrt``, ``maximum``, ``sign``, ``add(alpha=)``) that work on tensors and on the
-  foreach backend's tensor lists alike; the reference backend runs it and tests hold every other
-  path to it;
+- its update, written once on fp32 (or fp64) values with Python operators, a few methods
+  (``maximum``, ``sign``, ``isnan``) and, for every operation the native kernel rounds once, the
+  correctly rounded functions of ``adamkit.ieee`` (``sqrt_rn``, ``div_rn``, ``fma_rn``,
+  ``lerp_rn``: torch's CPU square root differs between hosts), all of which work on tensors and on
+  the foreach backend's tensor lists alike; the reference backend runs it and tests hold every
+  other path to it (the native kernel bit for bit, on any host);
 - the id of its body in the native kernel (``kernels/kernel.c``), if it has one.
 
 Storage formats, precision options, kernels, state dicts and the planner come from the engine.
@@ -124,18 +126,3 @@ def where(cond, a, b):
     import torch
 
     return torch.where(cond, a, b)
-
-
-def apply_update(alg: Algorithm, p, g, slots: list, s: Any, f: Flags):
-    """The engine's part of every update, around the algorithm's: with ``skip_nonfinite`` an element
-    whose gradient is inf/nan keeps its old parameter and state (the rest of its tensor and block
-    step normally); ``maximize`` flips the gradient's sign. Returns (p, slots)."""
-    if f.skip_nonfinite:
-        ok = g.isfinite()
-        np_, ns = apply_update(alg, p, where(ok, g, 0.0), slots, s, f._replace(skip_nonfinite=False))
-        return where(ok, np_, p), [where(ok, n, o) for n, o in zip(ns, slots)]
-    if f.maximize is None:
-        g = g * s.grad_sign
-    elif f.maximize:
-        g = -g
-    return alg.update(p, g, slots, s, f)
