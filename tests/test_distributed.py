@@ -24,6 +24,7 @@ from torch import nn
 
 import adamkit
 import host_rounding
+from adamkit.dist import is_dtensor
 from adamkit.kernels import native
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -92,11 +93,11 @@ def _train(model: nn.Module, opt, rank: int, steps: int) -> torch.Tensor:
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if native.is_dtensor(t) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def _assert_same_placement(st: torch.Tensor, p: torch.Tensor, what: str) -> None:
-    assert native.is_dtensor(st), f"{what}: a {type(st).__name__}, not a DTensor"
+    assert is_dtensor(st), f"{what}: a {type(st).__name__}, not a DTensor"
     assert st.device_mesh == p.device_mesh, what
     assert tuple(st.placements) == tuple(p.placements), f"{what}: {st.placements} vs {p.placements}"
     if (
@@ -242,7 +243,7 @@ def _fp32_checks(rank: int) -> None:
     # a state dict without sharding (full tensors, as one process saves) loads into the sharded run
     full_sd = o1.state_dict()
     full_sd["state"] = {
-        k: {n: v.full_tensor() if native.is_dtensor(v) else v for n, v in st.items()}
+        k: {n: v.full_tensor() if is_dtensor(v) else v for n, v in st.items()}
         for k, st in full_sd["state"].items()
     }
     o3 = adamkit.AdamW(m1.parameters(), **kw)
@@ -255,7 +256,7 @@ def _fp32_checks(rank: int) -> None:
     o4.load_state_dict(o1.state_dict())
     for (name, p), q in zip(m1.named_parameters(), m4.parameters()):
         for k in ("exp_avg", "exp_avg_sq"):
-            assert not native.is_dtensor(o4.state[q][k]), f"{name} {k}: a plain parameter's state"
+            assert not is_dtensor(o4.state[q][k]), f"{name} {k}: a plain parameter's state"
             assert torch.equal(o4.state[q][k], o1.state[p][k].full_tensor()), f"gathered {name} {k}"
 
 
@@ -487,7 +488,7 @@ def _feed(model: nn.Module, opt, steps: range) -> None:
         for p in model.parameters():
             full = (torch.randn(p.shape, generator=g) * 0.1).to(p.dtype)
             full[0] = 0.0 if k % 2 else full[0]  # exact zeros in some rows: their codes stay zero
-            if native.is_dtensor(p):
+            if is_dtensor(p):
                 p.grad = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
             else:
                 p.grad = full
@@ -499,9 +500,9 @@ def _full_state(model: nn.Module, opt) -> dict:
     """Every parameter and state tensor of a run, whole (gathered from the shards), by name."""
     out = {}
     for name, p in model.named_parameters():
-        out[name] = (p.full_tensor() if native.is_dtensor(p) else p).detach().clone()
+        out[name] = (p.full_tensor() if is_dtensor(p) else p).detach().clone()
         for k, v in opt.state[p].items():
-            out[f"{name}.{k}"] = (v.full_tensor() if native.is_dtensor(v) else v).detach().clone()
+            out[f"{name}.{k}"] = (v.full_tensor() if is_dtensor(v) else v).detach().clone()
     return out
 
 
@@ -636,7 +637,7 @@ def _sharding_checks(rank: int, out_dir: str) -> None:
                 assert o2.state[m2.b]["exp_avg"].dtype == torch.float32
                 full_sd = o2.state_dict()
                 full_sd["state"] = {
-                    k: {n: v.full_tensor() if native.is_dtensor(v) else v for n, v in st.items()}
+                    k: {n: v.full_tensor() if is_dtensor(v) else v for n, v in st.items()}
                     for k, st in full_sd["state"].items()
                 }
                 back = adamkit.AdamW(pm.parameters(), lr=LR, min_8bit_size=0, **kw)

@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 import torch
 
-from ..optim.algorithm import Algorithm, Flags, apply_update
+from ..algorithm import Algorithm, Flags
 from ..storage.formats import Formats, compute_dtype
+from .compose import Item, apply_update, decode_all, encode_all, needs_index, step_seeds
 from .native import find_compiler
-from .reference import Item, decode_all, encode_all, needs_index, step_seeds
 
 _unavailable_reason: str | None = None
 

@@ -9,9 +9,10 @@ from collections.abc import Callable
 
 import torch
 
-from ..optim.algorithm import Algorithm, Flags, apply_update
+from ..algorithm import Algorithm, Flags
 from ..storage.formats import Formats, compute_dtype
-from .reference import Item, decode_all, encode_all, index_and_seeds, run_reference
+from .compose import Item, apply_update, decode_all, encode_all, index_and_seeds
+from .reference import run_reference
 
 
 class TensorList:

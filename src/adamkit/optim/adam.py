@@ -15,8 +15,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..algorithm import Accumulation, Algorithm, Flags, Slot
 from ..ieee import div_rn, fma_rn, lerp_rn, sqrt_rn
-from .algorithm import Accumulation, Algorithm, Flags, Slot
 from .base import Optimizer, as_float, check_betas, check_bools, check_nonneg
 
 # --------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ It owns what algorithms share: parameter groups (validated when a group is creat
 re-validated every step), lazy state in the chosen storage formats, the dispatcher (the only place
 that knows backends, defaults and fallbacks), state-dict conversion between formats and with
 ``torch.optim``, and the full-precision API of low-precision parameters. An algorithm module
-declares an :class:`~adamkit.optim.algorithm.Algorithm` and its constructor's signature.
+declares an :class:`~adamkit.algorithm.Algorithm` and its constructor's signature.
 
 Parameters and gradients stay the user's tensors: every backend reads and writes them where they
 lie (a DTensor's local shard included). Only the optimizer's own state lives in tensors it owns.
@@ -23,9 +23,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from .. import dist
+from ..algorithm import Algorithm
 from ..kernels import compiled, native
+from ..kernels.compose import N_STREAMS, Item, decode_all, encode_all, index_and_seeds
 from ..kernels.foreach import run_foreach
-from ..kernels.reference import N_STREAMS, Item, decode_all, encode_all, index_and_seeds, run_reference
+from ..kernels.reference import run_reference
 from ..storage import quant8
 from ..storage.formats import (
     LOW_PRECISION,
@@ -40,7 +43,6 @@ from ..storage.formats import (
     param_aux_key,
     state_dtype,
 )
-from .algorithm import Algorithm
 from .state import StateMap
 
 BACKENDS = ("auto", "reference", "foreach", "fused")
@@ -264,7 +266,7 @@ def slot_format(fmt_state: str, slot, p: torch.Tensor) -> str:
     its own shape of a sharded DTensor parameter (Adafactor's and CAME's factored statistics,
     Adam-mini's v) keeps fp32: its own flat 8-bit blocks would be cut by the shards, and such
     statistics are rows plus columns, a few bytes per row. Parameter-shaped slots keep 8-bit rows."""
-    if fmt_state == "8bit" and slot.shape is not None and native.is_sharded(p):
+    if fmt_state == "8bit" and slot.shape is not None and dist.is_sharded(p):
         return "fp32"
     return fmt_state
 
@@ -276,16 +278,16 @@ def _placed_like(t: torch.Tensor, p: torch.Tensor, slot=None) -> torch.Tensor:
     communication), a DTensor of another placement is gathered first (a collective: every rank
     loads). Plain tensors for plain parameters pass through unchanged. ``slot``: a slot of another
     shape than the parameter, placed by ``slot_spec``."""
-    if slot is not None and slot.shape is not None and native.is_dtensor(p):
+    if slot is not None and slot.shape is not None and dist.is_dtensor(p):
         mesh, placements, _, _ = slot_spec(slot, p)
-        if native.is_dtensor(t):
+        if dist.is_dtensor(t):
             if t.device_mesh == mesh and tuple(t.placements) == placements:
                 return t
             t = t.full_tensor()
         from torch.distributed.tensor import distribute_tensor
 
         return distribute_tensor(t, mesh, placements, src_data_rank=None)
-    t_dt, p_dt = native.is_dtensor(t), native.is_dtensor(p)
+    t_dt, p_dt = dist.is_dtensor(t), dist.is_dtensor(p)
     if not t_dt and not p_dt:
         return t
     if t_dt and p_dt and t.device_mesh == p.device_mesh and tuple(t.placements) == tuple(p.placements):
@@ -312,13 +314,13 @@ def quantizable(p: torch.Tensor, min_8bit_size: int) -> bool:
     if p.dim() >= 2:
         length = quant8.row_length(p.shape)
         return quant8.row_bytes(length) < 4 * length
-    return not native.is_dtensor(p)
+    return not dist.is_dtensor(p)
 
 
 def _rows_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Local 8-bit codes or scales of a DTensor parameter as a DTensor placed like it (rows split
     along dim 0 exactly as the parameter's rows); plain tensors pass through."""
-    if not native.is_dtensor(p) or t.dim() != 2:
+    if not dist.is_dtensor(p) or t.dim() != 2:
         return t
     from torch.distributed.tensor import DTensor  # DTensors exist: so does the module
 
@@ -330,7 +332,7 @@ def _rows_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 def _like_param(x: torch.Tensor, p: torch.Tensor, slot) -> torch.Tensor:
     """A decoded local value of a parameter-shaped slot with its parameter's placement."""
-    if not native.is_dtensor(p) or slot.shape is not None or native.is_dtensor(x):
+    if not dist.is_dtensor(p) or slot.shape is not None or dist.is_dtensor(x):
         return x
     from torch.distributed.tensor import DTensor
 
@@ -347,7 +349,7 @@ def _encode8(slot, x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torc
     if not rows:
         codes, scales = quant8.encode(slot.signed, x)
         return codes.view(-1), scales
-    index = torch.arange(x.numel(), device=x.device).view(x.shape) + native.global_offset(p)
+    index = torch.arange(x.numel(), device=x.device).view(x.shape) + dist.global_offset(p)
     codes, scales = quant8.encode(slot.signed, x, index, rows=True)
     return _rows_like(codes, p), _rows_like(scales, p)
 
@@ -366,7 +368,7 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
         norms.extend(torch._foreach_norm(gs, 2.0, dtype=want))
     device = grads[0].device
     total = torch.linalg.vector_norm(torch.stack([n.to(device, out_dtype) for n in norms]), 2.0)
-    if native.is_dtensor(total):  # FSDP2: the norms of the local shards, reduced
+    if dist.is_dtensor(total):  # FSDP2: the norms of the local shards, reduced
         total = total.full_tensor()
     return total
 
@@ -696,9 +698,9 @@ class Optimizer(torch.optim.Optimizer):
         if self.algorithm.elementwise or all(s.shape is None for s in self.algorithm.slots):
             return
         for p in group["params"]:
-            if not native.is_sharded(p):
+            if not dist.is_sharded(p):
                 continue
-            if not native.rows_whole(p):
+            if not dist.rows_whole(p):
                 raise ValueError(
                     f"adamkit.{self.algorithm.name} supports sharded DTensor parameters split along dim 0 "
                     f"only (FSDP2's fully_shard); a parameter of shape {tuple(p.shape)} is placed "
@@ -715,7 +717,7 @@ class Optimizer(torch.optim.Optimizer):
         if group["state_format"] != "8bit":
             return
         for p in group["params"]:
-            if native.is_dtensor(p) and not native.rows_whole(p) and self._formats(group, p).state == "8bit":
+            if dist.is_dtensor(p) and not dist.rows_whole(p) and self._formats(group, p).state == "8bit":
                 raise ValueError(
                     f"adamkit: state_format='8bit' needs DTensor parameters split along dim 0 (FSDP2's "
                     f"Shard(0)) or replicated; a parameter of shape {tuple(p.shape)} is placed "
@@ -768,13 +770,13 @@ class Optimizer(torch.optim.Optimizer):
             if shape is None:  # not kept for a parameter of this shape
                 continue
             if slot.shape is not None:  # a slot of its own shape (Adafactor's rows, Adam-mini's v)
-                if native.is_dtensor(p):
+                if dist.is_dtensor(p):
                     # rows with the parameter's rows, the rest whole on every rank (slot_spec);
                     # fp32 or bf16 (fp32 under state_format='8bit': slot_format)
                     from torch.distributed.tensor import DTensor
 
                     mesh, placements, gshape, stride = slot_spec(slot, p)
-                    lshape = slot.shape_for(native.local(p).shape) if slot.follows_rows(p.shape) else gshape
+                    lshape = slot.shape_for(dist.local(p).shape) if slot.follows_rows(p.shape) else gshape
                     dtype = state_dtype(slot_format(fmt.state, slot, p))
                     x = torch.zeros(lshape, dtype=dtype, device=p.device)
                     state[slot.name] = DTensor.from_local(
@@ -788,7 +790,7 @@ class Optimizer(torch.optim.Optimizer):
                     state[slot.name] = torch.zeros(shape, dtype=state_dtype(fmt.state), device=p.device)
             elif fmt.state == "8bit":
                 # 1 B/param of codes (each row padded to whole 256-blocks) + 4 B per block of scale
-                rows = native.local(p).shape[0] if p.dim() >= 2 else None
+                rows = dist.local(p).shape[0] if p.dim() >= 2 else None
                 n = quant8.row_length(p.shape) if rows is not None else p.numel()
                 codes, scales = quant8.zeros(n, slot.signed, p.device, rows=rows)
                 state[slot.name], state[slot.name + "_scale"] = _rows_like(codes, p), _rows_like(scales, p)
@@ -816,12 +818,12 @@ class Optimizer(torch.optim.Optimizer):
             sf = slot_format(fmt.state, slot, p)
             if sf == "8bit":
                 if scale is None or v.dtype != torch.uint8:  # a floating value (the user's): encoded
-                    state[slot.name], state[slot.name + "_scale"] = _encode8(slot, native.local(v).float(), p)
+                    state[slot.name], state[slot.name + "_scale"] = _encode8(slot, dist.local(v).float(), p)
             elif scale is not None:  # 8-bit codes, now a floating format
-                codes = native.local(v)
+                codes = dist.local(v)
                 x = quant8.decode(
-                    slot.signed, codes, native.local(scale),
-                    slot.shape_for(native.local(p).shape), torch.float32, codes.dim() == 2,
+                    slot.signed, codes, dist.local(scale),
+                    slot.shape_for(dist.local(p).shape), torch.float32, codes.dim() == 2,
                 )  # fmt: skip
                 state[slot.name] = _like_param(x, p, slot).to(state_dtype(sf))
                 del state[slot.name + "_scale"]
@@ -838,17 +840,17 @@ class Optimizer(torch.optim.Optimizer):
 
     def _item(self, p: torch.Tensor, group: dict, uid: int, grad: torch.Tensor | None = None) -> Item:
         state = self._init_state(p, group)
-        t = {k: native.local(v) for k, v in state.items() if k != "step"}
-        t["param"], t["grad"] = native.local(p), native.local(p.grad if grad is None else grad)
+        t = {k: dist.local(v) for k, v in state.items() if k != "step"}
+        t["param"], t["grad"] = dist.local(p), dist.local(p.grad if grad is None else grad)
         # offset: the local shard's first element in the whole parameter, so that rounding bits
         # follow global element positions (the same at every world size)
         spec = None
-        if not self.algorithm.elementwise and native.is_sharded(p):  # reductions over the whole tensor
+        if not self.algorithm.elementwise and dist.is_sharded(p):  # reductions over the whole tensor
             spec = {"param": (p.device_mesh, tuple(p.placements), p.shape, p.stride())}
             for slot in self.algorithm.slots:
                 if slot.name in state:
                     spec[slot.name] = spec["param"] if slot.shape is None else slot_spec(slot, p)
-        return Item(t, self._formats(group, p), float(state["step"]) + 1, uid, native.global_offset(p), spec)
+        return Item(t, self._formats(group, p), float(state["step"]) + 1, uid, dist.global_offset(p), spec)
 
     # ------------------------------------------------------------------------------------------
     # step
@@ -990,7 +992,7 @@ class Optimizer(torch.optim.Optimizer):
         if rel is None or g is None or rel.ddp:  # DDP: the comm hook steps after the all-reduce
             return
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if distributed and torch.distributed.get_world_size() > 1 and not native.is_dtensor(p):
+        if distributed and torch.distributed.get_world_size() > 1 and not dist.is_dtensor(p):
             raise RuntimeError(
                 "adamkit: gradient_release=True in a multi-process job on plain parameters "
                 "(DistributedDataParallel): the hook would step with this rank's gradient before "
@@ -1050,7 +1052,7 @@ class Optimizer(torch.optim.Optimizer):
         if self.max_grad_norm is not None:
             # fp32 (fp64 for fp64 gradients) as total_norm sums: bf16 squares would overflow
             wide = torch.float64 if g.dtype == torch.float64 else torch.float32
-            sq = torch.linalg.vector_norm(native.local(g), 2.0, dtype=wide).square()
+            sq = torch.linalg.vector_norm(dist.local(g), 2.0, dtype=wide).square()
             rel.sq = sq if rel.sq is None else rel.sq + sq.to(rel.sq.device)
         if k > 1 and rel.micro < k - 1:  # not the window's last backward: fold, do not step
             uid = 1 + sum(len(gr["params"]) for gr in self.param_groups[:index]) + i
@@ -1069,7 +1071,7 @@ class Optimizer(torch.optim.Optimizer):
         if self.release_clipping != "per_tensor" or self.max_grad_norm is None:
             return self._release.scale
         wide = torch.float64 if g.dtype == torch.float64 else torch.float32
-        return clip_coef(self.max_grad_norm, torch.linalg.vector_norm(native.local(g), 2.0, dtype=wide))
+        return clip_coef(self.max_grad_norm, torch.linalg.vector_norm(dist.local(g), 2.0, dtype=wide))
 
     def _release_step(
         self, p: torch.Tensor, g: torch.Tensor, index: int, i: int, hp: dict, gscale: float
@@ -1109,8 +1111,8 @@ class Optimizer(torch.optim.Optimizer):
         alg, rel = self.algorithm, self._release
         st = self.state[p]
         fmt = self._formats(group, p)
-        t = {name: native.local(v) for name, v in st.items() if name != "step"}
-        t["param"], t["grad"] = native.local(p), native.local(g)
+        t = {name: dist.local(v) for name, v in st.items() if name != "step"}
+        t["param"], t["grad"] = dist.local(p), dist.local(g)
         f = alg.flags(group, hp)
         step = float(st["step"]) + 1
         pp, gg, slots = decode_all(alg, fmt, t, f, compute_dtype(t["param"].dtype))
@@ -1118,7 +1120,7 @@ class Optimizer(torch.optim.Optimizer):
         if sign != 1.0:
             gg = gg * sign
         new = alg.accumulation.fold(pp, gg, slots, hp, f, self.accumulation_steps)
-        index, _ = index_and_seeds(Item(t, fmt, step, uid, native.global_offset(p)))
+        index, _ = index_and_seeds(Item(t, fmt, step, uid, dist.global_offset(p)))
         # rounding streams of their own: each micro-batch's, apart from the step's (bf16/8-bit state)
         seeds = [mix_seed(step, uid, 200 + 8 * rel.micro + j) for j in range(N_STREAMS)]
         out = encode_all(alg, fmt, t, pp, new, f, index, seeds)
@@ -1404,13 +1406,13 @@ class Optimizer(torch.optim.Optimizer):
         for (group, p), v in zip(params, values):
             v = v.to(device=p.device, dtype=torch.float32 if p.dtype in LOW_PRECISION else p.dtype)
             # a full value is cut to the parameter's shard; the copies below are shard to shard
-            v = native.local(_placed_like(v, p))
+            v = dist.local(_placed_like(v, p))
             fmt = self._formats(group, p)
-            native.local(p).copy_(v)
+            dist.local(p).copy_(v)
             key = param_aux_key(fmt.param)
             if key is not None:
                 st = self._init_state(p, group)
-                native.local(st[key]).copy_(_aux_from_value(native.local(p), key, v))
+                dist.local(st[key]).copy_(_aux_from_value(dist.local(p), key, v))
 
     # ------------------------------------------------------------------------------------------
     # state dicts
@@ -1605,7 +1607,7 @@ class Optimizer(torch.optim.Optimizer):
                 value = _placed_like(v.detach().to(p.device), p, slot)
             sf = slot_format(fmt.state, slot, p)
             if sf == "8bit":
-                out[name], out[name + "_scale"] = _encode8(slot, native.local(value).float(), p)
+                out[name], out[name + "_scale"] = _encode8(slot, dist.local(value).float(), p)
             else:
                 out[name] = value.to(state_dtype(sf), copy=True)
         saved_aux = {}
@@ -1670,14 +1672,14 @@ class Optimizer(torch.optim.Optimizer):
             nb = (quant8.blocks(n),)
         if tuple(scale.shape) != nb:
             raise bad(f"{name + '_scale'!r} has shape {tuple(scale.shape)}, expected {nb}")
-        full = [x.full_tensor() if native.is_dtensor(x) else x for x in (v, scale)]
+        full = [x.full_tensor() if dist.is_dtensor(x) else x for x in (v, scale)]
         codes, scales = (x.detach().to(p.device) for x in full)
         scales = scales.float()
         if rows and codes.dim() == 1:  # an older flat checkpoint
             codes, scales = quant8.to_rows(slot.signed, codes, scales, want)
         if slot_format(fmt.state, slot, p) == "8bit":
-            out[name] = _placed_like(codes, p).clone() if native.is_dtensor(p) else codes.clone()
-            out[name + "_scale"] = _placed_like(scales, p).clone() if native.is_dtensor(p) else scales.clone()
+            out[name] = _placed_like(codes, p).clone() if dist.is_dtensor(p) else codes.clone()
+            out[name + "_scale"] = _placed_like(scales, p).clone() if dist.is_dtensor(p) else scales.clone()
             return None
         value = quant8.decode(slot.signed, codes, scales, want, torch.float32, codes.dim() == 2)
         return _placed_like(value, p, slot)

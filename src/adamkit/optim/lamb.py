@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .algorithm import Algorithm, Flags, Slot
+from ..algorithm import Algorithm, Flags, Slot
 from .base import Optimizer, check_betas, check_nonneg, engine_kwargs, refuse_skip_nonfinite
 
 

@@ -20,8 +20,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..algorithm import Algorithm, Flags, Slot, where
 from .adam import check_max_lr, default_max_lr, warn_strong_decay
-from .algorithm import Algorithm, Flags, Slot, where
 from .base import Optimizer, as_float, check_betas, check_nonneg
 
 

@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .algorithm import Algorithm, Flags, Slot
+from ..algorithm import Algorithm, Flags, Slot
 from .base import (
     Optimizer,
     as_float,

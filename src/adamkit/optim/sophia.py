@@ -29,9 +29,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..kernels.reference import decode_all, encode_all, index_and_seeds
+from ..algorithm import Algorithm, Flags, Slot
+from ..kernels.compose import decode_all, encode_all, index_and_seeds
 from ..storage.formats import compute_dtype, mix_seed
-from .algorithm import Algorithm, Flags, Slot
 from .base import Optimizer, as_float, check_betas, check_nonneg, engine_kwargs
 
 

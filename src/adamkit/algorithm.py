@@ -126,18 +126,3 @@ def where(cond, a, b):
     import torch
 
     return torch.where(cond, a, b)
-
-
-def apply_update(alg: Algorithm, p, g, slots: list, s: Any, f: Flags):
-    """The engine's part of every update, around the algorithm's: with ``skip_nonfinite`` an element
-    whose gradient is inf/nan keeps its old parameter and state (the rest of its tensor and block
-    step normally); ``maximize`` flips the gradient's sign. Returns (p, slots)."""
-    if f.skip_nonfinite:
-        ok = g.isfinite()
-        np_, ns = apply_update(alg, p, where(ok, g, 0.0), slots, s, f._replace(skip_nonfinite=False))
-        return where(ok, np_, p), [where(ok, n, o) for n, o in zip(ns, slots)]
-    if f.maximize is None:
-        g = g * s.grad_sign
-    elif f.maximize:
-        g = -g
-    return alg.update(p, g, slots, s, f)
