@@ -355,6 +355,14 @@ class Adam(Optimizer):
             ``"per_tensor"`` clips each tensor to its own norm,
             :math:`g_i \leftarrow g_i \min(1, \frac{c}{\|g_i\|_2 + 10^{-6}})`, which bounds the
             global norm by :math:`c\sqrt{n}` for n tensors, not c (one host read per tensor).
+        release_check: with ``gradient_release`` (and ``accumulation_steps=1``), the first
+            backward keeps its gradients until ``step()`` or ``zero_grad()``, which steps them as
+            the hooks would have, after refusing what release cannot honour, before anything is
+            stepped: gradients changed in between (``clip_grad_norm_``: use ``max_grad_norm``),
+            a second backward first (use ``accumulation_steps``), GradScaler. Default True;
+            False releases from the first backward and checks nothing.
+
+    ``remove_gradient_release()`` stops gradient release (hooks removed, state kept).
 
     State per parameter (bytes per parameter for fp32 parameters): ``step`` (a 0-D fp32 tensor),
     ``exp_avg`` m (4 B), ``exp_avg_sq`` v (4 B), ``max_exp_avg_sq`` (4 B, amsgrad only); 8-bit
