@@ -114,3 +114,33 @@ def test_the_native_kernel_under_test_is_the_one_asked_for():
     assert native.load() is not None
     march = os.environ.get("ADAMKIT_NATIVE_MARCH")
     assert native.loaded_from == ("built here" + (f" (-march={march})" if march else ""))
+
+
+def test_the_foreach_backends_native_ops_equal_the_fp64_path(monkeypatch):
+    """The foreach backend rounds these operations with the native library's IEEE instructions
+    (one per element), the reference with fp64 arithmetic in torch: the same bits, special values
+    included, and the same when the library is switched off (the fp64 path then serves both)."""
+    from adamkit.kernels.foreach import TensorList
+
+    g = torch.Generator().manual_seed(5)
+    a = [wide_values(3000, 6)[:3007], torch.randn(70, generator=g)]
+    b = [torch.randn(3007, generator=g), torch.randn(70, generator=g).abs() + 0.1]
+    c = [torch.randn(3007, generator=g), torch.randn(70, generator=g)]
+    a[1][:4] = torch.tensor([float("nan"), float("-inf"), -0.0, 1e-40])
+    A, B, C = TensorList(a), TensorList(b), TensorList(c)
+    cases = {
+        "sqrt": (lambda: sqrt_rn(A), [sqrt_rn(x) for x in a]),
+        "div": (lambda: div_rn(A, B), [div_rn(x, y) for x, y in zip(a, b)]),
+        "div scalar": (lambda: div_rn(A, 0.37), [div_rn(x, 0.37) for x in a]),
+        "scalar div": (lambda: div_rn(1.0, B), [div_rn(1.0, y) for y in b]),
+        "fma": (lambda: fma_rn(A, B, C), [fma_rn(x, y, z) for x, y, z in zip(a, b, c)]),
+        "fma scalar": (lambda: fma_rn(A, 0.05, C), [fma_rn(x, 0.05, z) for x, z in zip(a, c)]),
+        "lerp": (lambda: lerp_rn(C, B, 0.1), [lerp_rn(z, y, 0.1) for z, y in zip(c, b)]),
+    }
+    for use_native in (True, False):
+        monkeypatch.setattr(native, "USE_NATIVE", use_native)
+        for name, (fast, want) in cases.items():
+            got = fast().ts
+            for x, y in zip(got, want):
+                same = (x.view(torch.int32) == y.view(torch.int32)) | (x.isnan() & y.isnan())
+                assert bool(same.all()), (name, use_native)

@@ -46,7 +46,7 @@ def _exact_here(x) -> bool:
 _GROUP = 1 << 15
 
 
-def _map(fn, *args):
+def map_tensors(fn, *args):
     """Apply a per-tensor ``fn`` to TensorLists (the first list decides the length)."""
     lists = [a.ts if hasattr(a, "ts") else None for a in args]
     first = next(lst for lst in lists if lst is not None)
@@ -88,8 +88,8 @@ def _map(fn, *args):
 
 def sqrt_rn(x):
     """sqrt(x), correctly rounded for fp32 CPU tensors (else torch's ``sqrt``)."""
-    if hasattr(x, "ts"):
-        return _map(sqrt_rn, x)
+    if hasattr(x, "ts"):  # the foreach backend's TensorList (its own fast path)
+        return x.sqrt_rn()
     if not _exact_here(x):
         return x.sqrt()
     d = x.double()
@@ -116,8 +116,10 @@ def sqrt_rn(x):
 
 def div_rn(a, b):
     """a / b, correctly rounded for fp32 CPU tensors (``b`` a tensor or a Python number)."""
-    if hasattr(a, "ts") or hasattr(b, "ts"):
-        return _map(div_rn, a, b)
+    if hasattr(a, "ts"):
+        return a.div_rn(b)
+    if hasattr(b, "ts"):
+        return b.rdiv_rn(a)
     t = a if isinstance(a, torch.Tensor) else b
     if not _exact_here(t):
         return a / b
@@ -134,8 +136,8 @@ def _f64(x):
 def fma_rn(a, b, c):
     """a * b + c rounded once, for fp32 CPU tensors (``b`` may be a Python number, taken as fp32,
     the way torch takes ``alpha``); elsewhere ``c + a * b`` as torch computes it."""
-    if hasattr(a, "ts") or hasattr(c, "ts"):
-        return _map(fma_rn, a, b, c)
+    if hasattr(a, "ts"):
+        return a.fma_rn(b, c)
     if not _exact_here(a):
         return c.add(a, alpha=b) if not isinstance(b, torch.Tensor) else c + a * b
     p = a.double() * _f64(b)  # exact
@@ -165,8 +167,9 @@ def lerp_rn(a, b, w):
     fused multiply-add from whichever end is nearer, w * (b - a) + a for |w| < 0.5, else
     (w - 1) * (b - a) + b."""
     if hasattr(a, "ts"):
-        return _map(lerp_rn, a, b, w)
-    if not _exact_here(a):
+        if not all(_exact_here(t) for t in a.ts):
+            return map_tensors(lerp_rn, a, b, w)
+    elif not _exact_here(a):
         return a.lerp(b, w)
     d = b - a
     if isinstance(w, torch.Tensor):  # the compiled kernel's scalars: both ends, chosen per value

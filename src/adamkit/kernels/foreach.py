@@ -9,8 +9,10 @@ from collections.abc import Callable
 
 import torch
 
+from .. import ieee
 from ..algorithm import Algorithm, Flags
 from ..storage.formats import Formats, compute_dtype
+from . import native
 from .compose import Item, apply_update, decode_all, encode_all, index_and_seeds
 from .reference import run_reference
 
@@ -78,6 +80,57 @@ class TensorList:
 
     def isnan(self):
         return TensorList([t.isnan() for t in self.ts])
+
+    # Correctly rounded operations (adamkit.ieee): one IEEE instruction per element in the native
+    # library where it is loaded (the reference computes the same values in fp64 with torch,
+    # ~15 passes), else adamkit.ieee's per-tensor path.
+    def _c(self, *others) -> bool:
+        ts = [*self.ts, *(t for o in others if isinstance(o, TensorList) for t in o.ts)]
+        return (
+            native.USE_NATIVE
+            and not torch.compiler.is_compiling()
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+            and native.load() is not None
+        )
+
+    def sqrt_rn(self):
+        if not self._c():
+            return ieee.map_tensors(ieee.sqrt_rn, self)
+        return TensorList([native.ieee("sqrt", t.contiguous()) for t in self.ts])
+
+    def div_rn(self, o):
+        """self / o (a TensorList or a number)."""
+        if not self._c(o):
+            return ieee.map_tensors(ieee.div_rn, self, o)
+        if isinstance(o, TensorList):
+            return TensorList(
+                [native.ieee("div", a.contiguous(), b.contiguous()) for a, b in zip(self.ts, o.ts)]
+            )
+        return TensorList([native.ieee("div_scalar", a.contiguous(), s=float(o)) for a in self.ts])
+
+    def rdiv_rn(self, o):
+        """o / self, o a number."""
+        if not self._c():
+            return ieee.map_tensors(ieee.div_rn, o, self)
+        return TensorList([native.ieee("scalar_div", a.contiguous(), s=float(o)) for a in self.ts])
+
+    def fma_rn(self, b, c):
+        """self * b + c rounded once (b a TensorList or a number, c a TensorList)."""
+        if not self._c(b, c):
+            return ieee.map_tensors(ieee.fma_rn, self, b, c)
+        if isinstance(b, TensorList):
+            return TensorList(
+                [
+                    native.ieee("fma", x.contiguous(), y.contiguous(), z.contiguous())
+                    for x, y, z in zip(self.ts, b.ts, c.ts)
+                ]
+            )
+        return TensorList(
+            [
+                native.ieee("fma_scalar", x.contiguous(), None, z.contiguous(), float(b))
+                for x, z in zip(self.ts, c.ts)
+            ]
+        )
 
     def choose(self, a, b):
         """``self ? a : b`` elementwise (self holds boolean masks)."""

@@ -87,7 +87,7 @@ typedef struct {
 
 /* The layout the Python side mirrors (kernels/native.py, Row and Args), checked when it loads a
  * library: a stale or foreign build is refused instead of reading fields at the wrong offsets. */
-#define ABI_VERSION 2
+#define ABI_VERSION 3
 
 /* ---- storage: bf16 and rounding ------------------------------------------------------------ */
 
@@ -607,4 +607,22 @@ int64_t adamkit_grad_overlap(const args_t *A, int32_t psize, const uint64_t *spa
         }
     }
     return -1;
+}
+
+/* ---- correctly rounded elementwise operations (adamkit.ieee) for the foreach backend --------
+ * The reference computes them in fp64 with torch (host-independent but ~15 passes); here each is
+ * one IEEE instruction per element, as the kernel's bodies round them. op: 0 sqrt(a), 1 a / b,
+ * 2 a / s, 3 s / a, 4 fma(a, s, c), 5 fma(a, b, c). One thread: the foreach backend calls it per
+ * cache-sized chunk. Returns -2 for an unknown op. */
+int adamkit_ieee(int32_t op, int64_t n, const float *restrict a, const float *restrict b,
+                 const float *restrict c, float s, float *restrict out) {
+    switch (op) {
+    case 0: for (int64_t i = 0; i < n; i++) out[i] = sqrtf(a[i]); return 0;
+    case 1: for (int64_t i = 0; i < n; i++) out[i] = a[i] / b[i]; return 0;
+    case 2: for (int64_t i = 0; i < n; i++) out[i] = a[i] / s; return 0;
+    case 3: for (int64_t i = 0; i < n; i++) out[i] = s / a[i]; return 0;
+    case 4: for (int64_t i = 0; i < n; i++) out[i] = fmaf(a[i], s, c[i]); return 0;
+    case 5: for (int64_t i = 0; i < n; i++) out[i] = fmaf(a[i], b[i], c[i]); return 0;
+    default: return -2;
+    }
 }

@@ -97,7 +97,7 @@ class Args(ctypes.Structure):
     ]
 
 
-ABI_VERSION = 2  # kernel.c's ABI_VERSION: the layout of Row and Args
+ABI_VERSION = 3  # kernel.c's ABI_VERSION: the layout of Row and Args
 
 
 def abi_problem(lib) -> str | None:
@@ -223,8 +223,28 @@ def load():
         ctypes.c_int64,
     ]
     lib.adamkit_grad_overlap.restype = ctypes.c_int64
+    p = ctypes.c_void_p
+    lib.adamkit_ieee.argtypes = [ctypes.c_int32, ctypes.c_int64, p, p, p, ctypes.c_float, p]
+    lib.adamkit_ieee.restype = ctypes.c_int
     _failure = None
     return lib
+
+
+IEEE_OPS = {"sqrt": 0, "div": 1, "div_scalar": 2, "scalar_div": 3, "fma_scalar": 4, "fma": 5}
+
+
+def ieee(op: str, a: torch.Tensor, b: torch.Tensor | None = None, c: torch.Tensor | None = None, s=0.0):
+    """One correctly rounded elementwise operation (``IEEE_OPS``) on contiguous fp32 CPU tensors
+    of one size, by the kernel's IEEE instructions; a new tensor. The caller checks ``load()``."""
+    out = torch.empty_like(a)
+    ptr = _DATA_PTR
+    rc = load().adamkit_ieee(
+        IEEE_OPS[op], a.numel(), ptr(a), None if b is None else ptr(b), None if c is None else ptr(c),
+        float(s), ptr(out),
+    )  # fmt: skip
+    if rc != 0:
+        raise ValueError(f"adamkit_ieee: unknown op {op!r}")
+    return out
 
 
 # The wheel's kernels (setup.py), by x86-64 level, and the CPU flags each needs (/proc/cpuinfo).
