@@ -17,7 +17,8 @@ import torch
 
 from ..algorithm import Accumulation, Algorithm, Flags, Slot
 from ..ieee import div_rn, fma_rn, lerp_rn, sqrt_rn
-from .base import Optimizer, as_float, check_betas, check_bools, check_nonneg
+from .base import Optimizer
+from .options import as_float, check_betas, check_bools, check_nonneg
 
 # --------------------------------------------------------------------------------------------------
 # Weight-decay modes. The names follow the formulas, not the papers' marketing:

@@ -29,7 +29,8 @@ from typing import Any, NamedTuple
 import torch
 
 from ..algorithm import Algorithm, Flags, Slot
-from .base import Optimizer, check_betas, check_nonneg, engine_kwargs, refuse_skip_nonfinite
+from .base import Optimizer
+from .options import check_betas, check_nonneg, engine_kwargs, refuse_skip_nonfinite
 
 
 def block_shape(s: tuple) -> tuple:

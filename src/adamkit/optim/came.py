@@ -34,7 +34,8 @@ from typing import Any, NamedTuple
 import torch
 
 from ..algorithm import Algorithm, Flags, Slot
-from .base import Optimizer, as_float, check_betas, check_nonneg, engine_kwargs, refuse_skip_nonfinite
+from .base import Optimizer
+from .options import as_float, check_betas, check_nonneg, engine_kwargs, refuse_skip_nonfinite
 
 
 def _row(s: tuple) -> tuple | None:

@@ -22,7 +22,8 @@ import torch
 
 from ..algorithm import Algorithm, Flags, Slot, where
 from .adam import check_max_lr, default_max_lr, warn_strong_decay
-from .base import Optimizer, as_float, check_betas, check_nonneg
+from .base import Optimizer
+from .options import as_float, check_betas, check_nonneg
 
 
 class Scalars(NamedTuple):

@@ -49,14 +49,8 @@ from typing import Any, NamedTuple
 import torch
 
 from ..algorithm import Algorithm, Flags, Slot
-from .base import (
-    Optimizer,
-    as_float,
-    check_betas,
-    check_nonneg,
-    engine_kwargs,
-    refuse_skip_nonfinite,
-)
+from .base import Optimizer
+from .options import as_float, check_betas, check_nonneg, engine_kwargs, refuse_skip_nonfinite
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch's (Keller Jordan's) quintic
 ADJUST_LR = (None, "original", "match_rms_adamw")

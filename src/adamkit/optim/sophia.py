@@ -32,7 +32,8 @@ import torch
 from ..algorithm import Algorithm, Flags, Slot
 from ..kernels.compose import decode_all, encode_all, index_and_seeds
 from ..storage.formats import compute_dtype, mix_seed
-from .base import Optimizer, as_float, check_betas, check_nonneg, engine_kwargs
+from .base import Optimizer
+from .options import as_float, check_betas, check_nonneg, engine_kwargs
 
 
 class Scalars(NamedTuple):

@@ -1,0 +1,164 @@
+"""The engine's options, shared by every optimizer, validated in one place: storage and backend
+options of a parameter group (``ENGINE_DEFAULTS``), options of the optimizer as a whole
+(``OPTIMIZER_OPTIONS``), torch's backend spellings, and the validation helpers the algorithms'
+``check`` functions use. Each option is documented once, in :class:`adamkit.Adam`'s docstring."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from ..storage.formats import STATE_FORMATS
+
+BACKENDS = ("auto", "reference", "foreach", "fused")
+
+# Group options of the engine, shared by every algorithm: how state is stored and which backend
+# runs. They are this process's choice: load_state_dict keeps them (and converts the state).
+STORAGE_OPTIONS = ("kahan_sum", "stochastic_rounding", "master_weights", "state_format", "min_8bit_size")
+ENGINE_DEFAULTS = dict(
+    maximize=False,
+    kahan_sum=None,
+    stochastic_rounding=False,
+    master_weights=False,
+    state_format=None,
+    min_8bit_size=4096,
+    skip_nonfinite=False,
+    backend="auto",
+    foreach=None,
+    fused=None,
+    capturable=False,
+    differentiable=False,
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation helpers (algorithms use them in their ``check``)
+# --------------------------------------------------------------------------------------------------
+
+
+def as_float(name: str, value: Any) -> float:
+    """A hyperparameter as a float: Python numbers and one-element tensors are accepted."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
+        if value.is_complex():
+            raise TypeError(f"{name} must be real, got a complex tensor")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_nonneg(name: str, value: Any) -> float:
+    x = as_float(name, value)
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"Invalid {name}: {x}; it must be a finite number >= 0")
+    return x
+
+
+def check_betas(betas: Any, n: int = 2) -> tuple[float, ...]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != n:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    out = tuple(as_float(f"betas[{i}]", b) for i, b in enumerate(betas))
+    for i, b in enumerate(out):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b}; it must be in [0, 1)")
+    return out
+
+
+def check_bools(group: dict, keys: Iterable[str]) -> None:
+    for key in keys:
+        if not isinstance(group.get(key, False), bool):
+            raise TypeError(f"{key} must be a bool, got {group[key]!r}")
+
+
+def refuse_skip_nonfinite(group: dict, name: str) -> None:
+    """For algorithms whose statistics mix elements (row means, norms): one element's inf/nan
+    cannot be skipped alone."""
+    if group.get("skip_nonfinite", False):
+        raise ValueError(
+            f"skip_nonfinite=True is not supported by adamkit.{name}: its statistics mix elements "
+            "(norms, row/column means), so a non-finite element cannot be skipped alone"
+        )
+
+
+# Options of the optimizer as a whole (not of a group), shared by every algorithm.
+OPTIMIZER_OPTIONS = (
+    "gradient_release",
+    "max_grad_norm",
+    "skip_nonfinite_steps",
+    "accumulation_steps",
+    "release_clipping",
+    "release_check",
+)
+
+
+def engine_kwargs(cls_name: str, kw: dict) -> tuple[dict, dict]:
+    """Split the engine's keyword arguments a variant passes through (``**engine``) into group
+    options and optimizer options; every algorithm takes the same ones (each then applies or is
+    refused with the reason by the engine). Other names raise."""
+    unknown = sorted(set(kw) - set(ENGINE_DEFAULTS) - set(OPTIMIZER_OPTIONS))
+    if unknown:
+        raise TypeError(f"{cls_name}() got unexpected keyword arguments {unknown}")
+    group = {k: v for k, v in kw.items() if k in ENGINE_DEFAULTS}
+    return group, {k: v for k, v in kw.items() if k in OPTIMIZER_OPTIONS}
+
+
+def check_engine_options(group: dict) -> None:
+    """The storage, precision and backend options every algorithm has."""
+    check_bools(group, ("maximize", "stochastic_rounding", "master_weights", "skip_nonfinite"))
+    for key in ("capturable", "differentiable"):
+        if group.get(key, False):
+            raise ValueError(
+                f"{key}=True is not supported by adamkit; pass {key}=False (adamkit's kernels need no "
+                "CUDA-graph capture, and its step is not differentiable)"
+            )
+    kahan = group.get("kahan_sum")
+    if kahan is not None and not isinstance(kahan, bool) and kahan != "8bit":
+        raise TypeError(
+            f"kahan_sum must be None, a bool, or '8bit' (an int8 compensation, 1 B/param, for bfloat16 "
+            f"parameters), got {kahan!r}"
+        )
+    n_modes = bool(kahan) + group.get("stochastic_rounding", False) + group.get("master_weights", False)
+    if n_modes > 1:
+        raise ValueError(
+            "choose at most one of kahan_sum=True, stochastic_rounding=True, master_weights=True: "
+            "each is a complete recipe for low-precision parameters"
+        )
+    sf = group.get("state_format")
+    if sf is not None and sf not in STATE_FORMATS:
+        raise ValueError(f"Invalid state_format: {sf!r}; choose None or one of {STATE_FORMATS}")
+    m8 = group.get("min_8bit_size", 4096)
+    if isinstance(m8, bool) or not isinstance(m8, int) or m8 < 0:
+        raise ValueError(f"Invalid min_8bit_size: {m8!r}; it must be an int >= 0")
+    backend = group.get("backend", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r}; choose one of {BACKENDS}")
+
+
+def resolve_backend(backend: str, foreach: bool | None, fused: bool | None) -> str:
+    """Map torch's ``foreach=``/``fused=`` spellings onto ``backend``; conflicts raise.
+
+    As in torch: ``fused=True`` is the fused backend, ``foreach=True`` the multi-tensor one,
+    ``foreach=False`` the per-tensor loop, and ``fused=False`` means "not fused" (foreach, unless
+    foreach=False asks for the loop)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r}; choose one of {BACKENDS}")
+    if fused and foreach:
+        raise ValueError("fused=True and foreach=True cannot both be set; choose one backend")
+    if fused:
+        wanted = "fused"
+    elif foreach:
+        wanted = "foreach"
+    elif foreach is False:
+        wanted = "reference"
+    elif fused is False:
+        wanted = "foreach"
+    else:
+        return backend
+    if backend not in ("auto", wanted):
+        raise ValueError(f"backend={backend!r} conflicts with foreach={foreach}, fused={fused}")
+    return wanted
