@@ -63,7 +63,7 @@ FSDP2 = [
     ("fp32-8bit-lamb", "Lamb", torch.float32, dict(state_format="8bit")),
     ("fp32-muon", "Muon", torch.float32, {}),
     ("fp32-8bit-sophia", "SophiaG", torch.float32, dict(state_format="8bit")),
-    # 8 bit: m in rows, the statistics of their own shape fp32 (optim.base.slot_format)
+    # 8 bit: m in rows, the statistics of their own shape fp32 (optim.layout.slot_format)
     ("fp32-8bit-adafactor-m", "Adafactor", torch.float32, dict(beta1=0.9, state_format="8bit")),
     ("fp32-8bit-came", "CAME", torch.float32, dict(state_format="8bit")),
     ("fp32-8bit-adam-mini", "AdamMini", torch.float32, dict(state_format="8bit")),

@@ -15,6 +15,9 @@ from ..storage.formats import STATE_FORMATS
 
 BACKENDS = ("auto", "reference", "foreach", "fused")
 
+# Group keys torch.optim's optimizers read in step(); kept in our groups with torch-compatible
+# values so that state dicts move between torch and adamkit both ways.
+TORCH_GROUP_DEFAULTS = {"capturable": False, "differentiable": False}
 # Group options of the engine, shared by every algorithm: how state is stored and which backend
 # runs. They are this process's choice: load_state_dict keeps them (and converts the state).
 STORAGE_OPTIONS = ("kahan_sum", "stochastic_rounding", "master_weights", "state_format", "min_8bit_size")

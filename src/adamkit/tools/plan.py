@@ -768,7 +768,7 @@ def eight_bit_layout(
     block_size: int = BLOCK_SIZE,
     sharded: bool = False,
 ) -> str | None:
-    """How adamkit stores a parameter's moments under state_format='8bit' (``optim.base.quantizable``):
+    """How adamkit stores a parameter's moments under state_format='8bit' (``optim.layout.quantizable``):
     ``"rows"`` (>= 2-D: blocks inside dim-0 rows, each row padded to whole blocks), ``"flat"`` (a
     plain 1-D/0-D tensor, or an unknown shape), or None (fp32: below ``min_8bit_size``, rows
     narrower than 66 elements, where padding would cost more than fp32, or a 1-D tensor that
@@ -1567,7 +1567,7 @@ def _fsdp2_tensor_bytes(t: TensorSpec, recipe: Recipe, world: int) -> list[dict[
     # (component, slot): slot None or of the parameter's shape holds the rank's rows; a variant's
     # slot of its own shape (ADAMKIT_SLOT_OPTIMIZERS) follows the rows (``Slot.follows_rows``:
     # Adafactor's and CAME's row statistics, Adam-mini's per-row v) or is whole on every rank (a
-    # matrix's column statistics, a vector's one v), in fp32 under 8 bit (``optim.base.slot_format``)
+    # matrix's column statistics, a vector's one v), in fp32 under 8 bit (``optim.layout.slot_format``)
     if recipe.optimizer in ADAMKIT_SLOT_OPTIMIZERS:
         import adamkit
 
