@@ -65,10 +65,10 @@ BACKENDS = ["reference", "foreach", "fused", FUSED_COMPILED]
 def _kernel_choice(request, monkeypatch):
     if request.node.get_closest_marker("compiled_kernel"):
         from adamkit.kernels import native
-        from adamkit.optim import base
+        from adamkit.optim import dispatch
 
         monkeypatch.setattr(native, "USE_NATIVE", False)
-        monkeypatch.setattr(base, "USE_TORCH_FUSED", False)
+        monkeypatch.setattr(dispatch, "USE_TORCH_FUSED", False)
 
 
 def config_params():

@@ -13,7 +13,7 @@ import torch
 
 import adamkit
 from adamkit.kernels import compiled, native
-from adamkit.optim import base
+from adamkit.optim import dispatch
 
 
 def mlp(dtype=torch.float32, seed=0):
@@ -161,7 +161,7 @@ def test_failing_kernel_falls_back_before_anything_changes(monkeypatch):
 
     monkeypatch.setattr(compiled, "_compiled", broken)
     monkeypatch.setattr(compiled, "_unavailable_reason", None)
-    monkeypatch.setattr(base, "_fallback_warned", set())
+    monkeypatch.setattr(dispatch, "_fallback_warned", set())
     p = torch.randn(40, dtype=torch.float16, requires_grad=True)  # only the compiled kernel serves fp16
     q = p.detach().clone().requires_grad_()
     a = adamkit.AdamW([p], lr=1e-2, backend="auto")

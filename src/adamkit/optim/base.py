@@ -23,71 +23,28 @@ import torch
 
 from .. import dist
 from ..algorithm import Algorithm
-from ..kernels import compiled, native
-from ..kernels.compose import Item
-from ..kernels.foreach import run_foreach
-from ..kernels.reference import run_reference
-from ..storage import quant8
+from ..kernels import native
 from ..storage.formats import (
     LOW_PRECISION,
-    Formats,
     choose_formats,
-    init_param_aux,
-    param_aux_key,
-    state_dtype,
 )
 from .checkpoint import CheckpointMixin
-from .layout import (
-    AUX_KEYS,
-    aux_from_value,
-    aux_value,
-    encode8,
-    like_param,
-    quantizable,
-    rows_like,
-    slot_format,
-    slot_spec,
-)
+from .dispatch import DispatchMixin, fused_unavailable_reason
 from .options import (
     ENGINE_DEFAULTS,
-    STORAGE_OPTIONS,
     check_engine_options,
     check_nonneg,
     resolve_backend,
 )
 from .release import Release, ReleaseMixin
-from .state import StateMap
+from .state import StateMap, StateMixin
 from .step_scale import clip_coef, total_norm
-
-# torch's own fused kernels serve the formats they have (Adam/AdamW, fp32 or plain low-precision
-# parameters with state in their dtype) where the native kernel is unavailable; tests switch it off.
-USE_TORCH_FUSED = True
 
 _GRAD = operator.attrgetter("grad")
 _IS_SPARSE = operator.attrgetter("is_sparse")
-_fallback_warned: set[str] = set()
 
 
-def warn_once(key: str, message: str, stacklevel: int = 4) -> None:
-    if key not in _fallback_warned:
-        _fallback_warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
-
-
-def fused_unavailable_reason(alg: Algorithm) -> str | None:
-    """Why no fused kernel (native or compiled) can run here, or None if one can."""
-    if alg.native is not None and native.USE_NATIVE and native.load() is not None:
-        return None
-    problem = compiled.problem()
-    if problem is None:
-        return None
-    why = native.failure() if native.USE_NATIVE else "switched off"
-    if alg.native is None:
-        why = f"{alg.name} has no native body"
-    return f"native kernel: {why}; torch.compile kernel: {problem}"
-
-
-class Optimizer(ReleaseMixin, CheckpointMixin, torch.optim.Optimizer):
+class Optimizer(StateMixin, DispatchMixin, ReleaseMixin, CheckpointMixin, torch.optim.Optimizer):
     """The generic adamkit optimizer; see the module docstring. Subclasses set ``algorithm``."""
 
     algorithm: ClassVar[Algorithm]
@@ -352,132 +309,6 @@ class Optimizer(ReleaseMixin, CheckpointMixin, torch.optim.Optimizer):
                 )
 
     # ------------------------------------------------------------------------------------------
-    # state
-    # ------------------------------------------------------------------------------------------
-
-    def _formats(self, group: dict, p: torch.Tensor) -> Formats:
-        fmt = choose_formats(
-            p.dtype,
-            group["kahan_sum"],
-            group["stochastic_rounding"],
-            group["master_weights"],
-            group["state_format"],
-        )
-        if fmt.state == "8bit" and not quantizable(p, group["min_8bit_size"]):
-            fmt = fmt._replace(state="fp32")
-        return fmt
-
-    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        """Create missing state of ``p``: step, slots in their format, Kahan/master buffer. For a
-        DTensor parameter, floating state is a DTensor of the parameter's placement."""
-        with self._tracked().quiet():
-            return self._init_state_quietly(p, group)
-
-    def _tracked(self) -> StateMap:
-        """``self.state``, as a StateMap again if the user assigned another mapping to it (the
-        kernel's tables then no longer describe it)."""
-        if type(self.state) is not StateMap:
-            self.state = StateMap(self.state)
-            self._plans = {}
-        return self.state
-
-    def _init_state_quietly(self, p: torch.Tensor, group: dict) -> dict:
-        state = self.state[p]
-        fmt = self._formats(group, p)
-        if "step" not in state:
-            # step: a 0-D fp32 CPU tensor, as torch's non-fused optimizers keep it (state dicts interchange)
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        self._conform_state(p, state, fmt)
-        for slot in self.algorithm.slots:
-            if slot.name in state or (slot.option is not None and not group.get(slot.option, False)):
-                continue
-            shape = slot.shape_for(p.shape)
-            if shape is None:  # not kept for a parameter of this shape
-                continue
-            if slot.shape is not None:  # a slot of its own shape (Adafactor's rows, Adam-mini's v)
-                if dist.is_dtensor(p):
-                    # rows with the parameter's rows, the rest whole on every rank (slot_spec);
-                    # fp32 or bf16 (fp32 under state_format='8bit': slot_format)
-                    from torch.distributed.tensor import DTensor
-
-                    mesh, placements, gshape, stride = slot_spec(slot, p)
-                    lshape = slot.shape_for(dist.local(p).shape) if slot.follows_rows(p.shape) else gshape
-                    dtype = state_dtype(slot_format(fmt.state, slot, p))
-                    x = torch.zeros(lshape, dtype=dtype, device=p.device)
-                    state[slot.name] = DTensor.from_local(
-                        x, mesh, placements, run_check=False, shape=gshape, stride=stride
-                    )
-                elif fmt.state == "8bit":  # its own flat blocks: 1 B/element padded + 4 B per block
-                    state[slot.name], state[slot.name + "_scale"] = quant8.zeros(
-                        math.prod(shape), slot.signed, p.device
-                    )
-                else:
-                    state[slot.name] = torch.zeros(shape, dtype=state_dtype(fmt.state), device=p.device)
-            elif fmt.state == "8bit":
-                # 1 B/param of codes (each row padded to whole 256-blocks) + 4 B per block of scale
-                rows = dist.local(p).shape[0] if p.dim() >= 2 else None
-                n = quant8.row_length(p.shape) if rows is not None else p.numel()
-                codes, scales = quant8.zeros(n, slot.signed, p.device, rows=rows)
-                state[slot.name], state[slot.name + "_scale"] = rows_like(codes, p), rows_like(scales, p)
-            else:
-                # 4 B/param in fp32, 2 in bf16/fp16 (the parameter's dtype by default)
-                state[slot.name] = torch.zeros_like(
-                    p, dtype=state_dtype(fmt.state), memory_format=torch.preserve_format
-                )
-        aux = param_aux_key(fmt.param)
-        if aux is not None and aux not in state:
-            # kahan_comp 2 B/param, kahan_comp8 1 B/param, master_weight 4 B/param
-            state[aux] = init_param_aux(fmt.param, p)
-        return state
-
-    @torch.no_grad()
-    def _conform_state(self, p: torch.Tensor, state: dict, fmt: Formats) -> None:
-        """Existing state in another format than the parameter now needs (``model.to(dtype)``
-        after a step): slots are converted (as ``load_state_dict`` converts them), and a Kahan or
-        master buffer that no longer applies is folded into the parameter, so nothing is lost."""
-        for slot in self.algorithm.slots:
-            v = state.get(slot.name)
-            if v is None:
-                continue
-            scale = state.get(slot.name + "_scale")
-            sf = slot_format(fmt.state, slot, p)
-            if sf == "8bit":
-                if scale is None or v.dtype != torch.uint8:  # a floating value (the user's): encoded
-                    state[slot.name], state[slot.name + "_scale"] = encode8(slot, dist.local(v).float(), p)
-            elif scale is not None:  # 8-bit codes, now a floating format
-                codes = dist.local(v)
-                x = quant8.decode(
-                    slot.signed, codes, dist.local(scale),
-                    slot.shape_for(dist.local(p).shape), torch.float32, codes.dim() == 2,
-                )  # fmt: skip
-                state[slot.name] = like_param(x, p, slot).to(state_dtype(sf))
-                del state[slot.name + "_scale"]
-            elif v.dtype != state_dtype(sf):
-                state[slot.name] = v.to(state_dtype(sf))
-        wanted = param_aux_key(fmt.param)
-        for key in AUX_KEYS:
-            if key in state and key != wanted:
-                aux = state.pop(key)
-                if wanted is None:  # the parameter holds full precision now: keep the lost bits
-                    p.copy_(aux_value(p, key, aux))
-                else:  # another low-precision recipe (kahan <-> kahan8 <-> master): carry the value over
-                    state[wanted] = aux_from_value(p, wanted, aux_value(p, key, aux))
-
-    def _item(self, p: torch.Tensor, group: dict, uid: int, grad: torch.Tensor | None = None) -> Item:
-        state = self._init_state(p, group)
-        t = {k: dist.local(v) for k, v in state.items() if k != "step"}
-        t["param"], t["grad"] = dist.local(p), dist.local(p.grad if grad is None else grad)
-        # offset: the local shard's first element in the whole parameter, so that rounding bits
-        # follow global element positions (the same at every world size)
-        spec = None
-        if not self.algorithm.elementwise and dist.is_sharded(p):  # reductions over the whole tensor
-            spec = {"param": (p.device_mesh, tuple(p.placements), p.shape, p.stride())}
-            for slot in self.algorithm.slots:
-                if slot.name in state:
-                    spec[slot.name] = spec["param"] if slot.shape is None else slot_spec(slot, p)
-        return Item(t, self._formats(group, p), float(state["step"]) + 1, uid, dist.global_offset(p), spec)
-
-    # ------------------------------------------------------------------------------------------
     # step
     # ------------------------------------------------------------------------------------------
 
@@ -606,120 +437,3 @@ class Optimizer(ReleaseMixin, CheckpointMixin, torch.optim.Optimizer):
             return s if k == 1 else alg.accumulation.last(s, k)
 
         return scalars_of
-
-    def _step_group(
-        self,
-        index: int,
-        group: dict,
-        hp: dict,
-        grads: list,
-        has: list,
-        base: int,
-        gscale: float = 1.0,
-        k: int = 1,
-    ) -> None:
-        """The dispatcher: the only place that knows backends, defaults and fallbacks.
-
-        ``gscale`` multiplies every gradient as it is read (clipping, loss-scale): it is folded into
-        the scalars' ``grad_sign``, which every backend multiplies g by (the per-tensor ones when
-        ``Flags.maximize`` is None, as the compiled kernel always does). ``k > 1``: the last
-        micro-batch of an accumulation window (scalars from ``Algorithm.accumulation.last``)."""
-        alg = self.algorithm
-        flags = alg.flags(group, hp)
-        scalars_of = self._scalars_of(hp, flags, gscale, k)
-        params = group["params"]
-        backend = group["backend"]
-        rest = None
-        if backend in ("auto", "fused") and alg.native is not None and native.USE_NATIVE:
-            lib = native.load()
-            if lib is not None:
-                options = tuple(group[k] for k in STORAGE_OPTIONS)
-                plan = self._plans.get(index)
-                if plan is None or not self._plan_current(plan, params, has, flags, options):
-                    for p, h in zip(params, has):
-                        if h:
-                            self._init_state(p, group)
-                    state = self._tracked()
-                    with state.quiet():  # the tables' step counters are the engine's own writes
-                        plan = native.GroupPlan(
-                            lib, alg, params, state, lambda p: self._formats(group, p), base, flags, options
-                        )
-                    plan.state_version = (state, state.version)
-                    self._plans[index] = plan
-                all_have = all(has)
-                for table in plan.tables:
-                    table.step(grads, has, all_have, scalars_of)
-                rest = [i for i in plan.loose if has[i]]
-        if rest is None:
-            rest = list(itertools.compress(range(len(params)), has))
-        if not rest:
-            return
-        items = [self._item(params[i], group, base + i, grads[i]) for i in rest]
-        counters = [self.state[params[i]]["step"] for i in rest]
-        if gscale != 1.0 or k != 1:
-            flags = flags._replace(maximize=None)  # the sign and scale come from the scalars
-        if backend == "reference":
-            run_reference(alg, items, scalars_of, flags)
-        elif backend == "foreach":
-            run_foreach(alg, items, scalars_of, flags)
-        else:
-            self._run_unserved(items, hp, flags, scalars_of)
-        for c in counters:  # only now that every update succeeded
-            c.add_(1)
-
-    def _plan_current(self, plan: native.GroupPlan, params: list, has: list, flags, options) -> bool:
-        """Whether a group's native tables still describe it: the same parameters where they were,
-        the same options, and no state replaced or cleared since they were built."""
-        state, version = plan.state_version
-        return state is self.state and state.version == version and plan.matches(params, has, flags, options)
-
-    def _run_unserved(self, items: list[Item], hp: dict, flags, scalars_of) -> None:
-        """Items the native kernel does not serve under backend auto/fused: torch's own fused
-        kernel where it serves the formats, else the compiled kernel, else foreach."""
-        alg = self.algorithm
-        if (
-            alg.torch_fused is not None
-            and USE_TORCH_FUSED
-            and (native.load() is None or not native.USE_NATIVE)
-        ):
-            items = alg.torch_fused(items, hp, flags)
-        if not items:
-            return
-        if not alg.elementwise:  # reductions and odd-shaped slots: per tensor (see run_foreach)
-            run_reference(alg, items, scalars_of, flags)
-            return
-
-        # Non-contiguous tensors, and 8-bit rows of several blocks with a short last one, go to
-        # foreach: in one compiled graph inductor pads each row inside scalar loops and recomputes
-        # the update there (fp16 parameters, 1M elements in rows of 1000, one thread: 1.3 s per
-        # step compiled, 0.15 s on foreach; rows of whole blocks stay compiled: 0.04 s).
-        def compiled_serves(it: Item) -> bool:
-            if not all(t.is_contiguous() for t in it.t.values()):
-                return False
-            rows8 = any(k.endswith("_scale") and v.dim() == 2 for k, v in it.t.items())
-            return not (rows8 and quant8.row_length(it.t["param"].shape) % quant8.BLOCK)
-
-        leftover = [it for it in items if not compiled_serves(it)]
-        todo = [it for it in items if compiled_serves(it)]
-        problem = compiled.problem()
-        if problem is None:
-            for k, it in enumerate(todo):
-                try:
-                    compiled.run_compiled(alg, [it], scalars_of, flags)
-                except Exception:
-                    if compiled.problem() is None:
-                        raise  # not a compiler problem: a real error
-                    problem = compiled.problem()
-                    leftover += todo[k:]
-                    break
-        else:
-            leftover += todo
-        if problem is not None and todo:
-            warn_once(
-                "fallback-foreach",
-                "adamkit: no fused kernel serves some parameters here "
-                f"({fused_unavailable_reason(alg) or problem}); "
-                "they run on the foreach backend. Install a C compiler (gcc) to get the native kernel.",
-            )
-        if leftover:
-            run_foreach(alg, leftover, scalars_of, flags)
