@@ -8,7 +8,7 @@ splits each buffer between ``torch.get_num_threads()`` threads of torch's own Op
 ``GOMP_parallel`` this module finds in the process), or of its own where there is none.
 
 Where no compiler is found or the build fails, ``load()`` returns None and the dispatcher
-(``optim/base.py``) takes torch's own fused kernel where it serves the formats, else the compiled
+(``optim/dispatch.py``) takes torch's own fused kernel where it serves the formats, else the compiled
 or foreach path, with one warning naming the reason.
 
 The kernel works on tensors where they lie. :class:`GroupPlan` keeps, per parameter group and
