@@ -98,7 +98,7 @@ def encode_all(alg: Algorithm, fmt: Formats, t: dict, p, slots, flags: Flags, in
                 start = offset // (p.numel() // p.shape[0]) * (x.numel() // x.shape[0])
             idx = torch.arange(start, start + x.numel(), device=x.device).view(x.shape)
         if fmt.state == "8bit" and t[name].dtype != torch.uint8:
-            # a sharded parameter's statistics of their own shape keep fp32 (optim.base.slot_format)
+            # a sharded parameter's statistics of their own shape keep fp32 (optim.layout.slot_format)
             out[name] = encode_state("fp32", x, idx, seeds[k + 1])
         elif fmt.state == "8bit" and t[name].dim() == 2:
             # rows (quant8): x has the parameter's (local) shape, idx its elements' positions;
