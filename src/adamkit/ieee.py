@@ -6,10 +6,8 @@ the fp64 one in ~99 %. The reference backend is the specification every other ba
 bit for bit, so the operations of an update that the native kernel rounds once (``sqrtf``, ``/``,
 ``fmaf``) are computed here with IEEE round-to-nearest-even on every host:
 
-- ``sqrt_rn``: the library's root, then one exact correction: with s a float, the midpoints
-  m = (s + s') / 2 of s and its neighbours s' have 25 significant bits, so m * m is exact in fp64
-  (50 bits) and ``x < m * m`` says on which side of the midpoint the true root lies. No tie is
-  possible (m * m has a 1 in bit 50 and x has 24 bits).
+- ``sqrt_rn``: the library's fp64 root rounded to fp32, checked exactly in fp64 against the
+  squares of the fp32 midpoints around it and corrected where it is off (see the function).
 - ``div_rn``: the fp64 quotient rounded to fp32: a double rounding of a quotient of two fp32 values
   through 53 >= 2 * 24 + 2 bits is innocuous (Figueroa, 1995), and fp64 division is a hardware
   IEEE operation (not a library call) on every CPU torch runs on.
@@ -22,7 +20,7 @@ Multiplication, addition, subtraction and comparisons need no help: they are IEE
 vector unit. Other dtypes and devices take torch's own operation: CUDA's ``sqrt`` and ``/`` are
 correctly rounded (torch is not built with fast math), fp64 compute (float64 parameters) is compared
 with torch within bounds, never bit for bit. Each function also accepts the foreach backend's
-TensorList (anything with ``.ts``), mapping over its tensors.
+TensorList (anything with ``.ts``), which rounds them with the native library's instructions.
 """
 
 from __future__ import annotations
@@ -40,50 +38,13 @@ def _exact_here(x) -> bool:
     return isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.device.type == "cpu"
 
 
-# Tensors smaller than this are laid end to end before the fp64 work: a few vectorized operations
-# per group instead of a dozen small ones per tensor (2000 tensors of 1K: the foreach backend's
-# batches); larger ones are taken one by one (the foreach backend's chunks fit in cache).
-_GROUP = 1 << 15
-
-
 def map_tensors(fn, *args):
-    """Apply a per-tensor ``fn`` to TensorLists (the first list decides the length)."""
+    """Apply a per-tensor ``fn`` to TensorLists (the foreach backend's fallback where the native
+    library, which rounds these operations itself, is not loaded)."""
     lists = [a.ts if hasattr(a, "ts") else None for a in args]
     first = next(lst for lst in lists if lst is not None)
-    kind = type(next(a for a in args if hasattr(a, "ts")))
-
-    def row(i):
-        return [lst[i] if lst is not None else a for lst, a in zip(lists, args)]
-
-    exact = all(_exact_here(t) for lst in lists if lst is not None for t in lst)
-    out: list = [None] * len(first)
-    group: list[int] = []
-
-    def flush():
-        if len(group) == 1:
-            out[group[0]] = fn(*row(group[0]))
-        elif group:
-            flat = [
-                torch.cat([lst[i].reshape(-1) for i in group]) if lst is not None else a
-                for lst, a in zip(lists, args)
-            ]
-            parts = torch.split(fn(*flat), [first[i].numel() for i in group])
-            for i, part in zip(group, parts):
-                out[i] = part.view(first[i].shape)
-        group.clear()
-
-    size = 0
-    for i, t in enumerate(first):
-        if not exact or t.numel() >= _GROUP:
-            out[i] = fn(*row(i))
-            continue
-        group.append(i)
-        size += t.numel()
-        if size >= _GROUP:
-            flush()
-            size = 0
-    flush()
-    return kind(out)
+    cols = [lst if lst is not None else [a] * len(first) for lst, a in zip(lists, args)]
+    return type(next(a for a in args if hasattr(a, "ts")))([fn(*row) for row in zip(*cols)])
 
 
 def sqrt_rn(x):

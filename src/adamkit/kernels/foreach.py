@@ -84,12 +84,14 @@ class TensorList:
     # Correctly rounded operations (adamkit.ieee): one IEEE instruction per element in the native
     # library where it is loaded (the reference computes the same values in fp64 with torch,
     # ~15 passes), else adamkit.ieee's per-tensor path.
-    def _c(self, *others) -> bool:
-        ts = [*self.ts, *(t for o in others if isinstance(o, TensorList) for t in o.ts)]
+    def _c(self) -> bool:
+        # a batch shares device and dtype (run_foreach's buckets): its first tensor tells
+        t = self.ts[0]
         return (
-            native.USE_NATIVE
+            t.dtype == torch.float32
+            and t.device.type == "cpu"
+            and native.USE_NATIVE
             and not torch.compiler.is_compiling()
-            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
             and native.load() is not None
         )
 
@@ -100,7 +102,7 @@ class TensorList:
 
     def div_rn(self, o):
         """self / o (a TensorList or a number)."""
-        if not self._c(o):
+        if not self._c():
             return ieee.map_tensors(ieee.div_rn, self, o)
         if isinstance(o, TensorList):
             return TensorList(
@@ -116,7 +118,7 @@ class TensorList:
 
     def fma_rn(self, b, c):
         """self * b + c rounded once (b a TensorList or a number, c a TensorList)."""
-        if not self._c(b, c):
+        if not self._c():
             return ieee.map_tensors(ieee.fma_rn, self, b, c)
         if isinstance(b, TensorList):
             return TensorList(

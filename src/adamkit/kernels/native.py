@@ -297,6 +297,11 @@ def _build_and_load():
     except (OSError, subprocess.SubprocessError) as e:
         _failure = f"{cc} --version: {type(e).__name__}: {e}"
         return None
+    march = os.environ.get("ADAMKIT_NATIVE_MARCH")
+    if march in LEVELS and not LEVELS[march] <= _cpu_flags():
+        # it would build, then stop the process with an illegal instruction at the first step
+        _failure = f"ADAMKIT_NATIVE_MARCH={march}: this CPU lacks {sorted(LEVELS[march] - _cpu_flags())}"
+        return None
     name = kernel_name(cc, ver.stdout)
     # an unwritable cache directory (read-only home) falls back to a per-user temporary one
     user = os.getuid() if hasattr(os, "getuid") else 0
@@ -312,7 +317,6 @@ def _build_and_load():
             _failure = f"{type(e).__name__}: {e}"
     else:
         return None
-    march = os.environ.get("ADAMKIT_NATIVE_MARCH")
     loaded_from = "built here" + (f" (-march={march})" if march else "")
     return lib
 
@@ -414,8 +418,6 @@ class Table:
         self.steps = torch.tensor([float(state[p]["step"]) for p in self.params], dtype=torch.float32)
         for j, p in enumerate(self.params):
             state[p]["step"] = self.steps[j]
-        self.uniform: float | None = None
-        self._check_uniform()
         a = self.args = Args()
         a.rows = ctypes.addressof(rows)
         a.param = self.param_ptrs.buffer_info()[0]
@@ -425,9 +427,11 @@ class Table:
         a.signs = sum(1 << k for k, slot in enumerate(alg.active_slots(flags)) if slot.signed)
         a.omp_parallel = openmp_parallel()
 
-    def _check_uniform(self) -> None:
+    def _uniform_step(self) -> float | None:
+        """The rows' common step count, or None where they differ. Read from the counters each
+        step: they are the state dict's, which an in-place checkpoint load may set."""
         s = self.steps
-        self.uniform = float(s[0]) if s.numel() and bool((s == s[0]).all()) else None
+        return float(s[0]) if s.numel() and bool((s == s[0]).all()) else None
 
     def moved(self) -> bool:
         """True if a parameter no longer lives where the table has it (model.to(), p.data = ...)."""
@@ -436,7 +440,6 @@ class Table:
 
     def step(self, grads: list, has: list[bool], all_have: bool, scalars_of) -> None:
         """Step the rows whose parameter has a gradient. ``grads``/``has`` are the whole group's."""
-        self._check_uniform()  # the counters are the state dict's: an in-place load may set them
         gs = self.get(grads)
         if all_have:
             sel = None
@@ -464,8 +467,9 @@ class Table:
         sel_arr = None if sel is None else array.array("q", sel)
         a.nthreads = torch.get_num_threads()
         # steps: every row with a gradient advances; rows of one step number share one call
-        if sel is None and self.uniform is not None:
-            calls = [(self.uniform + 1, sel_arr)]
+        uniform = self._uniform_step() if sel is None else None
+        if uniform is not None:
+            calls = [(uniform + 1, sel_arr)]
         else:
             idx = torch.tensor(sel) if sel is not None else None
             vals = (self.steps if idx is None else self.steps[idx]).tolist()
@@ -483,13 +487,8 @@ class Table:
             _check(self.lib.adamkit_step(ctypes.byref(a)))
         if sel is None:
             self.steps.add_(1)
-            if self.uniform is not None:
-                self.uniform += 1
-            else:
-                self._check_uniform()
         else:
             self.steps.index_add_(0, torch.tensor(sel), torch.ones(len(sel)))
-            self._check_uniform()
         del keep
 
     def step_one(self, j: int, g: torch.Tensor, scalars_of) -> None:
@@ -514,7 +513,6 @@ class Table:
         a.step = int(step)
         _check(self.lib.adamkit_step(ctypes.byref(a)))
         self.steps[j] += 1
-        self.uniform = None  # rows advance one by one; Table.step regroups them by step number
         gp[j] = 0
         del keep
 

@@ -9,7 +9,6 @@ References:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -18,7 +17,15 @@ import torch
 from ..algorithm import Accumulation, Algorithm, Flags, Slot
 from ..ieee import div_rn, fma_rn, lerp_rn, sqrt_rn
 from .base import Optimizer
-from .options import as_float, check_betas, check_bools, check_nonneg
+from .options import (
+    check_betas,
+    check_bools,
+    check_max_lr,
+    check_nonneg,
+    default_max_lr,
+    loaded_max_lr,
+    warn_strong_decay,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Weight-decay modes. The names follow the formulas, not the papers' marketing:
@@ -36,23 +43,6 @@ SLOTS = (
     Slot("exp_avg_sq", signed=False),  # v: the same
     Slot("max_exp_avg_sq", signed=False, option="amsgrad"),  # max v (AMSGrad only): the same
 )
-
-
-def warn_strong_decay(opt: Optimizer) -> None:
-    """Fully decoupled decay is not multiplied by lr: weight_decay is the fraction removed per step
-    at peak lr, so torch-sized values (1e-2) shrink weights 1000x faster. Warns once per optimizer
-    (a flag on it: a key such as id(opt) is reused by the next optimizer once one is collected),
-    as a UserWarning, the category of a suspicious argument (optimi's too)."""
-    strong = [i for i, g in enumerate(opt.param_groups) if g.get("decouple_lr") and g["weight_decay"] >= 1e-3]
-    if strong and not getattr(opt, "_strong_decay_warned", False):
-        opt._strong_decay_warned = True
-        warnings.warn(
-            f"adamkit: parameter group(s) {strong} use decouple_lr=True with weight_decay >= 1e-3; "
-            "fully decoupled decay removes weight_decay * (lr / max_lr) of each weight per step, "
-            "not lr * weight_decay: typical values are ~1e-5 to 1e-4 (1e-2 / 1e3 for lr=1e-3)",
-            UserWarning,
-            stacklevel=4,
-        )
 
 
 class Scalars(NamedTuple):
@@ -87,28 +77,6 @@ def check(group: dict) -> dict:
     else:
         wd_mode = "l2"
     return dict(lr=lr, eps=eps, weight_decay=wd, beta1=b1, beta2=b2, max_lr=max_lr, wd_mode=wd_mode)
-
-
-def check_max_lr(group: dict) -> float | None:
-    """``max_lr`` and ``decouple_lr`` (fully decoupled decay), for every algorithm that has them."""
-    max_lr = group.get("max_lr")
-    if max_lr is not None:
-        max_lr = as_float("max_lr", max_lr)
-        if not math.isfinite(max_lr) or max_lr <= 0:
-            raise ValueError(f"Invalid max_lr: {max_lr}; it must be a finite number > 0")
-    check_bools(group, ("decouple_lr",))
-    if group.get("decouple_lr", False) and max_lr is None:
-        raise ValueError("decouple_lr=True needs max_lr (it defaults to the group's initial lr)")
-    return max_lr
-
-
-def default_max_lr(group: dict) -> None:
-    """``max_lr`` defaults to the group's initial lr (where it is > 0)."""
-    if group.get("max_lr") is None:
-        lr = as_float("lr", group["lr"])
-        if lr <= 0 and group.get("decouple_lr"):
-            raise ValueError("decouple_lr=True needs max_lr > 0; the group's lr is 0, pass max_lr")
-        group["max_lr"] = lr if lr > 0 else None  # lr == 0 and no decoupling: max_lr is unused
 
 
 def flags(group: dict, hp: dict) -> Flags:
@@ -454,8 +422,7 @@ class Adam(Optimizer):
     def _loaded_group(self, group: dict) -> None:
         if isinstance(self, AdamW):
             group["decoupled_weight_decay"] = True
-        if group.get("max_lr") is None:
-            group["max_lr"] = as_float("lr", group.get("initial_lr", group["lr"]))
+        loaded_max_lr(group)
 
 
 class AdamW(Adam):

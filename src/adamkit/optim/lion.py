@@ -21,9 +21,16 @@ from typing import Any, NamedTuple
 import torch
 
 from ..algorithm import Algorithm, Flags, Slot, where
-from .adam import check_max_lr, default_max_lr, warn_strong_decay
 from .base import Optimizer
-from .options import as_float, check_betas, check_nonneg
+from .options import (
+    as_float,
+    check_betas,
+    check_max_lr,
+    check_nonneg,
+    default_max_lr,
+    loaded_max_lr,
+    warn_strong_decay,
+)
 
 
 class Scalars(NamedTuple):
@@ -195,5 +202,4 @@ class Lion(Optimizer):
         default_max_lr(group)
 
     def _loaded_group(self, group: dict) -> None:
-        if group.get("max_lr") is None:
-            group["max_lr"] = as_float("lr", group.get("initial_lr", group["lr"]))
+        loaded_max_lr(group)
