@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 import pytest
@@ -107,3 +108,11 @@ def clone_params(params):
         q.copy_(p.detach())
         out.append(q.requires_grad_())
     return out
+
+
+def roundtrip(obj):
+    """obj through torch.save and torch.load(weights_only=True), as a checkpoint goes."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)

@@ -456,7 +456,9 @@ def test_fp16_8bit_rows_of_partial_blocks_run_on_foreach(monkeypatch):
             for p in ps:
                 p.grad = torch.randn(p.shape, generator=g).half()
             opt.step()
-        runs.append([p.detach().clone() for p in ps] + [opt.state[p]["exp_avg"].clone() for p in ps])
+        runs.append((ps[0].detach().clone(), opt.state[ps[0]]["exp_avg"].clone()))
     assert (5, 300) not in calls and (4, 256) in calls
+    # the routed tensor steps on foreach itself (the compiled one is held to the reference within
+    # bounds elsewhere, not bit for bit: its compiler may contract a * b + c)
     for a, b in zip(*runs):
         assert torch.equal(a, b)

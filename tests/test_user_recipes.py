@@ -8,13 +8,11 @@ CPU square root is not correctly rounded on every host (see tests/host_rounding.
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 
 import adamkit
-from conftest import BACKENDS
+from conftest import BACKENDS, roundtrip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,13 +30,6 @@ def batches(n, seed=1):
 def loss_of(m, batch):
     x, y = batch
     return torch.nn.functional.cross_entropy(m(x), y)
-
-
-def roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
