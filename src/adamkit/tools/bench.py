@@ -433,7 +433,7 @@ def format_table(result: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .train import positive_float, positive_int
+    from .args import positive_float, positive_int
 
     cases = "; ".join(CASES)
     parser.add_argument(

@@ -23,7 +23,7 @@ class Command:
 
 COMMANDS = {
     "train": Command(
-        "adamkit.tools.train",
+        "adamkit.tools.train_cli",
         "train a small character-level GPT on the documentation every CPython carries",
         "Trains a 0.8M-parameter GPT on CPython's pydoc_data.topics (no download) with one optimizer "
         "and precision recipe, and reports the held-out validation loss, step time and optimizer "

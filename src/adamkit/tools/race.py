@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from . import tasks
-from .train import TrainResult, fit, positive_int, warmup_steps
+from .args import positive_int
+from .train import TrainResult, fit, warmup_steps
 
 # --------------------------------------------------------------------------------------------------
 # Recipes and race settings
