@@ -29,10 +29,15 @@ class Flags(NamedTuple):
     """Choices fixed per call (one compiled kernel per distinct value)."""
 
     wd_mode: str  # "none", "l2", "decoupled", "full"; "runtime" in the compiled kernel
-    amsgrad: bool = False
     maximize: bool | None = False  # None: the sign is taken from the scalars (compiled kernel)
     skip_nonfinite: bool = False  # elements with a non-finite gradient keep every old value
-    options: tuple[str, ...] = ()  # slot options that are on (e.g. Adafactor's "beta1")
+    # the algorithm's own switches that are on: those that enable slots (Adam's "amsgrad",
+    # Adafactor's "beta1") and those its update reads (Muon's "nesterov")
+    options: tuple[str, ...] = ()
+
+    def on(self, option: str) -> bool:
+        """Whether the algorithm's switch ``option`` is on."""
+        return option in self.options
 
 
 @dataclass(frozen=True)
@@ -112,11 +117,7 @@ class Algorithm:
     no_accumulation: str = "its update is not defined on folded micro-batch gradients"
 
     def active_slots(self, flags: Flags) -> tuple[Slot, ...]:
-        return tuple(
-            s
-            for s in self.slots
-            if s.option is None or s.option in flags.options or getattr(flags, s.option, False)
-        )
+        return tuple(s for s in self.slots if s.option is None or flags.on(s.option))
 
 
 def where(cond, a, b):

@@ -67,7 +67,7 @@ def _compiled(alg: Algorithm, fmt: Formats, flags: Flags):
     # Dynamo keeps one cache per code object (with a small limit); a fresh code object per variant,
     # with the variant bound as keyword defaults (not a partial, whose wrapper code would be shared),
     # keeps variants from evicting each other. Dtypes and sizes are guarded within a variant.
-    options = f"ams{int(flags.amsgrad)}_skip{int(flags.skip_nonfinite)}"
+    options = "_".join((*flags.options, f"skip{int(flags.skip_nonfinite)}"))
     name = f"adamkit_{alg.name.lower()}_{fmt.param}_{fmt.state}_{options}"
     code = _kernel_body.__code__.replace(co_name=name)
     fn = types.FunctionType(code, _kernel_body.__globals__, name)

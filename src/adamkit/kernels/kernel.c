@@ -79,7 +79,7 @@ typedef struct {
     const void *const *grad;   /* per row of ``rows``: its gradient */
     float hp[N_HP];
     int64_t step;              /* the step number: seeds the rounding streams */
-    int32_t alg, pmode, sfmt, nslots, ams, skip, nthreads;
+    int32_t alg, pmode, sfmt, nslots, ams, skip, nthreads; /* ams: the optional slot is kept */
     int32_t signs;             /* bit k: slot k holds values of both signs (8-bit: signed codes),
                                 * from the algorithm's slot declarations (algorithm.py, Slot) */
     void *omp_parallel;        /* GOMP_parallel of torch's OpenMP runtime, or NULL */

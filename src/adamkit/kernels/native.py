@@ -422,7 +422,9 @@ class Table:
         a.rows = ctypes.addressof(rows)
         a.param = self.param_ptrs.buffer_info()[0]
         a.alg, a.pmode, a.sfmt = alg.native, PARAM_MODES[fmt.param], STATE_FORMATS[fmt.state]
-        a.nslots, a.ams, a.skip = len(names), int(flags.amsgrad), int(flags.skip_nonfinite)
+        # ams: the algorithm's optional slot is kept (Adam's max v with amsgrad)
+        a.nslots, a.skip = len(names), int(flags.skip_nonfinite)
+        a.ams = int(any(slot.option is not None for slot in alg.active_slots(flags)))
         # 8-bit codes: signed or magnitude codes per slot, as the algorithm declares its slots
         a.signs = sum(1 << k for k, slot in enumerate(alg.active_slots(flags)) if slot.signed)
         a.omp_parallel = openmp_parallel()

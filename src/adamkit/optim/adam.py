@@ -80,7 +80,8 @@ def check(group: dict) -> dict:
 
 
 def flags(group: dict, hp: dict) -> Flags:
-    return Flags(hp["wd_mode"], group["amsgrad"], group["maximize"], group["skip_nonfinite"])
+    options = ("amsgrad",) if group["amsgrad"] else ()
+    return Flags(hp["wd_mode"], group["maximize"], group["skip_nonfinite"], options)
 
 
 def scalars(hp: dict, step: float, f: Flags) -> Scalars:
@@ -123,13 +124,13 @@ def adam_update(p, g, slots: list, s: Scalars, f: Flags):
     v = v * s.beta2 + (g * g) * s.one_minus_beta2
     # precondition: bias-corrected v (the m correction is folded into step_size); AMSGrad's max
     vv = v
-    if f.amsgrad:
+    if f.on("amsgrad"):
         vmax = slots[2].maximum(v)
         vv = vmax
     denom = div_rn(sqrt_rn(vv), s.bc2_sqrt) + s.eps
     # apply
     p = p - div_rn(m, denom) * s.step_size
-    return p, ([m, v, vmax] if f.amsgrad else [m, v])
+    return p, ([m, v, vmax] if f.on("amsgrad") else [m, v])
 
 
 def check_accumulation(hp: dict) -> None:
@@ -154,7 +155,7 @@ def fold(p, g, slots: list, hp: dict, f: Flags, k: int) -> list:
     b1, b2 = hp["beta1"], hp["beta2"]
     m = slots[0] + g * ((1.0 - b1) / (b1 * k))
     v = slots[1] + (g * g) * ((1.0 - b2) / (b2 * k))
-    return [m, v, None] if f.amsgrad else [m, v]
+    return [m, v, None] if f.on("amsgrad") else [m, v]
 
 
 def last(s: Scalars, k: int) -> Scalars:
@@ -201,14 +202,14 @@ def torch_fused(items: list, hp: dict, f: Flags) -> list:
             grads,
             [it.t["exp_avg"] for it in its],
             [it.t["exp_avg_sq"] for it in its],
-            [it.t["max_exp_avg_sq"] for it in its] if f.amsgrad else [],
+            [it.t["max_exp_avg_sq"] for it in its] if f.on("amsgrad") else [],
             [counter] * len(its),
             lr=lr,
             beta1=hp["beta1"],
             beta2=hp["beta2"],
             weight_decay=wd,
             eps=hp["eps"],
-            amsgrad=f.amsgrad,
+            amsgrad=f.on("amsgrad"),
             maximize=bool(f.maximize),
         )
     return rest

@@ -55,7 +55,7 @@ def check(group: dict) -> dict:
 
 
 def flags(group: dict, hp: dict) -> Flags:
-    return Flags(hp["wd_mode"], False, group["maximize"], group["skip_nonfinite"])
+    return Flags(hp["wd_mode"], group["maximize"], group["skip_nonfinite"])
 
 
 def scalars(hp: dict, step: float, f: Flags) -> Scalars:

@@ -60,7 +60,7 @@ def check(group: dict) -> dict:
 
 def flags(group: dict, hp: dict) -> Flags:
     return Flags(
-        "decoupled" if hp["weight_decay"] else "none", False, group["maximize"], group["skip_nonfinite"]
+        "decoupled" if hp["weight_decay"] else "none", group["maximize"], group["skip_nonfinite"]
     )
 
 
