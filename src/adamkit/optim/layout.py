@@ -92,19 +92,9 @@ def placed_like(t: torch.Tensor, p: torch.Tensor, slot=None) -> torch.Tensor:
 
 
 def quantizable(p: torch.Tensor, min_8bit_size: int) -> bool:
-    """Whether ``p``'s moments are stored in 8 bit under state_format='8bit', from its global shape
-    (a DTensor's ``shape`` and ``numel()`` are global), so every rank and every world size decides
-    alike. Below ``min_8bit_size`` elements (norms, biases) state stays fp32: the saving is a few
-    bytes. A >= 2-D parameter is kept in rows (``quant8``), each padded to whole blocks: rows of
-    fewer than 66 elements would take more bytes than fp32 (a row costs at least 260 B), so they
-    stay fp32. A 1-D or 0-D tensor is one row, which FSDP2 cuts between ranks: a DTensor of that
-    shape keeps fp32 state (a plain tensor's flat blocks cannot be cut)."""
-    if p.numel() < min_8bit_size:
-        return False
-    if p.dim() >= 2:
-        length = quant8.row_length(p.shape)
-        return quant8.row_bytes(length) < 4 * length
-    return not dist.is_dtensor(p)
+    """Whether ``p``'s moments are stored in 8 bit under state_format='8bit' (``quant8.layout``,
+    from its global shape: a DTensor's ``shape`` is global)."""
+    return quant8.layout(p.shape, min_8bit_size, sharded=dist.is_dtensor(p)) is not None
 
 
 def rows_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -59,9 +59,7 @@ def check(group: dict) -> dict:
 
 
 def flags(group: dict, hp: dict) -> Flags:
-    return Flags(
-        "decoupled" if hp["weight_decay"] else "none", group["maximize"], group["skip_nonfinite"]
-    )
+    return Flags("decoupled" if hp["weight_decay"] else "none", group["maximize"], group["skip_nonfinite"])
 
 
 def scalars(hp: dict, step: float, f: Flags) -> Scalars:

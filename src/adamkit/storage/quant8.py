@@ -47,6 +47,7 @@ from ..ieee import div_rn, sqrt_rn
 from .formats import hash_bits
 
 BLOCK = 256
+SCALE_BYTES = 4  # one fp32 scale per block
 # ints, not floats: dynamo turns global floats into run-time inputs, which would cost a scalar pow
 # and divisions per vector in the compiled loop; ints are folded as constants.
 _QM, _QV = 127, 254
@@ -75,9 +76,29 @@ def row_length(shape) -> int:
     return math.prod(tuple(shape)[1:])
 
 
-def row_bytes(length: int) -> int:
+def row_bytes(length: int, block: int = BLOCK) -> int:
     """Bytes of one row of ``length`` elements in the row layout (codes + scales)."""
-    return padded(length) + 4 * blocks(length)
+    nb = -(-length // block)
+    return nb * block + SCALE_BYTES * nb
+
+
+def layout(shape, min_8bit_size: int, sharded: bool = False, block: int = BLOCK) -> str | None:
+    """How a parameter of global ``shape`` keeps its moments under state_format='8bit': the one
+    rule the engine (``optim.layout.quantizable``) and the planner share, decided from the global
+    shape so that every rank and every world size decides alike.
+
+    ``"rows"`` (>= 2-D: blocks inside dim-0 rows, each row padded to whole blocks), ``"flat"`` (a
+    1-D or 0-D tensor: one row), or None (fp32): below ``min_8bit_size`` elements (norms, biases:
+    the saving is a few bytes), rows whose padded codes and scales would take more bytes than fp32
+    (fewer than 66 elements: a row costs at least 260 B), or a 1-D/0-D tensor that FSDP2 shards
+    (``sharded``: a flat tensor's blocks cannot be cut between ranks)."""
+    shape = tuple(shape)
+    if math.prod(shape) < min_8bit_size:
+        return None
+    if len(shape) >= 2:
+        length = row_length(shape)
+        return "rows" if row_bytes(length, block) < 4 * length else None
+    return None if sharded else "flat"
 
 
 def decode_blocks(signed: bool, codes: torch.Tensor, scales: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:

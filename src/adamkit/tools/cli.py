@@ -36,7 +36,7 @@ COMMANDS = {
         ),
     ),
     "plan": Command(
-        "adamkit.tools.plan",
+        "adamkit.tools.plan.cli",
         "plan training memory: parameters, gradients, optimizer state, per device",
         "Breaks training memory into parameters, gradients, master weights, moments, Kahan buffers, "
         "8-bit scales and (optionally) activations, per device under ZeRO 0-3. Nothing is allocated.",
