@@ -545,3 +545,45 @@ def test_planned_bytes_equal_live_adamw(amsgrad, backend, freeze_embedding):
     trainable = [p for p in model.parameters() if p.requires_grad]
     state = adamkit_state_bytes(trainable, amsgrad=amsgrad)
     assert {k: v for k, v in state.items() if v} == {k: live[k] for k in state if k in live}
+
+
+def test_one_registry_names_what_every_tool_takes():
+    """train, race, bench and plan take their optimizer, precision and state names from
+    ``tools.registry``: every optimizer there is planned, every race recipe is made of its names,
+    and adamkit's optimizers are planned from their algorithms' slots (no second declaration)."""
+    from adamkit.tools import bench, race, registry
+    from adamkit.tools.plan import OPTIMIZERS, parse_recipe
+
+    assert list(OPTIMIZERS) == list(registry.OPTIMIZERS)
+    for name in registry.OPTIMIZERS:
+        assert parse_recipe(f"fp32-{name}").optimizer == name  # every name is a recipe phrase
+    exact = {n: o.full for n, o in OPTIMIZERS.items() if o.adamkit is not None}
+    assert exact == {"adamw": ("m", "v"), "adam": ("m", "v"), "lion": ("m",), "muon": ()}
+    for r in race.RECIPES.values():
+        assert r.optimizer in registry.TRAINABLE and r.state in registry.STATE_FORMATS
+        assert r.precision in registry.TRAIN_PRECISIONS
+    for precision in registry.PRECISIONS:
+        parse_recipe(precision)
+    assert {
+        k: v.dtype for k, v in bench.implementations().items() if k.startswith("adamkit fused, bf16 +")
+    } == {
+        "adamkit fused, bf16 + Kahan, bf16 state": torch.bfloat16,
+        "adamkit fused, bf16 + Kahan, 8-bit state": torch.bfloat16,
+    }
+
+
+def test_a_new_slot_is_planned_without_a_planner_change(monkeypatch):
+    """adamkit's bytes are counted from ``Algorithm.slots``: a slot added to Lion's declaration is
+    counted at once (here a signed parameter-shaped slot: 4 B/param more in fp32, rows in 8 bit)."""
+    import dataclasses
+
+    from adamkit.algorithm import Slot
+
+    before = adamkit_state_bytes([(64, 256)], optimizer="lion")
+    alg = adamkit.Lion.algorithm
+    extra = dataclasses.replace(alg, slots=(*alg.slots, Slot("exp_avg_slow", signed=True)))
+    monkeypatch.setattr(adamkit.Lion, "algorithm", extra)
+    after = adamkit_state_bytes([(64, 256)], optimizer="lion")
+    assert after["v"] - before["v"] == 4 * 64 * 256  # a new key lands in "v" (state_component)
+    eight = adamkit_state_bytes([(64, 256)], optimizer="lion", state_format="8bit")
+    assert eight["v"] == 64 * 256 and eight["scales"] == 2 * 64 * 4

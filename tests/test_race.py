@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from adamkit.tools import cli, race, tasks
+from adamkit.tools import cli, race, registry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,16 +115,19 @@ def test_without_matplotlib_the_png_is_skipped(monkeypatch, tmp_path):
 
 
 def test_unavailable_recipe_is_skipped_with_a_note(monkeypatch):
-    monkeypatch.setitem(tasks.STATES, "fake", {"no_such_option": True})
-    monkeypatch.setitem(race.RECIPES, "fake-state", race.Recipe("fake-state", "adamw", state="fake"))
-    assert "no_such_option" in race.unavailable(race.RECIPES["fake-state"])
+    # an optimizer said to take adamkit's options that does not accept state_format
+    monkeypatch.setitem(
+        registry.TRAINABLE, "fake", registry.Training("fake", torch.optim.AdamW, 1e-3, adamkit=True)
+    )
+    monkeypatch.setitem(race.RECIPES, "fake-state", race.Recipe("fake-state", "fake", state="8bit"))
+    assert "state_format" in race.unavailable(race.RECIPES["fake-state"])
     assert race.unavailable(race.RECIPES["adamkit-adamw"]) is None
     notes: list[str] = []
     result = race.race(
         "gpt", ["fake-state", "adamkit-adam"], quick=True, steps=3, evals=1, progress=False, log=notes.append
     )
     assert list(result.runs) == ["adamkit-adam"]
-    assert "no_such_option" in result.skipped["fake-state"]
+    assert "state_format" in result.skipped["fake-state"]
     assert any(n.startswith("skipping fake-state") for n in notes)
     assert "skipped fake-state" in race.markdown(result)
 
@@ -132,8 +135,8 @@ def test_unavailable_recipe_is_skipped_with_a_note(monkeypatch):
 def test_recipe_table_covers_the_precision_recipes():
     for name in ("bf16-kahan", "bf16-kahan8-8bit", "bf16-sr", "bf16-master", "bf16-state", "8bit-state"):
         recipe = race.RECIPES[name]
-        assert tasks.OPTIMIZERS[recipe.optimizer].adamkit
-        assert tasks.optimizer_kwargs(recipe.optimizer, recipe.precision, recipe.state)  # passes options
+        assert registry.TRAINABLE[recipe.optimizer].adamkit
+        assert registry.optimizer_kwargs(recipe.optimizer, recipe.precision, recipe.state)  # passes options
 
 
 def test_digits_race():
@@ -180,7 +183,7 @@ class _Broken(torch.optim.SGD):
 
 
 def test_a_failing_recipe_does_not_stop_the_race(monkeypatch, tmp_path):
-    monkeypatch.setitem(tasks.OPTIMIZERS, "broken", tasks.OptimizerSpec("Broken", _Broken, lr=0.1))
+    monkeypatch.setitem(registry.TRAINABLE, "broken", registry.Training("Broken", _Broken, lr=0.1))
     monkeypatch.setitem(race.RECIPES, "broken", race.Recipe("broken", "broken"))
     notes: list[str] = []
     result = race.race(

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from adamkit.tools import cli, tasks
+from adamkit.tools import cli, registry, tasks
 from adamkit.tools.train import TrainConfig, fit, state_bytes, train, warmup_cosine
 
 TINY = tasks.GPTConfig(context=32, d_model=32, n_layers=1, n_heads=2)
@@ -105,10 +105,11 @@ def test_bad_gpt_config(kwargs):
 
 def test_build_optimizer_recipes():
     model = tasks.GPT(TINY)
-    opt = tasks.build_optimizer(model, "sgd")
-    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
-    assert opt.param_groups[0]["lr"] == tasks.OPTIMIZERS["sgd"].lr
-    opt = tasks.build_optimizer(model, "adamw", lr=1e-3)
+    for name in ("sgd-momentum", "sgd"):  # "sgd": the name earlier command lines and checkpoints use
+        opt = registry.build_optimizer(model, name)
+        assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+        assert opt.param_groups[0]["lr"] == registry.TRAINABLE["sgd-momentum"].lr
+    opt = registry.build_optimizer(model, "adamw", lr=1e-3)
     decayed, plain = opt.param_groups
     assert all(p.dim() >= 2 for p in decayed["params"]) and decayed["weight_decay"] > 0
     assert all(p.dim() < 2 for p in plain["params"]) and plain["weight_decay"] == 0
@@ -119,32 +120,34 @@ def test_build_optimizer_recipes():
 def test_recipe_errors():
     model = tasks.GPT(TINY)
     with pytest.raises(ValueError, match="unknown optimizer 'adadelta'"):
-        tasks.build_optimizer(model, "adadelta")
+        registry.build_optimizer(model, "adadelta")
     with pytest.raises(ValueError, match="unknown precision"):
-        tasks.build_optimizer(model, precision="fp8")
+        registry.build_optimizer(model, precision="fp8")
     with pytest.raises(ValueError, match="need an adamkit optimizer"):
-        tasks.build_optimizer(model, "torch-adamw", state="8bit")
+        registry.build_optimizer(model, "torch-adamw", state="8bit")
     with pytest.raises(ValueError, match="lr must be"):
-        tasks.build_optimizer(model, lr=-1.0)
+        registry.build_optimizer(model, lr=-1.0)
 
 
 def test_unsupported_option_is_reported_not_ignored(monkeypatch):
     # A recipe option that the optimizer does not accept (TypeError) becomes RecipeUnavailableError
     # naming the option; a TypeError without recipe options propagates unchanged.
-    spec = tasks.OptimizerSpec("fake", torch.optim.AdamW, lr=1e-3, adamkit=True)
-    monkeypatch.setitem(tasks.OPTIMIZERS, "fake", spec)
-    monkeypatch.setitem(tasks.STATES, "fake", {"no_such_option": 1})
+    spec = registry.Training("fake", torch.optim.AdamW, lr=1e-3, adamkit=True)
+    monkeypatch.setitem(registry.TRAINABLE, "fake", spec)
     model = tasks.GPT(TINY)
-    with pytest.raises(tasks.RecipeUnavailableError, match="no_such_option=1"):
-        tasks.build_optimizer(model, "fake", state="fake")
-    assert tasks.build_optimizer(model, "fake") is not None
+    with pytest.raises(registry.RecipeUnavailableError, match="state_format='8bit'"):
+        registry.build_optimizer(model, "fake", state="8bit")
+    assert registry.build_optimizer(model, "fake") is not None
 
 
 def test_bf16_recipe_casts_model():
-    assert tasks.cast_model(tasks.GPT(TINY), "bf16-master").tok.weight.dtype == torch.bfloat16
-    assert tasks.optimizer_kwargs("adamw", "bf16-sr") == {"stochastic_rounding": True, "kahan_sum": False}
-    assert tasks.optimizer_kwargs("adam", "bf16-kahan", "8bit") == {"kahan_sum": True, "state_format": "8bit"}
-    assert tasks.optimizer_kwargs("adamw", "bf16-kahan8", "8bit") == {
+    assert registry.cast_model(tasks.GPT(TINY), "bf16-master").tok.weight.dtype == torch.bfloat16
+    assert registry.optimizer_kwargs("adamw", "bf16-sr") == {"stochastic_rounding": True, "kahan_sum": False}
+    assert registry.optimizer_kwargs("adam", "bf16-kahan", "8bit") == {
+        "kahan_sum": True,
+        "state_format": "8bit",
+    }
+    assert registry.optimizer_kwargs("adamw", "bf16-kahan8", "8bit") == {
         "kahan_sum": "8bit",
         "state_format": "8bit",
     }
@@ -200,7 +203,7 @@ def test_adamkit_matches_torch_adamw():
 )
 def test_other_optimizers_run(optimizer, state_bytes):
     result = tiny_train(optimizer=optimizer)
-    assert result.lr == tasks.OPTIMIZERS[optimizer].lr
+    assert result.lr == registry.TRAINABLE[optimizer].lr
     assert math.isfinite(result.val_loss) and result.val_loss < result.initial_val_loss
     assert state_bytes <= result.state_bytes_per_param < state_bytes + 0.1
 

@@ -583,15 +583,15 @@ def test_quick_race_rows_run():
 
 def test_muon_recipe_groups():
     """The muon recipe: Muon on the hidden matrices only; embeddings, the head and vectors AdamW."""
-    from adamkit.tools import tasks
+    from adamkit.tools import registry, tasks
 
     model = tasks.GPT(tasks.GPTConfig(context=8, d_model=16, n_layers=1, n_heads=2, tie_weights=False))
-    opt = tasks.build_optimizer(model, "muon")
+    opt = registry.build_optimizer(model, "muon")
     names = {id(p): n for n, p in model.named_parameters()}
     muon = sorted(names[id(p)] for g in opt.param_groups if g["use_muon"] for p in g["params"])
     assert muon == sorted(n for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("blocks."))
     lrs = {g["lr"] for g in opt.param_groups if not g["use_muon"]}
-    assert lrs == {tasks.MUON_ADAMW_LR} and opt.param_groups[0]["lr"] == tasks.OPTIMIZERS["muon"].lr
+    assert lrs == {registry.MUON_ADAMW_LR} and opt.param_groups[0]["lr"] == registry.TRAINABLE["muon"].lr
 
 
 @pytest.mark.compiled_kernel

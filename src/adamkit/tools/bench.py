@@ -109,6 +109,18 @@ class Impl:
     bytes_per_param: float = 28  # payload moved per parameter per step (reads + writes)
 
 
+def _recipe(precision: str, state: str, bytes_per_param: float) -> Impl:
+    """adamkit's fused AdamW on a recipe of the registry (``tools.registry``)."""
+    from . import registry
+
+    dtype = registry.PRECISIONS[precision].torch_dtype
+    return Impl(
+        _adamkit_impl("fused", **registry.recipe_options(precision, state)),
+        dtype=dtype,
+        bytes_per_param=bytes_per_param,
+    )
+
+
 def implementations() -> dict[str, Impl]:
     """name -> implementation. Bytes per parameter: fp32 AdamW reads p, g, m, v and writes p, m, v
     (28 B); bf16 moments save 8, 8-bit moments 12 (plus 4 B of scale per 256); bf16 parameters with
@@ -122,16 +134,12 @@ def implementations() -> dict[str, Impl]:
         "adamkit foreach": Impl(_adamkit_impl("foreach")),
         "adamkit fused": Impl(_adamkit_impl("fused")),
         "adamkit fused (fresh grads)": Impl(_adamkit_impl("fused"), fresh_grads=True, bytes_per_param=28),
-        "adamkit fused, bf16 state": Impl(_adamkit_impl("fused", state_format="bf16"), bytes_per_param=20),
-        "adamkit fused, 8-bit state": Impl(
-            _adamkit_impl("fused", state_format="8bit"), bytes_per_param=16 + 16 / 256
-        ),
+        "adamkit fused, bf16 state": _recipe("fp32", "bf16", bytes_per_param=20),
+        "adamkit fused, 8-bit state": _recipe("fp32", "8bit", bytes_per_param=16 + 16 / 256),
         "torch fused, bf16 params": Impl(_torch_impl("fused"), dtype=bf16, bytes_per_param=14),
-        "adamkit fused, bf16 + Kahan, bf16 state": Impl(
-            _adamkit_impl("fused"), dtype=bf16, bytes_per_param=18
-        ),
-        "adamkit fused, bf16 + Kahan, 8-bit state": Impl(
-            _adamkit_impl("fused", state_format="8bit"), dtype=bf16, bytes_per_param=14 + 16 / 256
+        "adamkit fused, bf16 + Kahan, bf16 state": _recipe("bf16-kahan", "default", bytes_per_param=18),
+        "adamkit fused, bf16 + Kahan, 8-bit state": _recipe(
+            "bf16-kahan", "8bit", bytes_per_param=14 + 16 / 256
         ),
     }
     try:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import tasks
+from . import registry, tasks
 from .args import positive_int
 from .train import TrainResult, fit, warmup_steps
 
@@ -39,7 +39,7 @@ from .train import TrainResult, fit, warmup_steps
 
 @dataclass(frozen=True)
 class Recipe:
-    """An optimizer (a key of ``tasks.OPTIMIZERS``) with a precision, a state format and how the
+    """An optimizer (a key of ``registry.TRAINABLE``) with a precision, a state format and how the
     gradients reach it (``grads``: a mode of ``train.GRAD_MODES``, e.g. ``"release"``)."""
 
     name: str
@@ -49,9 +49,9 @@ class Recipe:
     grads: str = "clip_grad_norm"
 
     def describe(self) -> str:
-        parts = [tasks.OPTIMIZERS[self.optimizer].label]
+        parts = [registry.TRAINABLE[self.optimizer].label]
         if self.precision != "fp32":
-            parts.append(tasks.PRECISIONS[self.precision].about)
+            parts.append(registry.PRECISIONS[self.precision].about)
         if self.state != "default":
             parts.append(f"{self.state} state")
         if self.grads == "release":
@@ -59,12 +59,12 @@ class Recipe:
         return ", ".join(parts)
 
 
-# The contenders, one row each: a new optimizer (a row of tasks.OPTIMIZERS) joins the race with one
+# The contenders, one row each: a new optimizer (a row of registry.TRAINABLE) joins the race with one
 # line here, e.g. Recipe("lion", "lion").
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
-        Recipe("sgd-momentum", "sgd"),
+        Recipe("sgd-momentum", "sgd-momentum"),
         Recipe("torch-adamw", "torch-adamw"),
         Recipe("adamkit-adam", "adam"),
         Recipe("adamkit-adamw", "adamw"),
@@ -92,10 +92,10 @@ def unavailable(recipe: Recipe) -> str | None:
 
     Builds the recipe's optimizer over a tiny model: an option adamkit does not accept yet raises.
     """
-    probe = tasks.cast_model(nn.utils.skip_init(nn.Linear, 2, 2), recipe.precision)  # no RNG draw
+    probe = registry.cast_model(nn.utils.skip_init(nn.Linear, 2, 2), recipe.precision)  # no RNG draw
     try:
-        tasks.build_optimizer(probe, recipe.optimizer, precision=recipe.precision, state=recipe.state)
-    except tasks.RecipeUnavailableError as err:
+        registry.build_optimizer(probe, recipe.optimizer, precision=recipe.precision, state=recipe.state)
+    except registry.RecipeUnavailableError as err:
         return str(err)
     return None
 
@@ -319,7 +319,7 @@ def markdown(result: RaceResult) -> str:
     if len({lr for lr, _ in lrs}) > 1:
         lines.append(
             "- peak lr differs per optimizer: "
-            + ", ".join(f"{tasks.OPTIMIZERS[o].label} {lr:g}" for lr, o in lrs)
+            + ", ".join(f"{registry.TRAINABLE[o].label} {lr:g}" for lr, o in lrs)
             + " (SGD has no per-coordinate scaling and needs a larger lr)."
         )
     if any(run.untimed_s for run in result.runs.values()):
@@ -573,7 +573,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"racing on {args.task} ({setting.model}): {steps} steps per recipe, seed {args.seed}")
     for n in names:
         r = RECIPES[n]
-        print(f"  {n:<14} {r.describe():<52} peak lr {tasks.OPTIMIZERS[r.optimizer].lr:g}")
+        print(f"  {n:<14} {r.describe():<52} peak lr {registry.TRAINABLE[r.optimizer].lr:g}")
     print(f"lr schedule: {SCHEDULE} ({warmup_steps(steps)} warmup steps)")
     result = race(
         args.task,

@@ -1,4 +1,5 @@
-"""Tasks for ``adamkit train`` and ``adamkit race``: data, models and optimizer recipes.
+"""Tasks for ``adamkit train`` and ``adamkit race``: data and models (the optimizers, precisions and
+state formats they combine are named in :mod:`adamkit.tools.registry`).
 
 Everything here is deterministic given a seed, so that several optimizers can be trained from the
 same initial weights on the same sequence of batches:
@@ -7,8 +8,6 @@ same initial weights on the same sequence of batches:
   carries (``pydoc_data.topics``, ~465K characters, 103 distinct ones). No download.
 - :class:`DigitsTask`: an MLP on scikit-learn's bundled ``load_digits`` (1,797 8x8 images); needs
   the optional ``adamkit[digits]`` extra.
-- :func:`build_optimizer`: the one place that maps an optimizer name, a precision recipe and a
-  state format to an optimizer (tables :data:`OPTIMIZERS`, :data:`PRECISIONS`, :data:`STATES`).
 """
 
 from __future__ import annotations
@@ -16,14 +15,11 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import adamkit
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -348,182 +344,3 @@ class DigitsTask:
         x, y = batch
         dtype = next(model.parameters()).dtype
         return F.cross_entropy(model(x.to(dtype)).float(), y)
-
-
-# --------------------------------------------------------------------------------------------------
-# Optimizer recipes: the one place that maps names to optimizers and keyword arguments
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    """How to build one optimizer: its class, default lr, and its fixed keyword arguments."""
-
-    label: str
-    factory: Callable[..., torch.optim.Optimizer]
-    lr: float
-    weight_decay: float = 0.0
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    adamkit: bool = False  # accepts adamkit's precision / state-format options
-    # (model, weight decay) -> parameter groups; None: param_groups_weight_decay
-    groups: Callable[[nn.Module, float], list[dict[str, Any]]] | None = None
-
-
-# The lr of the parameters Muon leaves to its AdamW fallback (Keller Jordan's recipe
-# gives embeddings, the output head and vectors to AdamW).
-MUON_ADAMW_LR = 3e-3
-
-
-def muon_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Muon on the hidden layers' matrices; AdamW on embeddings, the output head (the last Linear)
-    and vectors (no decay on vectors, as param_groups_weight_decay)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    aside = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    aside |= {id(p) for p in linears[-1].parameters()} if linears else set()
-    hidden, matrices, vectors = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.dim() < 2 or name.endswith(".bias"):
-            vectors.append(p)
-        else:
-            (matrices if id(p) in aside or p.dim() != 2 else hidden).append(p)
-    groups = [
-        {"params": hidden, "use_muon": True, "weight_decay": weight_decay},
-        {"params": matrices, "use_muon": False, "weight_decay": weight_decay, "lr": MUON_ADAMW_LR},
-        {"params": vectors, "use_muon": False, "weight_decay": 0.0, "lr": MUON_ADAMW_LR},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-# Weight decay, where used, applies to matrices and embeddings only (not to biases and LayerNorm
-# gains), as in GPT-2 / nanoGPT. SGD has no per-coordinate scaling and needs a much larger lr than
-# Adam: on 200 steps of the default GPT, momentum 0.9 with lr 0.3 diverged, 0.1 and 0.05 reached the
-# same validation loss; 0.05 leaves a margin. Adam(W) at 1e-2 did clearly worse than at 3e-3.
-OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "adamw": OptimizerSpec("adamkit.AdamW", adamkit.AdamW, lr=3e-3, weight_decay=0.1, adamkit=True),
-    "adam": OptimizerSpec("adamkit.Adam", adamkit.Adam, lr=3e-3, adamkit=True),
-    "torch-adamw": OptimizerSpec("torch.optim.AdamW", torch.optim.AdamW, lr=3e-3, weight_decay=0.1),
-    "sgd": OptimizerSpec("torch.optim.SGD", torch.optim.SGD, lr=0.05, kwargs={"momentum": 0.9}),
-    # Lion's update is lr * sign(c) per element, larger than Adam's: the paper advises a 3-10x smaller
-    # lr and a 3-10x larger decay (keeping lr * wd, the decay per step, about AdamW's: 3e-4).
-    "lion": OptimizerSpec("adamkit.Lion", adamkit.Lion, lr=1e-3, weight_decay=0.3, adamkit=True),
-    # The memory-lean variants. Adafactor's lr caps a *relative* step (min(lr, 1/sqrt(t)) times the
-    # weight's RMS); LAMB's step is lr * ||p|| per tensor (trust ratio). Their lrs were picked on the
-    # quick race only (val loss: Adafactor 1e-2 4.16, 3e-2 3.15, 1e-1 2.58; LAMB 3e-3 4.42, 1e-2
-    # 4.09, 3e-2 3.03; AdamW 3e-3 3.10). CAME and Adam-mini take Adam-sized steps: AdamW's lr and
-    # decay (quick race 3.02 and 3.07). Sophia-G is not a row: it needs update_hessian() on
-    # sampled-label gradients, which the training loop does not produce.
-    "adafactor": OptimizerSpec("adamkit.Adafactor", adamkit.Adafactor, lr=1e-1, adamkit=True),
-    "came": OptimizerSpec("adamkit.CAME", adamkit.CAME, lr=3e-3, weight_decay=0.1, adamkit=True),
-    "adam-mini": OptimizerSpec("adamkit.AdamMini", adamkit.AdamMini, lr=3e-3, weight_decay=0.1, adamkit=True),
-    "lamb": OptimizerSpec("adamkit.Lamb", adamkit.Lamb, lr=3e-2, weight_decay=0.1, adamkit=True),
-    # Muon's lr is that of its hidden matrices (the "original" adjustment, sqrt(max(1, A/B))); the
-    # AdamW fallback keeps AdamW's tuned 3e-3. Picked on the quick race (val loss: 5e-3 3.04, 1e-2
-    # 3.00, 2e-2 2.98, 5e-2 3.06, 1e-1 3.07; AdamW 3e-3 3.10).
-    "muon": OptimizerSpec(
-        "adamkit.Muon", adamkit.Muon, lr=2e-2, weight_decay=0.1, adamkit=True, groups=muon_groups
-    ),
-}
-
-
-@dataclass(frozen=True)
-class Precision:
-    """A parameter dtype and the adamkit options that keep training accurate in it."""
-
-    dtype: torch.dtype
-    kwargs: dict[str, Any]
-    about: str
-
-
-PRECISIONS: dict[str, Precision] = {
-    "fp32": Precision(torch.float32, {}, "fp32 parameters"),
-    # bf16 keeps 8 mantissa bits: an update smaller than 2^-9 of a weight is lost when added.
-    # Kahan summation keeps the lost low bits in a bf16 buffer (+2 B/param) and adds them back.
-    "bf16-kahan": Precision(torch.bfloat16, {"kahan_sum": True}, "bf16 parameters + Kahan summation"),
-    # The same with the lost bits in an int8 buffer (+1 B/param), in units of ulp/256: ~16 bits.
-    "bf16-kahan8": Precision(
-        torch.bfloat16, {"kahan_sum": "8bit"}, "bf16 parameters + int8 Kahan compensation"
-    ),
-    # Stochastic rounding rounds up or down with probability by distance: unbiased, no buffer.
-    "bf16-sr": Precision(
-        torch.bfloat16,
-        {"stochastic_rounding": True, "kahan_sum": False},
-        "bf16 parameters + stochastic rounding",
-    ),
-    # An fp32 master copy (+4 B/param) takes the update; the bf16 weights are rounded from it.
-    "bf16-master": Precision(torch.bfloat16, {"master_weights": True}, "bf16 parameters + fp32 master"),
-    # Round to nearest, nothing kept: the failure mode the three recipes above exist to avoid.
-    "bf16-plain": Precision(torch.bfloat16, {"kahan_sum": False}, "bf16 parameters, round to nearest"),
-}
-
-STATES: dict[str, dict[str, Any]] = {
-    "default": {},
-    "fp32": {"state_format": "fp32"},  # m, v: 8 B/param
-    "bf16": {"state_format": "bf16"},  # m, v: 4 B/param
-    "8bit": {"state_format": "8bit"},  # m, v: ~2 B/param + block scales
-}
-
-
-class RecipeUnavailableError(RuntimeError):
-    """The installed adamkit does not accept an option that a recipe needs."""
-
-
-def cast_model(model: nn.Module, precision: str) -> nn.Module:
-    """Cast ``model``'s parameters to the precision recipe's dtype (in place; returns it)."""
-    return model.to(PRECISIONS[precision].dtype)
-
-
-def optimizer_kwargs(optimizer: str, precision: str = "fp32", state: str = "default") -> dict[str, Any]:
-    """The keyword arguments a (optimizer, precision, state) recipe passes beyond lr and decay."""
-    for name, table, what in (
-        (optimizer, OPTIMIZERS, "optimizer"),
-        (precision, PRECISIONS, "precision"),
-        (state, STATES, "state"),
-    ):
-        if name not in table:
-            raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(table)}")
-    spec = OPTIMIZERS[optimizer]
-    extra = {**PRECISIONS[precision].kwargs, **STATES[state]}
-    if extra and not spec.adamkit:
-        raise ValueError(
-            f"precision {precision!r} / state {state!r} need an adamkit optimizer "
-            f"({', '.join(k for k, v in OPTIMIZERS.items() if v.adamkit)}), "
-            f"not {optimizer!r}"
-        )
-    return {**spec.kwargs, **extra}
-
-
-def build_optimizer(
-    model: nn.Module,
-    optimizer: str = "adamw",
-    lr: float | None = None,
-    precision: str = "fp32",
-    state: str = "default",
-    **engine: Any,
-) -> torch.optim.Optimizer:
-    """The optimizer of a recipe over ``model``'s parameters (already cast to the recipe's dtype).
-    ``engine``: adamkit engine options (``gradient_release``, ``max_grad_norm``), adamkit only.
-
-    Raises:
-        ValueError: an unknown name, or precision/state options on a non-adamkit optimizer.
-        RecipeUnavailableError: the installed adamkit does not accept an option the recipe needs.
-    """
-    kwargs = optimizer_kwargs(optimizer, precision, state)
-    spec = OPTIMIZERS[optimizer]
-    lr = spec.lr if lr is None else lr
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite number > 0, got {lr}")
-    groups = (spec.groups or adamkit.param_groups_weight_decay)(model, spec.weight_decay)
-    if engine and not spec.adamkit:
-        raise ValueError(f"{', '.join(engine)} need an adamkit optimizer, not {optimizer!r}")
-    extra = {**PRECISIONS[precision].kwargs, **STATES[state], **engine}
-    try:
-        return spec.factory(groups, lr=lr, **kwargs, **engine)
-    except TypeError as err:
-        if not extra:
-            raise
-        args = ", ".join(f"{k}={v!r}" for k, v in extra.items())
-        raise RecipeUnavailableError(
-            f"{spec.label}({args}) is not supported by this adamkit ({err})"
-        ) from err

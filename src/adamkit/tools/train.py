@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import tasks
+from . import registry, tasks
 from .tasks import GPTConfig
 
 DEFAULT_STEPS = 600  # ~90 ms/step on 2 cores: about a minute of training
@@ -234,7 +234,7 @@ def fit(
     ``task`` is a :class:`~adamkit.tools.tasks.CharTask`, :class:`~adamkit.tools.tasks.DigitsTask` or any
     object with ``name``, ``build_model(seed)``, ``sampler(seed)``, ``val_batches()`` and
     ``loss(model, batch)``. The lr follows :func:`warmup_cosine`; ``lr=None`` takes the optimizer's
-    default from :data:`~adamkit.tools.tasks.OPTIMIZERS`. The validation loss is measured before training
+    default from :data:`~adamkit.tools.registry.TRAINABLE`. The validation loss is measured before training
     and at ``evals`` evenly spaced steps (the last one included). A non-finite training loss stops
     the run; the result then says where (``diverged_at``) and holds what was measured until then.
 
@@ -259,10 +259,10 @@ def fit(
         raise ValueError(f"evals must be a positive integer, got {evals!r}")
     if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
         raise ValueError(f"accumulate must be a positive integer, got {accumulate!r}")
-    lr = tasks.OPTIMIZERS[optimizer].lr if lr is None and optimizer in tasks.OPTIMIZERS else lr
+    lr = registry.TRAINABLE[optimizer].lr if lr is None and optimizer in registry.TRAINABLE else lr
     t_start = time.perf_counter()
     with _PeakRSS() as peak:
-        model = tasks.cast_model(task.build_model(seed), precision)
+        model = registry.cast_model(task.build_model(seed), precision)
         if grads not in GRAD_MODES:
             raise ValueError(f"unknown grads mode {grads!r}; choose one of {', '.join(GRAD_MODES)}")
         engine: dict = {}
@@ -274,7 +274,7 @@ def fit(
                     engine["release_clipping"] = "per_tensor"
                 if accumulate > 1:
                     engine["accumulation_steps"] = accumulate
-        opt = tasks.build_optimizer(model, optimizer, lr=lr, precision=precision, state=state, **engine)
+        opt = registry.build_optimizer(model, optimizer, lr=lr, precision=precision, state=state, **engine)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
         sample = task.sampler(seed)
         val = task.val_batches()
@@ -369,7 +369,7 @@ def fit(
 
 @dataclass
 class TrainConfig:
-    """Settings of :func:`train`. ``lr=None`` takes the optimizer's default (``tasks.OPTIMIZERS``)."""
+    """Settings of :func:`train`. ``lr=None`` takes the optimizer's default (``registry.TRAINABLE``)."""
 
     steps: int = DEFAULT_STEPS
     seed: int = 0

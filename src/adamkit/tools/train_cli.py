@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from . import tasks
+from . import registry, tasks
 from .args import positive_float, positive_int
 from .tasks import GPTConfig
 from .train import GRAD_MODES, RECIPE_FIELDS, TrainConfig, load_checkpoint, train, warmup_steps
@@ -16,13 +16,15 @@ from .train import GRAD_MODES, RECIPE_FIELDS, TrainConfig, load_checkpoint, trai
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d, m = TrainConfig(), GPTConfig()
-    lrs = ", ".join(f"{k} {v.lr:g}" for k, v in tasks.OPTIMIZERS.items())
+    names = [k for k in registry.TRAINABLE if k not in registry.TRAIN_ALIASES]
+    lrs = ", ".join(f"{k} {registry.TRAINABLE[k].lr:g}" for k in names)
     parser.add_argument(
         "--optimizer",
-        choices=list(tasks.OPTIMIZERS),
+        choices=list(registry.TRAINABLE),
+        metavar="{" + ",".join(names) + "}",
         default=d.optimizer,
-        help="adamw/adam: adamkit's; torch-adamw: torch.optim.AdamW; sgd: torch.optim.SGD, momentum 0.9 "
-        "(default: %(default)s)",
+        help="adamw/adam: adamkit's; torch-adamw: torch.optim.AdamW; sgd-momentum (or sgd, its earlier "
+        "name): torch.optim.SGD, momentum 0.9 (default: %(default)s)",
     )
     parser.add_argument(
         "--steps", type=positive_int, default=d.steps, help="training steps (default: %(default)s)"
@@ -42,13 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--precision",
-        choices=list(tasks.PRECISIONS),
+        choices=registry.TRAIN_PRECISIONS,
         default=d.precision,
         help="parameter precision recipe; bf16-* need an adamkit optimizer (default: %(default)s)",
     )
     parser.add_argument(
         "--state",
-        choices=list(tasks.STATES),
+        choices=list(registry.STATE_FORMATS),
         default=d.state,
         help="optimizer-state format for adamkit optimizers (default: %(default)s, the optimizer's own)",
     )
@@ -142,7 +144,7 @@ def _conflicts(given: TrainConfig, saved: TrainConfig) -> list[str]:
 
 def describe(config: TrainConfig) -> str:
     """The run's header: every option of the recipe."""
-    spec = tasks.OPTIMIZERS[config.optimizer]
+    spec = registry.TRAINABLE[config.optimizer]
     lr = config.lr if config.lr is not None else spec.lr
     m = config.model
     decay = f"weight decay {spec.weight_decay:g} (matrices only)" if spec.weight_decay else "no weight decay"
@@ -178,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
             grads=args.grads,
             accumulate=args.accumulate,
         )
-        tasks.optimizer_kwargs(config.optimizer, config.precision, config.state)  # fail before building
+        registry.optimizer_kwargs(config.optimizer, config.precision, config.state)  # fail before building
         if args.sample < 0:
             raise ValueError(f"--sample must be >= 0, got {args.sample}")
         if args.sample:
@@ -206,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"resuming {args.resume}")
     try:
         result = train(config, save=args.save, resume=args.resume, stop_after=args.stop_after)
-    except tasks.RecipeUnavailableError as err:
+    except registry.RecipeUnavailableError as err:
         print(
             f"adamkit train: error: --precision {config.precision} --state {config.state}: {err}",
             file=sys.stderr,

@@ -9,15 +9,13 @@ planner estimates (SGD, the reference implementations of the variants) by their 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import adamkit
-
-from ...algorithm import Algorithm, Slot
 from ...optim.options import ENGINE_DEFAULTS
 from ...storage import quant8
+from .. import registry
+from ..registry import adamkit_algorithm, adamkit_slots
 from .models import ModelSpec, TensorSpec
 
 # adamkit's 8-bit state format (``storage.quant8``): uint8 codes padded to whole blocks, one fp32
@@ -78,41 +76,11 @@ def state_component(key: str) -> str:
     return "confidence" if "_res" in key else "v"
 
 
-# The planner's optimizers that adamkit implements: name -> (class, the slot options that are on,
-# or a rule giving them from the parameter's shape). Their bytes come from the class's algorithm's
-# slots (``Algorithm.slots``: names, shapes, options), so a new slot or algorithm needs no change
-# here beyond its row.
-ADAMKIT_CLASSES: dict[str, tuple[str, tuple[str, ...] | Callable[[tuple], tuple[str, ...]]]] = {
-    "adamw": ("AdamW", ()),
-    "adam": ("Adam", ()),
-    "lion": ("Lion", ()),
-    "adafactor": ("Adafactor", ()),
-    "adafactor-m": ("Adafactor", ("beta1",)),
-    "came": ("CAME", ()),
-    "adam-mini": ("AdamMini", ()),
-    "lamb": ("Lamb", ()),
-    "sophia": ("SophiaG", ()),
-    # the constructor's split: 2-D parameters take Muon (momentum), the others AdamW (m, v)
-    "muon": ("Muon", lambda shape: ("use_muon",) if len(shape) == 2 else ("use_adamw",)),
-}
+# adamkit's optimizers (the registry's with an adamkit class): name -> (class, slot options). Their
+# bytes come from the class's algorithm's slots (``Algorithm.slots``: names, shapes, options), so a
+# new slot or a new algorithm in the registry is planned with no change here.
+ADAMKIT_CLASSES = {n: o.adamkit for n, o in registry.OPTIMIZERS.items() if o.adamkit is not None}
 ADAMKIT_OPTIMIZERS = tuple(ADAMKIT_CLASSES)
-
-
-def adamkit_algorithm(optimizer: str) -> Algorithm:
-    """The algorithm declaration of the adamkit class behind planner name ``optimizer``."""
-    return getattr(adamkit, ADAMKIT_CLASSES[optimizer][0]).algorithm
-
-
-def adamkit_slots(optimizer: str, shape: tuple, amsgrad: bool = False) -> list[Slot]:
-    """The slots adamkit's ``optimizer`` keeps for a parameter of ``shape``: those whose option is
-    on (``amsgrad`` turns on Adam's) and whose shape rule keeps them for that shape."""
-    options = ADAMKIT_CLASSES[optimizer][1]
-    on = set(options(tuple(shape)) if callable(options) else options) | ({"amsgrad"} if amsgrad else set())
-    return [
-        s
-        for s in adamkit_algorithm(optimizer).slots
-        if s.shape_for(shape) is not None and (s.option is None or s.option in on)
-    ]
 
 
 def _factored_numel(shape: tuple[int, ...]) -> int | None:
@@ -157,19 +125,18 @@ class OptimizerSpec:
     """What one optimizer keeps per parameter tensor.
 
     Attributes:
-        name, title: key and display name.
+        name: its name in the registry (``tools.registry.OPTIMIZERS``, which gives its title).
         step_bytes: bytes of the step counter per parameter tensor (0 where the reference
             implementation keeps a Python int, 4 where a 0-D fp32 tensor).
         full: full-size states (component names); they follow the recipe's state format.
         needs_shapes: the state depends on tensor shapes (factored / per-block statistics).
         reference: where the state layout comes from.
         adamkit: the key of :data:`ADAMKIT_CLASSES` whose algorithm's slots give the states
-            (exactly as adamkit keeps them; ``full`` is then derived from them); None: the
-            reference implementation's layout, written out here.
+            (exactly as adamkit keeps them: ``full`` and ``needs_shapes`` are derived from them);
+            None: the reference implementation's layout, written out here.
     """
 
     name: str
-    title: str
     step_bytes: int
     full: tuple[str, ...] = ()
     needs_shapes: bool = False
@@ -181,6 +148,13 @@ class OptimizerSpec:
             slots = adamkit_algorithm(self.adamkit).slots
             full = tuple(state_component(s.name) for s in slots if s.shape is None and s.option is None)
             object.__setattr__(self, "full", full)
+            # slots of their own shapes, or options chosen by shape (Muon's split)
+            by_shape = callable(ADAMKIT_CLASSES[self.adamkit][1]) or any(s.shape is not None for s in slots)
+            object.__setattr__(self, "needs_shapes", by_shape)
+
+    @property
+    def title(self) -> str:
+        return registry.OPTIMIZERS[self.name].title
 
     def has_full_state(self, recipe: Recipe) -> bool:
         return bool(self.full or self.needs_shapes or recipe.amsgrad)
@@ -214,32 +188,29 @@ class OptimizerSpec:
         return out
 
 
+# What the other implementations keep, where the planner estimates theirs: the optimizers the
+# registry names without an adamkit class, and those whose reference package it plans (its
+# ``--optimizer came`` is the CAME reference's bytes; adamkit's own are adamkit_state_bytes').
+_REFERENCE_LAYOUTS = (
+    OptimizerSpec("torch-adamw", 4, ("m", "v"), reference="torch.optim.AdamW: exp_avg, exp_avg_sq"),
+    OptimizerSpec("sgd", 0, (), reference="torch.optim.SGD, momentum=0"),
+    OptimizerSpec("sgd-momentum", 0, ("m",), reference="torch.optim.SGD momentum_buffer"),
+    OptimizerSpec("adafactor", 4, (), True, "torch.optim.Adafactor: row/col variance, beta1=None"),
+    OptimizerSpec("adafactor-m", 4, ("m",), True, "Adafactor with beta1 (exp_avg)"),
+    OptimizerSpec("came", 0, ("m",), True, "CAME reference: exp_avg, factored v and residual"),
+    OptimizerSpec("adam-mini", 0, ("m",), True, "adam-mini 1.1: m, one v per block"),
+    OptimizerSpec("sophia", 4, ("m", "hessian"), reference="SophiaG reference: exp_avg, hessian"),
+    OptimizerSpec("lamb", 0, ("m", "v"), reference="torch-optimizer Lamb: exp_avg, exp_avg_sq"),
+)
+_REFERENCE = {o.name: o for o in _REFERENCE_LAYOUTS}
+# Every optimizer of the registry, in its order: a reference layout where one is written above,
+# else adamkit's own from its slots (AdamW, Adam, Lion: a 0-D step tensor like torch's; Muon's split
+# by shape: momentum for matrices, AdamW's m and v for the rest)
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    o.name: o
-    for o in (
-        OptimizerSpec("adamw", "AdamW", 4, reference="adamkit / torch.optim.AdamW", adamkit="adamw"),
-        OptimizerSpec("adam", "Adam", 4, reference="adamkit / torch.optim.Adam", adamkit="adam"),
-        OptimizerSpec("sgd", "SGD", 0, (), reference="torch.optim.SGD, momentum=0"),
-        OptimizerSpec("sgd-momentum", "SGD+momentum", 0, ("m",), reference="torch.optim.SGD momentum_buffer"),
-        # m only: 4 B/param fp32, 2 bf16, 1 + 4/256 8-bit; adamkit.Lion keeps a 0-D step tensor
-        # like Adam (lion-pytorch keeps none: 4 bytes per tensor less)
-        OptimizerSpec("lion", "Lion", 4, reference="adamkit.Lion / lion-pytorch: exp_avg", adamkit="lion"),
-        OptimizerSpec(
-            "adafactor", "Adafactor", 4, (), True, "torch.optim.Adafactor: row/col variance, beta1=None"
-        ),
-        OptimizerSpec("adafactor-m", "Adafactor+momentum", 4, ("m",), True, "Adafactor with beta1 (exp_avg)"),
-        OptimizerSpec("came", "CAME", 0, ("m",), True, "CAME reference: exp_avg, factored v and residual"),
-        OptimizerSpec("adam-mini", "Adam-mini", 0, ("m",), True, "adam-mini 1.1: m, one v per block"),
-        OptimizerSpec(
-            "sophia", "Sophia", 4, ("m", "hessian"), reference="SophiaG reference: exp_avg, hessian"
-        ),
-        OptimizerSpec("lamb", "LAMB", 0, ("m", "v"), reference="torch-optimizer Lamb: exp_avg, exp_avg_sq"),
-        # adamkit.Muon's split by shape: momentum for matrices, AdamW's m and v for the rest
-        # (embeddings and heads given to AdamW add a v each: 4 B/param in fp32)
-        OptimizerSpec(
-            "muon", "Muon", 4, (), True, "adamkit.Muon: momentum_buffer; m, v off matrices", adamkit="muon"
-        ),
-    )
+    n: _REFERENCE[n]
+    if n in _REFERENCE
+    else OptimizerSpec(n, 4, reference=f"adamkit.{o.adamkit[0]}", adamkit=n)
+    for n, o in registry.OPTIMIZERS.items()
 }
 
 
@@ -247,20 +218,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 # Recipes: precision, optimizer, state format
 # ----------------------------------------------------------------------------------------------
 
-# Precision phrases of a recipe spec: (param dtype, master weights, Kahan, stochastic rounding).
-PRECISIONS = {
-    "fp32": ("fp32", False, False, False),
-    "mixed-bf16": ("bf16", True, False, False),
-    "mixed-fp16": ("fp16", True, False, False),
-    "bf16-kahan": ("bf16", False, True, False),
-    "bf16-kahan8": ("bf16", False, "8bit", False),  # int8 compensation (kahan_sum="8bit"): 1 B/param
-    "fp16-kahan": ("fp16", False, True, False),
-    "bf16-sr": ("bf16", False, False, True),
-    "fp16-sr": ("fp16", False, False, True),
-    "bf16": ("bf16", False, False, False),
-    "fp16": ("fp16", False, False, False),
-}
-STATE_FORMATS = {"fp32state": "fp32", "bf16state": "bf16", "8bit": "8bit"}
+# Precision phrases of a recipe spec (``tools.registry.PRECISIONS``) and state-format phrases
+PRECISIONS = registry.PRECISIONS
+STATE_FORMATS = {("8bit" if f == "8bit" else f"{f}state"): f for f in registry.STATE_FORMATS.values() if f}
 MODIFIERS = ("amsgrad", "accum", "release")
 
 
@@ -423,7 +383,8 @@ def parse_recipe(
         else:
             chosen[kind] = phrase
         i = j
-    dtype, master, kahan, sr = PRECISIONS[chosen.get("precision", "fp32")]
+    precision = PRECISIONS[chosen.get("precision", "fp32")]
+    dtype, master, kahan, sr = precision.dtype, precision.master, precision.kahan, precision.sr
     if "state" in chosen:
         state_format = STATE_FORMATS[chosen["state"]]
     elif state_format == "auto":
