@@ -952,6 +952,18 @@ def test_engine_options_apply_or_are_refused_with_the_reason(name, cls, kw, plan
         cls(ps, **kw, no_such_option=1)
 
 
+@pytest.mark.parametrize("name,cls,kw,plan_name,between", ROWS)
+def test_every_optimizer_documents_every_engine_option_once(name, cls, kw, plan_name, between):
+    """The engine's options are documented once (optim/options.py) and every class's help shows
+    them all: each of ENGINE_DEFAULTS and OPTIMIZER_OPTIONS is named as an argument."""
+    from adamkit.optim.options import ENGINE_DEFAULTS, OPTIMIZER_OPTIONS
+
+    doc = cls.__doc__
+    assert "{engine_options}" not in doc
+    for option in (*ENGINE_DEFAULTS, *OPTIMIZER_OPTIONS):
+        assert f"\n        {option}:" in doc or f" {option}:" in doc or f"{option}," in doc, option
+
+
 # ------------------------------------------------------------------------------------------------
 # Peers' option names
 # ------------------------------------------------------------------------------------------------

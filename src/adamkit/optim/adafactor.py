@@ -38,7 +38,7 @@ import torch
 
 from ..algorithm import Algorithm, Flags, Slot
 from .base import Optimizer
-from .options import as_float, check_nonneg, engine_kwargs, refuse_skip_nonfinite
+from .options import as_float, check_nonneg, refuse_skip_nonfinite
 
 
 def _row_shape(s: tuple) -> tuple | None:
@@ -217,10 +217,9 @@ class Adafactor(Optimizer):
             other values raise with the nearest equivalent. (transformers' weight decay is scaled by
             its computed step, this class's by ``lr``, as torch's; its ``eps[0]`` is added to
             :math:`g^2`, this class's is a floor.)
-        maximize, kahan_sum, stochastic_rounding, master_weights, state_format, min_8bit_size,
-        backend, foreach, fused, max_grad_norm, skip_nonfinite_steps, gradient_release: as for
-        :class:`adamkit.AdamW` (every backend runs it per tensor; with gradient release each
-        tensor is stepped in its own hook, which suits its per-tensor statistics).
+        {engine_options}
+        Here: every backend runs it per tensor; with gradient release each tensor is stepped in its
+            own hook, which suits its per-tensor statistics.
         ``skip_nonfinite`` is not supported (its statistics mix elements).
 
     Example:
@@ -241,9 +240,6 @@ class Adafactor(Optimizer):
         beta1: float | None = None,
         foreach: bool | None = None,
         maximize: bool = False,
-        gradient_release: bool = False,
-        max_grad_norm: float | None = None,
-        skip_nonfinite_steps: bool = False,
         relative_step: bool = True,
         scale_parameter: bool = True,
         warmup_init: bool = False,
@@ -251,7 +247,6 @@ class Adafactor(Optimizer):
         decay_rate: float | None = None,
         **engine: Any,
     ):
-        group_options, options = engine_kwargs("Adafactor", engine)
         lr, d, beta2_decay = _transformers_names(
             lr, d, beta2_decay, relative_step, scale_parameter, warmup_init, clip_threshold, decay_rate
         )
@@ -264,14 +259,10 @@ class Adafactor(Optimizer):
                 d=d,
                 weight_decay=weight_decay,
                 beta1=beta1,
-                foreach=foreach,
-                maximize=maximize,
-                **group_options,
             ),
-            gradient_release=gradient_release,
-            max_grad_norm=max_grad_norm,
-            skip_nonfinite_steps=skip_nonfinite_steps,
-            **options,
+            foreach=foreach,  # torch.optim.Adafactor's own keywords; engine options here
+            maximize=maximize,
+            **engine,
         )
 
     def _required_group_keys(self) -> tuple[str, ...]:

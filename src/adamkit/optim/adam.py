@@ -266,73 +266,17 @@ class Adam(Optimizer):
         eps: :math:`\epsilon` added to :math:`\sqrt{\hat v}`. Default 1e-8.
         weight_decay: :math:`\lambda`. Default 0 (Adam), 1e-2 (AdamW).
         amsgrad: use the running maximum of :math:`v` (AMSGrad).
-        maximize: maximize the objective instead of minimizing.
         decoupled_weight_decay: decay the weights, not the gradient (AdamW). Adam only.
         decouple_lr: fully decoupled decay, :math:`\theta(1 - \frac{\gamma}{\gamma_{max}}\lambda)`.
         max_lr: :math:`\gamma_{max}`; defaults to the group's initial lr.
-        kahan_sum: bf16/fp16 parameters keep a compensation buffer ``kahan_comp`` in their dtype
-            (+2 B/param) holding what rounding drops; the whole update, decay included, goes
-            through it. ``None`` (default): on for bf16/fp16 parameters. ``"8bit"``: bf16
-            parameters keep it as an int8 ``kahan_comp8`` (+1 B/param) in units of ulp(p)/256,
-            rounded stochastically: p + q * ulp(p)/256 holds ~16 significant bits
-            (``storage/formats.py``).
-        stochastic_rounding: round bf16 parameters stochastically (unbiased, no buffer).
-        master_weights: keep an fp32 ``master_weight`` (+4 B/param) that takes the update; the
-            bf16/fp16 parameter is its rounded copy, the one the forward pass uses.
-        state_format: how m, v (and max v) are stored: ``None`` (the parameter's dtype; fp32 for
-            fp16 parameters), ``"fp32"`` (4 B each), ``"bf16"`` (2 B, stochastic rounding),
-            ``"8bit"`` (1 B + a 4 B scale per block of 256; see ``adamkit.storage.quant8``).
-        min_8bit_size: tensors with fewer elements keep fp32 moments under ``"8bit"``.
-        skip_nonfinite: an element whose gradient is inf/nan keeps its parameter and moments.
-        backend: ``"auto"``, ``"reference"`` (per-tensor loop: the spec), ``"foreach"``
-            (multi-tensor kernels) or ``"fused"`` (the native kernel; see the README).
-        foreach, fused: torch's spellings; ``foreach=True`` means ``backend="foreach"``,
-            ``foreach=False`` means ``"reference"``, ``fused=True`` means ``"fused"``,
-            ``fused=False`` means "not fused" (``"foreach"``).
-        capturable, differentiable: accepted for signature compatibility; only ``False`` is supported.
-        max_grad_norm: clip the global L2 norm of the step's gradients, exactly as
-            ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` before ``step()``
-            (:math:`g \leftarrow g \min(1, \frac{c}{\|g\|_2 + 10^{-6}})`), but fused: the
-            coefficient multiplies each gradient in the kernel as it is read (the gradients are not
-            rewritten). ``opt.last_grad_norm`` holds the norm. With ``gradient_release`` the
-            *previous* step's global norm is used (the first step is not clipped): see the README.
-        skip_nonfinite_steps: skip the whole step (parameters, state, step counters unchanged)
-            when any gradient has an inf/nan; counted in ``opt.skipped_steps``. One host
-            synchronization per step. ``torch.amp.GradScaler`` works as with torch's fused
-            optimizers: its unscale is folded into the kernels, a step it finds inf/nan in is skipped.
-        gradient_release: step each parameter inside ``loss.backward()`` as soon as its gradient
-            is accumulated, and free that gradient (peak memory loses the gradient buffer:
-            4 B/param for fp32 gradients). ``step()`` and ``zero_grad()`` stay callable (they do
-            nothing to released parameters); every backward is a step (no gradient accumulation);
-            refused with GradScaler; under DDP use :func:`adamkit.release_comm_hook`; not kept
-            through pickling or deepcopy.
-        accumulation_steps: with ``gradient_release``, optimizer accumulation over k micro-batches
-            (k backward passes) without a gradient buffer: parameters, weight decay and the step
-            count change once per k. With :math:`\bar g = \frac1k\sum_j g_j` (L2 term included),
-            :math:`m = \beta_1 m + (1-\beta_1)\bar g` exactly (m is linear in g), while
-            :math:`v = \beta_2 v + (1-\beta_2)\frac1k\sum_j g_j^2`: the mean of the squares, not
-            the square of the mean that true gradient accumulation gives. It is larger by the
-            micro-batches' gradient variance, so steps are smaller where micro-batches disagree
-            (v is then an estimate of E[g^2] over micro-batches, as Adam's v is over steps). The
-            lr and betas used are the group's at the window's last micro-batch. Needs
-            ``beta1, beta2 > 0``; not with ``skip_nonfinite`` / ``skip_nonfinite_steps``; a
-            state dict can be taken only between windows. With ``max_grad_norm`` the clipping
-            coefficient comes from the previous window's root-mean-square micro-batch norm
-            :math:`\sqrt{\frac1k\sum_j \|g_j\|^2}` (at least :math:`\|\bar g\|`).
-        release_clipping: how ``max_grad_norm`` clips with ``gradient_release`` (exact global-norm
-            clipping needs every gradient before the first step): ``"previous_step"`` (default)
-            scales every gradient by the coefficient of the previous step's global norm;
-            ``"per_tensor"`` clips each tensor to its own norm,
-            :math:`g_i \leftarrow g_i \min(1, \frac{c}{\|g_i\|_2 + 10^{-6}})`, which bounds the
-            global norm by :math:`c\sqrt{n}` for n tensors, not c (one host read per tensor).
-        release_check: with ``gradient_release`` (and ``accumulation_steps=1``), the first
-            backward keeps its gradients until ``step()`` or ``zero_grad()``, which steps them as
-            the hooks would have, after refusing what release cannot honour, before anything is
-            stepped: gradients changed in between (``clip_grad_norm_``: use ``max_grad_norm``),
-            a second backward first (use ``accumulation_steps``), GradScaler. Default True;
-            False releases from the first backward and checks nothing.
+        {engine_options}
 
-    ``remove_gradient_release()`` stops gradient release (hooks removed, state kept).
+    Optimizer accumulation (``accumulation_steps=k``): with :math:`\bar g = \frac1k\sum_j g_j`
+    (L2 term included), :math:`m = \beta_1 m + (1-\beta_1)\bar g` exactly (m is linear in g), while
+    :math:`v = \beta_2 v + (1-\beta_2)\frac1k\sum_j g_j^2`: the mean of the squares, not the square
+    of the mean that true gradient accumulation gives. It is larger by the micro-batches' gradient
+    variance, so steps are smaller where micro-batches disagree (v is then an estimate of E[g^2]
+    over micro-batches, as Adam's v is over steps). Needs ``beta1, beta2 > 0``.
 
     State per parameter (bytes per parameter for fp32 parameters): ``step`` (a 0-D fp32 tensor),
     ``exp_avg`` m (4 B), ``exp_avg_sq`` v (4 B), ``max_exp_avg_sq`` (4 B, amsgrad only); 8-bit
@@ -357,58 +301,17 @@ class Adam(Optimizer):
         weight_decay: float = 0.0,
         amsgrad: bool = False,
         *,
-        maximize: bool = False,
         decoupled_weight_decay: bool = False,
         decouple_lr: bool = False,
         max_lr: float | None = None,
-        kahan_sum: bool | str | None = None,
-        stochastic_rounding: bool = False,
-        master_weights: bool = False,
-        state_format: str | None = None,
-        min_8bit_size: int = 4096,
-        skip_nonfinite: bool = False,
-        backend: str = "auto",
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        gradient_release: bool = False,
-        max_grad_norm: float | None = None,
-        skip_nonfinite_steps: bool = False,
-        accumulation_steps: int = 1,
-        release_clipping: str = "previous_step",
-        release_check: bool = True,
-        capturable: bool = False,
-        differentiable: bool = False,
+        **engine: Any,
     ):
+        hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+        decoupled = decoupled_weight_decay or decouple_lr
         super().__init__(
             params,
-            dict(
-                lr=lr,
-                betas=betas,
-                eps=eps,
-                weight_decay=weight_decay,
-                amsgrad=amsgrad,
-                maximize=maximize,
-                decoupled_weight_decay=decoupled_weight_decay or decouple_lr,
-                decouple_lr=decouple_lr,
-                max_lr=max_lr,
-                kahan_sum=kahan_sum,
-                stochastic_rounding=stochastic_rounding,
-                master_weights=master_weights,
-                state_format=state_format,
-                min_8bit_size=min_8bit_size,
-                skip_nonfinite=skip_nonfinite,
-                backend=backend,
-                foreach=foreach,
-                fused=fused,
-                capturable=capturable,
-                differentiable=differentiable,
-            ),
-            gradient_release=gradient_release,
-            max_grad_norm=max_grad_norm,
-            skip_nonfinite_steps=skip_nonfinite_steps,
-            accumulation_steps=accumulation_steps,
-            release_clipping=release_clipping,
-            release_check=release_check,
+            dict(hyper, decoupled_weight_decay=decoupled, decouple_lr=decouple_lr, max_lr=max_lr),
+            **engine,
         )
         warn_strong_decay(self)
 
@@ -432,6 +335,9 @@ class AdamW(Adam):
     Same arguments as :class:`Adam` except ``decoupled_weight_decay`` (always on) and the default
     ``weight_decay=1e-2`` (torch's). With ``decouple_lr=True`` the decay is fully decoupled:
     :math:`\theta \leftarrow \theta(1 - \frac{\gamma}{\gamma_{max}}\lambda)`.
+
+    Args (the engine's, as every adamkit optimizer's):
+        {engine_options}
 
     Example:
         >>> opt = adamkit.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)

@@ -32,8 +32,10 @@ from .checkpoint import CheckpointMixin
 from .dispatch import DispatchMixin, fused_unavailable_reason
 from .options import (
     ENGINE_DEFAULTS,
+    ENGINE_OPTIONS_DOC,
     check_engine_options,
-    check_nonneg,
+    engine_kwargs,
+    optimizer_options,
     resolve_backend,
 )
 from .release import Release, ReleaseMixin
@@ -52,75 +54,27 @@ class Optimizer(StateMixin, DispatchMixin, ReleaseMixin, CheckpointMixin, torch.
     # step() instead of unscaling the gradients itself: the unscale is folded into the kernels
     _step_supports_amp_scaling = True
 
-    def __init__(
-        self,
-        params: Iterable,
-        defaults: dict,
-        *,
-        gradient_release: bool = False,
-        max_grad_norm: float | None = None,
-        skip_nonfinite_steps: bool = False,
-        accumulation_steps: int = 1,
-        release_clipping: str = "previous_step",
-        release_check: bool = True,
-    ):
-        if release_clipping not in ("previous_step", "per_tensor"):
-            raise ValueError(
-                f"Invalid release_clipping: {release_clipping!r}; choose 'previous_step' (the previous "
-                "step's global norm) or 'per_tensor' (each tensor's own norm)"
-            )
-        if release_clipping != "previous_step" and not (gradient_release and max_grad_norm is not None):
-            raise ValueError(
-                "release_clipping applies to gradient_release=True with max_grad_norm set; without "
-                "them it would be ignored"
-            )
-        self.release_clipping = release_clipping
-        if not isinstance(gradient_release, bool) or not isinstance(skip_nonfinite_steps, bool):
-            raise TypeError("gradient_release and skip_nonfinite_steps must be bools")
-        if (
-            isinstance(accumulation_steps, bool)
-            or not isinstance(accumulation_steps, int)
-            or accumulation_steps < 1
-        ):
-            raise ValueError(f"Invalid accumulation_steps: {accumulation_steps!r}; it must be an int >= 1")
-        if accumulation_steps > 1:
-            if not gradient_release:
-                raise ValueError(
-                    "accumulation_steps > 1 folds micro-batch gradients inside backward and needs "
-                    "gradient_release=True; without it, accumulate gradients as usual (k backward "
-                    "passes, then step())"
-                )
-            if self.algorithm.accumulation is None:
-                raise ValueError(
-                    f"accumulation_steps > 1 is not supported by adamkit.{self.algorithm.name}: "
-                    f"{self.algorithm.no_accumulation}; use gradient_release=False and ordinary "
-                    "gradient accumulation"
-                )
-            if skip_nonfinite_steps:
-                raise ValueError(
-                    "accumulation_steps > 1 cannot skip a whole step (skip_nonfinite_steps=True): the "
-                    "window's micro-batches are folded as they come"
-                )
-        self.accumulation_steps = accumulation_steps
-        if max_grad_norm is not None:
-            max_grad_norm = check_nonneg("max_grad_norm", max_grad_norm)
-            if max_grad_norm == 0:
-                raise ValueError("Invalid max_grad_norm: 0; it must be > 0 (or None: no clipping)")
-        if gradient_release and skip_nonfinite_steps:
-            raise ValueError(
-                "skip_nonfinite_steps=True cannot work with gradient_release=True: each parameter is "
-                "stepped during backward, before the gradients of the others exist, so a step cannot be "
-                "skipped as a whole; use skip_nonfinite=True (per element) with gradient release"
-            )
-        self.max_grad_norm = max_grad_norm
-        self.skip_nonfinite_steps = skip_nonfinite_steps
+    def __init_subclass__(cls, **kwargs):
+        # the engine's options are documented once (options.py) and shown in every optimizer's help
+        super().__init_subclass__(**kwargs)
+        if cls.__doc__ and "{engine_options}" in cls.__doc__:
+            cls.__doc__ = cls.__doc__.replace("{engine_options}", ENGINE_OPTIONS_DOC)
+
+    def __init__(self, params: Iterable, defaults: dict, **engine):
+        """``defaults``: the algorithm's hyperparameters; ``engine``: the engine's options, the same
+        for every algorithm (``options.py``: group options and optimizer options, documented
+        there once); any other name raises TypeError."""
+        group_options, options = engine_kwargs(type(self).__name__, engine)
+        o = optimizer_options(self.algorithm, **options)
+        self.release_clipping = o.release_clipping
+        self.accumulation_steps = o.accumulation_steps
+        self.max_grad_norm = o.max_grad_norm
+        self.skip_nonfinite_steps = o.skip_nonfinite_steps
         self.skipped_steps = 0  # whole steps skipped for a non-finite gradient (or GradScaler's found_inf)
         self.last_grad_norm: float | None = None  # the global gradient norm the last clipping used
-        if not isinstance(release_check, bool):
-            raise TypeError(f"release_check must be a bool, got {release_check!r}")
-        observe = release_check and accumulation_steps == 1
-        self._release = Release(observe) if gradient_release else None
-        defaults = {**ENGINE_DEFAULTS, **defaults}
+        observe = o.release_check and o.accumulation_steps == 1
+        self._release = Release(observe) if o.gradient_release else None
+        defaults = {**ENGINE_DEFAULTS, **group_options, **defaults}
         defaults["betas"] = (
             tuple(defaults["betas"]) if isinstance(defaults.get("betas"), list) else defaults.get("betas")
         )
@@ -136,7 +90,7 @@ class Optimizer(StateMixin, DispatchMixin, ReleaseMixin, CheckpointMixin, torch.
         self._checked: dict[int, tuple] = {}
         super().__init__(params, defaults)
         self.state = StateMap(self.state)  # knows when the user replaces state (optim/state.py)
-        if accumulation_steps > 1:
+        if o.accumulation_steps > 1:
             for index, group in enumerate(self.param_groups):
                 self._hyper(index, group)  # refusals (e.g. a beta of 0) at construction
         if any(g["backend"] == "fused" for g in self.param_groups):

@@ -35,7 +35,7 @@ import torch
 
 from ..algorithm import Algorithm, Flags, Slot
 from .base import Optimizer
-from .options import as_float, check_betas, check_nonneg, engine_kwargs, refuse_skip_nonfinite
+from .options import as_float, check_betas, check_nonneg, refuse_skip_nonfinite
 
 
 def _row(s: tuple) -> tuple | None:
@@ -151,10 +151,9 @@ class CAME(Optimizer):
         clip_threshold: :math:`d`, the update's RMS cap. Default 1.
         betas: :math:`(\beta_1, \beta_2, \beta_3)`. Default (0.9, 0.999, 0.9999).
         weight_decay: :math:`\lambda`, decoupled. Default 0.
-        maximize, kahan_sum, stochastic_rounding, master_weights, state_format, min_8bit_size,
-        backend, foreach, fused, max_grad_norm, skip_nonfinite_steps, gradient_release: as for
-        :class:`adamkit.AdamW` (every backend runs it per tensor; with gradient release each
-        tensor is stepped in its own hook, which suits its per-tensor statistics).
+        {engine_options}
+        Here: every backend runs it per tensor; with gradient release each tensor is stepped in its
+            own hook, which suits its per-tensor statistics.
 
     Example:
         >>> opt = adamkit.CAME(model.parameters(), lr=2e-4, weight_decay=1e-2)
@@ -170,23 +169,15 @@ class CAME(Optimizer):
         clip_threshold: float = 1.0,
         betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
         weight_decay: float = 0.0,
-        *,
-        gradient_release: bool = False,
-        max_grad_norm: float | None = None,
-        skip_nonfinite_steps: bool = False,
         **engine: Any,
     ):
-        engine, options = engine_kwargs("CAME", engine)
         super().__init__(
             params,
             dict(
                 lr=lr, eps=tuple(eps) if isinstance(eps, list) else eps, clip_threshold=clip_threshold,
-                betas=betas, weight_decay=weight_decay, **engine,
+                betas=betas, weight_decay=weight_decay,
             ),
-            gradient_release=gradient_release,
-            max_grad_norm=max_grad_norm,
-            skip_nonfinite_steps=skip_nonfinite_steps,
-            **options,
+            **engine,
         )  # fmt: skip
 
     def _required_group_keys(self) -> tuple[str, ...]:

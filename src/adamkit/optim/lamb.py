@@ -25,7 +25,7 @@ import torch
 
 from ..algorithm import Algorithm, Flags, Slot
 from .base import Optimizer
-from .options import check_betas, check_nonneg, engine_kwargs, refuse_skip_nonfinite
+from .options import check_betas, check_nonneg, refuse_skip_nonfinite
 
 
 class Scalars(NamedTuple):
@@ -113,10 +113,9 @@ class Lamb(Optimizer):
         eps: :math:`\epsilon`. Default 1e-6.
         weight_decay: :math:`\lambda`, added to the direction :math:`r_t` (so it is scaled by the
             trust ratio too). Default 0.
-        maximize, kahan_sum, stochastic_rounding, master_weights, state_format, min_8bit_size,
-        backend, foreach, fused, max_grad_norm, skip_nonfinite_steps, gradient_release: as for
-        :class:`adamkit.AdamW` (every backend runs it per tensor; with gradient release each
-        tensor is stepped in its own hook, which suits its per-tensor statistics).
+        {engine_options}
+        Here: every backend runs it per tensor; with gradient release each tensor is stepped in its
+            own hook, which suits its per-tensor statistics.
 
     Example:
         >>> opt = adamkit.Lamb(model.parameters(), lr=1e-3, weight_decay=0.01)
@@ -131,20 +130,12 @@ class Lamb(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
-        *,
-        gradient_release: bool = False,
-        max_grad_norm: float | None = None,
-        skip_nonfinite_steps: bool = False,
         **engine: Any,
     ):
-        engine, options = engine_kwargs("Lamb", engine)
         super().__init__(
             params,
-            dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **engine),
-            gradient_release=gradient_release,
-            max_grad_norm=max_grad_norm,
-            skip_nonfinite_steps=skip_nonfinite_steps,
-            **options,
+            dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay),
+            **engine,
         )
 
     def _required_group_keys(self) -> tuple[str, ...]:

@@ -117,9 +117,7 @@ class Lion(Optimizer):
         use_triton: lion-pytorch's Triton switch: ``False`` is accepted; ``True`` is refused
             (the step runs adamkit's native fused kernel on CPU tensors and ``torch.compile``
             elsewhere, chosen by ``backend``).
-        maximize, kahan_sum, stochastic_rounding, master_weights, state_format, min_8bit_size,
-        skip_nonfinite, backend, foreach, fused, max_grad_norm, skip_nonfinite_steps,
-        gradient_release, release_clipping: as for :class:`adamkit.AdamW`.
+        {engine_options}
         accumulation_steps: refused above 1: Lion's update needs both the old momentum and the
             window's mean gradient (:math:`c = \beta_1 m + (1-\beta_1)\bar g`,
             :math:`m \leftarrow \beta_2 m + (1-\beta_2)\bar g`), which one folded state cannot
@@ -144,22 +142,7 @@ class Lion(Optimizer):
         max_lr: float | None = None,
         decoupled_weight_decay: bool = False,
         use_triton: bool = False,
-        maximize: bool = False,
-        kahan_sum: bool | str | None = None,
-        stochastic_rounding: bool = False,
-        master_weights: bool = False,
-        state_format: str | None = None,
-        min_8bit_size: int = 4096,
-        skip_nonfinite: bool = False,
-        backend: str = "auto",
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        gradient_release: bool = False,
-        max_grad_norm: float | None = None,
-        skip_nonfinite_steps: bool = False,
-        accumulation_steps: int = 1,
-        release_clipping: str = "previous_step",
-        release_check: bool = True,
+        **engine: Any,
     ):
         if use_triton:
             raise ValueError(
@@ -170,32 +153,8 @@ class Lion(Optimizer):
         if decoupled_weight_decay:  # lion-pytorch: wd / init_lr, init_lr the constructor's lr
             decouple_lr = True
             max_lr = as_float("lr", lr) if max_lr is None else max_lr
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                betas=betas,
-                weight_decay=weight_decay,
-                decouple_lr=decouple_lr,
-                max_lr=max_lr,
-                maximize=maximize,
-                kahan_sum=kahan_sum,
-                stochastic_rounding=stochastic_rounding,
-                master_weights=master_weights,
-                state_format=state_format,
-                min_8bit_size=min_8bit_size,
-                skip_nonfinite=skip_nonfinite,
-                backend=backend,
-                foreach=foreach,
-                fused=fused,
-            ),
-            gradient_release=gradient_release,
-            max_grad_norm=max_grad_norm,
-            skip_nonfinite_steps=skip_nonfinite_steps,
-            accumulation_steps=accumulation_steps,
-            release_clipping=release_clipping,
-            release_check=release_check,
-        )
+        hyper = dict(lr=lr, betas=betas, weight_decay=weight_decay, decouple_lr=decouple_lr, max_lr=max_lr)
+        super().__init__(params, hyper, **engine)
         warn_strong_decay(self)
 
     def _prepare_group(self, group: dict) -> None:

@@ -50,7 +50,7 @@ import torch
 
 from ..algorithm import Algorithm, Flags, Slot
 from .base import Optimizer
-from .options import as_float, check_betas, check_nonneg, engine_kwargs, refuse_skip_nonfinite
+from .options import as_float, check_betas, check_nonneg, refuse_skip_nonfinite
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch's (Keller Jordan's) quintic
 ADJUST_LR = (None, "original", "match_rms_adamw")
@@ -231,10 +231,9 @@ class Muon(Optimizer):
         adamw_lr: the lr of the AdamW part of groups split by the constructor (None: ``lr``).
         adamw_betas, adamw_eps: the AdamW groups' :math:`(\beta_1, \beta_2)` and :math:`\epsilon`.
             Default (0.9, 0.95), 1e-8.
-        maximize, kahan_sum, stochastic_rounding, master_weights, state_format, min_8bit_size,
-        backend, foreach, fused, max_grad_norm, skip_nonfinite_steps, gradient_release: as for
-        :class:`adamkit.AdamW` (every backend runs it per tensor; ``skip_nonfinite`` is not
-        supported: the orthogonalization mixes elements).
+        {engine_options}
+        Here: every backend runs it per tensor; ``skip_nonfinite`` is not supported: the
+            orthogonalization mixes elements.
 
     Example:
         >>> hidden = [p for n, p in model.named_parameters() if p.dim() == 2 and "emb" not in n]
@@ -260,12 +259,8 @@ class Muon(Optimizer):
         adamw_lr: float | None = None,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
-        gradient_release: bool = False,
-        max_grad_norm: float | None = None,
-        skip_nonfinite_steps: bool = False,
         **engine: Any,
     ):
-        engine, options = engine_kwargs("Muon", engine)
         coeffs = tuple(ns_coefficients) if isinstance(ns_coefficients, list) else ns_coefficients
         if adamw_lr is not None:
             check_nonneg("adamw_lr", adamw_lr)
@@ -275,12 +270,9 @@ class Muon(Optimizer):
                 lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                 ns_coefficients=coeffs,
                 eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, adamw_betas=adamw_betas,
-                adamw_eps=adamw_eps, use_muon=True, **engine,
+                adamw_eps=adamw_eps, use_muon=True,
             ),
-            gradient_release=gradient_release,
-            max_grad_norm=max_grad_norm,
-            skip_nonfinite_steps=skip_nonfinite_steps,
-            **options,
+            **engine,
         )  # fmt: skip
 
     def _prepare_group(self, group: dict) -> None:

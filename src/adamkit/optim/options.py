@@ -1,14 +1,15 @@
 """The engine's options, shared by every optimizer, validated in one place: storage and backend
 options of a parameter group (``ENGINE_DEFAULTS``), options of the optimizer as a whole
 (``OPTIMIZER_OPTIONS``), torch's backend spellings, and the validation helpers the algorithms'
-``check`` functions use. Each option is documented once, in :class:`adamkit.Adam`'s docstring."""
+``check`` functions use. Each option is documented once, in :data:`ENGINE_OPTIONS_DOC`, which every
+optimizer's docstring shows (``{engine_options}`` in a class docstring)."""
 
 from __future__ import annotations
 
 import math
 import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -99,6 +100,66 @@ OPTIMIZER_OPTIONS = (
     "release_check",
 )
 
+# The engine's options as every optimizer's docstring shows them (Args entries, 8-space indent).
+ENGINE_OPTIONS_DOC = r"""maximize: maximize the objective instead of minimizing.
+        kahan_sum: bf16/fp16 parameters keep a compensation buffer ``kahan_comp`` in their dtype
+            (+2 B/param) holding what rounding drops; the whole update, decay included, goes
+            through it. ``None`` (default): on for bf16/fp16 parameters. ``"8bit"``: bf16
+            parameters keep it as an int8 ``kahan_comp8`` (+1 B/param) in units of ulp(p)/256,
+            rounded stochastically: p + q * ulp(p)/256 holds ~16 significant bits
+            (``storage/formats.py``).
+        stochastic_rounding: round bf16 parameters stochastically (unbiased, no buffer).
+        master_weights: keep an fp32 ``master_weight`` (+4 B/param) that takes the update; the
+            bf16/fp16 parameter is its rounded copy, the one the forward pass uses.
+        state_format: how the state slots are stored: ``None`` (the parameter's dtype; fp32 for
+            fp16 parameters), ``"fp32"`` (4 B/element), ``"bf16"`` (2 B, stochastic rounding),
+            ``"8bit"`` (1 B + a 4 B scale per block of 256; see ``adamkit.storage.quant8``).
+        min_8bit_size: tensors with fewer elements keep fp32 state under ``"8bit"``.
+        skip_nonfinite: an element whose gradient is inf/nan keeps its parameter and state
+            (elementwise algorithms; refused, with the reason, by those that mix elements).
+        backend: ``"auto"``, ``"reference"`` (per-tensor loop: the spec), ``"foreach"``
+            (multi-tensor kernels) or ``"fused"`` (the native kernel; see the README).
+        foreach, fused: torch's spellings; ``foreach=True`` means ``backend="foreach"``,
+            ``foreach=False`` means ``"reference"``, ``fused=True`` means ``"fused"``,
+            ``fused=False`` means "not fused" (``"foreach"``).
+        capturable, differentiable: accepted for signature compatibility; only ``False`` is supported.
+        max_grad_norm: clip the global L2 norm of the step's gradients, exactly as
+            ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` before ``step()``
+            (:math:`g \leftarrow g \min(1, \frac{c}{\|g\|_2 + 10^{-6}})`), but fused: the
+            coefficient multiplies each gradient in the kernel as it is read (the gradients are not
+            rewritten). ``opt.last_grad_norm`` holds the norm. With ``gradient_release`` the
+            *previous* step's global norm is used (the first step is not clipped): see the README.
+        skip_nonfinite_steps: skip the whole step (parameters, state, step counters unchanged)
+            when any gradient has an inf/nan; counted in ``opt.skipped_steps``. One host
+            synchronization per step. ``torch.amp.GradScaler`` works as with torch's fused
+            optimizers: its unscale is folded into the kernels, a step it finds inf/nan in is skipped.
+        gradient_release: step each parameter inside ``loss.backward()`` as soon as its gradient
+            is accumulated, and free that gradient (peak memory loses the gradient buffer:
+            4 B/param for fp32 gradients). ``step()`` and ``zero_grad()`` stay callable (they do
+            nothing to released parameters); every backward is a step (no gradient accumulation);
+            refused with GradScaler; under DDP use :func:`adamkit.release_comm_hook`; not kept
+            through pickling or deepcopy. ``remove_gradient_release()`` stops it (state kept).
+        accumulation_steps: with ``gradient_release``, optimizer accumulation over k micro-batches
+            (k backward passes) without a gradient buffer: parameters, weight decay and the step
+            count change once per k, the micro-batches folded into the state as the algorithm
+            defines (its ``Accumulation``; refused with the reason where it has none). The lr and
+            hyperparameters used are the group's at the window's last micro-batch; not with
+            ``skip_nonfinite`` / ``skip_nonfinite_steps``; a state dict can be taken only between
+            windows. With ``max_grad_norm`` the clipping coefficient comes from the previous
+            window's root-mean-square micro-batch norm :math:`\sqrt{\frac1k\sum_j \|g_j\|^2}`.
+        release_clipping: how ``max_grad_norm`` clips with ``gradient_release`` (exact global-norm
+            clipping needs every gradient before the first step): ``"previous_step"`` (default)
+            scales every gradient by the coefficient of the previous step's global norm;
+            ``"per_tensor"`` clips each tensor to its own norm,
+            :math:`g_i \leftarrow g_i \min(1, \frac{c}{\|g_i\|_2 + 10^{-6}})`, which bounds the
+            global norm by :math:`c\sqrt{n}` for n tensors, not c (one host read per tensor).
+        release_check: with ``gradient_release`` (and ``accumulation_steps=1``), the first
+            backward keeps its gradients until ``step()`` or ``zero_grad()``, which steps them as
+            the hooks would have, after refusing what release cannot honour, before anything is
+            stepped: gradients changed in between (``clip_grad_norm_``: use ``max_grad_norm``),
+            a second backward first (use ``accumulation_steps``), GradScaler. Default True;
+            False releases from the first backward and checks nothing."""
+
 
 def engine_kwargs(cls_name: str, kw: dict) -> tuple[dict, dict]:
     """Split the engine's keyword arguments a variant passes through (``**engine``) into group
@@ -109,6 +170,84 @@ def engine_kwargs(cls_name: str, kw: dict) -> tuple[dict, dict]:
         raise TypeError(f"{cls_name}() got unexpected keyword arguments {unknown}")
     group = {k: v for k, v in kw.items() if k in ENGINE_DEFAULTS}
     return group, {k: v for k, v in kw.items() if k in OPTIMIZER_OPTIONS}
+
+
+class OptimizerOptions(NamedTuple):
+    gradient_release: bool
+    max_grad_norm: float | None
+    skip_nonfinite_steps: bool
+    accumulation_steps: int
+    release_clipping: str
+    release_check: bool
+
+
+def optimizer_options(
+    algorithm,
+    gradient_release: bool = False,
+    max_grad_norm: float | None = None,
+    skip_nonfinite_steps: bool = False,
+    accumulation_steps: int = 1,
+    release_clipping: str = "previous_step",
+    release_check: bool = True,
+) -> OptimizerOptions:
+    """The optimizer options (:data:`OPTIMIZER_OPTIONS`, documented in :data:`ENGINE_OPTIONS_DOC`)
+    validated for ``algorithm``; raises before anything is built, naming what to do instead."""
+    if release_clipping not in ("previous_step", "per_tensor"):
+        raise ValueError(
+            f"Invalid release_clipping: {release_clipping!r}; choose 'previous_step' (the previous "
+            "step's global norm) or 'per_tensor' (each tensor's own norm)"
+        )
+    if release_clipping != "previous_step" and not (gradient_release and max_grad_norm is not None):
+        raise ValueError(
+            "release_clipping applies to gradient_release=True with max_grad_norm set; without "
+            "them it would be ignored"
+        )
+    if not isinstance(gradient_release, bool) or not isinstance(skip_nonfinite_steps, bool):
+        raise TypeError("gradient_release and skip_nonfinite_steps must be bools")
+    if (
+        isinstance(accumulation_steps, bool)
+        or not isinstance(accumulation_steps, int)
+        or accumulation_steps < 1
+    ):
+        raise ValueError(f"Invalid accumulation_steps: {accumulation_steps!r}; it must be an int >= 1")
+    if accumulation_steps > 1:
+        if not gradient_release:
+            raise ValueError(
+                "accumulation_steps > 1 folds micro-batch gradients inside backward and needs "
+                "gradient_release=True; without it, accumulate gradients as usual (k backward "
+                "passes, then step())"
+            )
+        if algorithm.accumulation is None:
+            raise ValueError(
+                f"accumulation_steps > 1 is not supported by adamkit.{algorithm.name}: "
+                f"{algorithm.no_accumulation}; use gradient_release=False and ordinary "
+                "gradient accumulation"
+            )
+        if skip_nonfinite_steps:
+            raise ValueError(
+                "accumulation_steps > 1 cannot skip a whole step (skip_nonfinite_steps=True): the "
+                "window's micro-batches are folded as they come"
+            )
+    if max_grad_norm is not None:
+        max_grad_norm = check_nonneg("max_grad_norm", max_grad_norm)
+        if max_grad_norm == 0:
+            raise ValueError("Invalid max_grad_norm: 0; it must be > 0 (or None: no clipping)")
+    if gradient_release and skip_nonfinite_steps:
+        raise ValueError(
+            "skip_nonfinite_steps=True cannot work with gradient_release=True: each parameter is "
+            "stepped during backward, before the gradients of the others exist, so a step cannot be "
+            "skipped as a whole; use skip_nonfinite=True (per element) with gradient release"
+        )
+    if not isinstance(release_check, bool):
+        raise TypeError(f"release_check must be a bool, got {release_check!r}")
+    return OptimizerOptions(
+        gradient_release,
+        max_grad_norm,
+        skip_nonfinite_steps,
+        accumulation_steps,
+        release_clipping,
+        release_check,
+    )
 
 
 def check_engine_options(group: dict) -> None:

@@ -33,7 +33,7 @@ from ..algorithm import Algorithm, Flags, Slot
 from ..kernels.compose import decode_all, encode_all, index_and_seeds
 from ..storage.formats import compute_dtype, mix_seed
 from .base import Optimizer
-from .options import as_float, check_betas, check_nonneg, engine_kwargs
+from .options import as_float, check_betas, check_nonneg
 
 
 class Scalars(NamedTuple):
@@ -106,12 +106,11 @@ class SophiaG(Optimizer):
         betas: :math:`(\beta_1, \beta_2)`: momentum, and the Hessian EMA's decay. Default (0.965, 0.99).
         rho: :math:`\rho`, the clipping scale. Default 0.04.
         weight_decay: :math:`\lambda`, decoupled. Default 0.1.
-        maximize, skip_nonfinite, kahan_sum, stochastic_rounding, master_weights, state_format,
-        min_8bit_size, backend, foreach, fused, max_grad_norm, skip_nonfinite_steps: as for
-        :class:`adamkit.AdamW` (clipping and the whole-step skip act on ``step()``, not on
-        ``update_hessian()``, which reads the sampled-label gradient as it is).
-        gradient_release: only ``False``: release would step the parameters inside the
-        sampled-label backward too, and ``bs`` arrives with ``step()``, after the backward.
+        {engine_options}
+        Here: clipping and the whole-step skip act on ``step(.
+        ``, not on ``update_hessian()``, which reads the sampled-label gradient as it is).
+            gradient_release: only ``False``: release would step the parameters inside the sampled-
+            label backward too, and ``bs`` arrives with ``step()``, after the backward.
 
     Example:
         >>> opt = adamkit.SophiaG(model.parameters(), lr=2e-4, rho=0.05)
@@ -129,14 +128,9 @@ class SophiaG(Optimizer):
         betas: tuple[float, float] = (0.965, 0.99),
         rho: float = 0.04,
         weight_decay: float = 1e-1,
-        *,
-        gradient_release: bool = False,
-        max_grad_norm: float | None = None,
-        skip_nonfinite_steps: bool = False,
         **engine: Any,
     ):
-        engine, options = engine_kwargs("SophiaG", engine)
-        if gradient_release is not False:
+        if engine.get("gradient_release", False) is not False:
             # The hooks would step every parameter inside each backward: the sampled-label backward
             # that update_hessian() reads would move the weights too, and step(bs=...) would come
             # after the step it sizes.
@@ -147,10 +141,8 @@ class SophiaG(Optimizer):
             )
         super().__init__(
             params,
-            dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, bs=5120, **engine),
-            max_grad_norm=max_grad_norm,
-            skip_nonfinite_steps=skip_nonfinite_steps,
-            **options,
+            dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, bs=5120),
+            **engine,
         )
 
     def _required_group_keys(self) -> tuple[str, ...]:
