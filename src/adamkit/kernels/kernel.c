@@ -42,9 +42,9 @@
 
 enum { P_NATIVE = 0, P_PLAIN = 1, P_KAHAN = 2, P_SR = 3, P_MASTER = 4, P_KAHAN8 = 5 };
 enum { S_FP32 = 0, S_BF16 = 1, S_8BIT = 2 };
-enum { ALG_ADAM = 0, ALG_LION = 1 };
 /* Scalars: hp[0] is the gradient's sign (-1 to maximize) for every algorithm, then the
- * algorithm's own, in the order of its Scalars tuple (optim/adam.py, optim/lion.py). */
+ * algorithm's own, in the order of its Scalars tuple (optim/adam.py, optim/lion.py). The
+ * algorithms themselves are listed once, in ALGORITHMS (after their bodies). */
 enum { GRAD_SIGN = 0 };
 enum { A_L2 = 1, A_DECAY, A_OMB1, A_BETA2, A_OMB2, A_EPS, A_STEP_SIZE, A_BC2_SQRT, A_N,
        A_INV_BC2_SQRT = A_N /* the kernel's own: 1/BC2_SQRT rounded to nearest */ };
@@ -163,7 +163,13 @@ static AI float lerp(float a, float b, float w) {
     return fmaf(small ? w : w - 1.0f, b - a, small ? a : b);
 }
 
+/* Each body: one element, fp32 values in and out: p, g (sign and multiplier applied), the slots
+ * s[0..] in the order the algorithm declares them, its scalars hp, ``opt``: its optional slot is
+ * kept. ``*_prepare``: scalars the kernel derives once per step (no_prepare: none). */
+static AI void no_prepare(float *hp) { (void)hp; }
+
 /* Adam (optim/adam.py, adam_update): s = (m, v, max v) */
+static AI void adam_prepare(float *hp) { hp[A_INV_BC2_SQRT] = 1.0f / hp[A_BC2_SQRT]; }
 static AI void adam(float *p, float g, float *s, const float *hp, const int ams) {
     /* torch's grad.add(p, alpha=wd): one rounding; skipped without L2 decay, where 0 * p would
      * turn an inf parameter's gradient into nan (torch leaves it inf) */
@@ -184,13 +190,26 @@ static AI void adam(float *p, float g, float *s, const float *hp, const int ams)
 }
 
 /* Lion (optim/lion.py, lion_update): s = (m) */
-static AI void lion(float *p, float g, float *s, const float *hp) {
+static AI void lion(float *p, float g, float *s, const float *hp, const int opt) {
+    (void)opt;
     const float m = s[0];
     const float c = m * hp[L_BETA1] + g * hp[L_OMB1];
     const float sg = c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : c); /* sign: 0 -> 0, nan -> nan (lion_update) */
     *p = *p * hp[L_DECAY] - sg * hp[L_LR];
     s[0] = m * hp[L_BETA2] + g * hp[L_OMB2];
 }
+
+/* The algorithms, each once: X(id, body, prepare, slots at most, slots of its common case, the
+ * formats its common case gets loops of their own for). Its id is its position here, the
+ * ``native`` of its declaration (algorithm.py). A new elementwise algorithm is its scalar indices
+ * (above), its body (above) and its row here. */
+#define ALGORITHMS(X)                                                                            \
+    X(ALG_ADAM, adam, adam_prepare, 3, 2, ALL_FORMATS)                                            \
+    X(ALG_LION, lion, no_prepare, 1, 1, FAST_FORMATS)
+#define ALG_ID(ID, ...) ID,
+enum { ALGORITHMS(ALG_ID) N_ALGS };
+#define ALG_MAX_SLOTS(ID, FN, PREP, MAXS, ...) MAXS,
+static const int max_slots_of[N_ALGS] = {ALGORITHMS(ALG_MAX_SLOTS)};
 
 /* One element: the engine's part (skip_nonfinite, maximize) around the algorithm's body.
  * s0, s1, s2 point at the element's fp32 slot values (only the first ``ns`` are read). */
@@ -203,8 +222,10 @@ static AI void element(const int alg, float *restrict pp, float g, float *restri
     const int ok = fabsf(g) <= FLT_MAX;
     if (skip) g = ok ? g : 0.0f;
     g = g * hp[GRAD_SIGN];
-    if (alg == ALG_ADAM) adam(&p, g, s, hp, ams);
-    else lion(&p, g, s, hp);
+    switch (alg) { /* alg is a constant where this is inlined: one body remains */
+#define ALG_BODY(ID, FN, ...) case ID: FN(&p, g, s, hp, ams); break;
+        ALGORITHMS(ALG_BODY)
+    }
     if (skip) {
         p = ok ? p : p0;
         s[0] = ok ? s[0] : o0;
@@ -300,7 +321,10 @@ typedef struct {
 static void make_ctx(const args_t *A, ctx_t *C) {
     C->A = A;
     memcpy(C->hp, A->hp, sizeof A->hp);
-    if (A->alg == ALG_ADAM) C->hp[A_INV_BC2_SQRT] = 1.0f / C->hp[A_BC2_SQRT];
+    switch (A->alg) {
+#define ALG_PREPARE(ID, FN, PREP, ...) case ID: PREP(C->hp); break;
+        ALGORITHMS(ALG_PREPARE)
+    }
 }
 
 /* fp32 parameters and state: straight from memory to memory (Adam: 28 B per element) */
@@ -438,7 +462,7 @@ piece_flags(const ctx_t *C, const int alg, const row_t *R, void *param, const vo
             piece_tiled(C, ALG, R, param, grad, a, b, PM, SF, NS, 0, 0);                          \
         return;                                                                                   \
     }
-#define FORMATS(ALG, NS)                                                                          \
+#define ALL_FORMATS(ALG, NS)                                                                      \
     FORMAT(ALG, NS, P_NATIVE, S_FP32) FORMAT(ALG, NS, P_NATIVE, S_BF16)                          \
     FORMAT(ALG, NS, P_NATIVE, S_8BIT) FORMAT(ALG, NS, P_PLAIN, S_FP32)                           \
     FORMAT(ALG, NS, P_PLAIN, S_BF16) FORMAT(ALG, NS, P_PLAIN, S_8BIT)                            \
@@ -449,6 +473,12 @@ piece_flags(const ctx_t *C, const int alg, const row_t *R, void *param, const vo
     FORMAT(ALG, NS, P_SR, S_BF16) FORMAT(ALG, NS, P_SR, S_8BIT)                                  \
     FORMAT(ALG, NS, P_MASTER, S_FP32) FORMAT(ALG, NS, P_MASTER, S_BF16)                          \
     FORMAT(ALG, NS, P_MASTER, S_8BIT)
+/* the formats a user picks for speed; the rest share the generic loop (a smaller library) */
+#define FAST_FORMATS(ALG, NS)                                                                     \
+    FORMAT(ALG, NS, P_NATIVE, S_FP32) FORMAT(ALG, NS, P_NATIVE, S_BF16)                          \
+    FORMAT(ALG, NS, P_NATIVE, S_8BIT) FORMAT(ALG, NS, P_KAHAN, S_BF16)                           \
+    FORMAT(ALG, NS, P_KAHAN, S_8BIT) FORMAT(ALG, NS, P_KAHAN8, S_FP32)                           \
+    FORMAT(ALG, NS, P_KAHAN8, S_BF16) FORMAT(ALG, NS, P_KAHAN8, S_8BIT)
 
 static void run_piece(const ctx_t *C, int64_t r, int64_t a, int64_t b) {
     const args_t *A = C->A;
@@ -456,19 +486,13 @@ static void run_piece(const ctx_t *C, int64_t r, int64_t a, int64_t b) {
     void *param = A->param[r];
     const void *grad = A->grad[r];
     const int pm = A->pmode, sf = A->sfmt;
-    if (A->ams || A->skip) {
-        if (A->alg == ALG_ADAM) piece_flags(C, ALG_ADAM, R, param, grad, a, b, pm, sf);
-        else piece_flags(C, ALG_LION, R, param, grad, a, b, pm, sf);
+    switch (A->alg) { /* the common case's own loops, else one loop with run-time flags */
+#define ALG_RUN(ID, FN, PREP, MAXS, NS, SET)                                                     \
+    case ID:                                                                                      \
+        if (!(A->ams || A->skip)) { SET(ID, NS) }                                                 \
+        piece_flags(C, ID, R, param, grad, a, b, pm, sf);                                         \
         return;
-    }
-    if (A->alg == ALG_ADAM) {
-        FORMATS(ALG_ADAM, 2)
-    } else { /* Lion: the formats a Lion user picks for speed; the rest share the generic loop */
-        FORMAT(ALG_LION, 1, P_NATIVE, S_FP32) FORMAT(ALG_LION, 1, P_NATIVE, S_BF16)
-        FORMAT(ALG_LION, 1, P_NATIVE, S_8BIT) FORMAT(ALG_LION, 1, P_KAHAN, S_BF16)
-        FORMAT(ALG_LION, 1, P_KAHAN, S_8BIT) FORMAT(ALG_LION, 1, P_KAHAN8, S_FP32)
-        FORMAT(ALG_LION, 1, P_KAHAN8, S_BF16) FORMAT(ALG_LION, 1, P_KAHAN8, S_8BIT)
-        piece_flags(C, ALG_LION, R, param, grad, a, b, pm, sf);
+        ALGORITHMS(ALG_RUN)
     }
 }
 
@@ -548,9 +572,9 @@ void adamkit_abi(int64_t *out) {
 /* Returns 0; -1 where memory for the table of starts could not be had; -2 for an algorithm,
  * parameter mode, state format or slot count this kernel does not have (nothing was changed). */
 int adamkit_step(const args_t *A) {
-    if (A->alg != ALG_ADAM && A->alg != ALG_LION) return -2;
+    if (A->alg < 0 || A->alg >= N_ALGS) return -2;
     if (A->pmode < P_NATIVE || A->pmode > P_KAHAN8 || A->sfmt < S_FP32 || A->sfmt > S_8BIT) return -2;
-    if (A->nslots < 1 || A->nslots > MAX_SLOTS || A->nslots > (A->alg == ALG_ADAM ? 3 : 1)) return -2;
+    if (A->nslots < 1 || A->nslots > MAX_SLOTS || A->nslots > max_slots_of[A->alg]) return -2;
     if (A->nrows <= 0) return 0;
     int64_t local[65];
     int64_t *start = A->nrows < 64 ? local : (int64_t *)malloc((size_t)(A->nrows + 1) * sizeof(int64_t));
