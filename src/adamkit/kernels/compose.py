@@ -117,10 +117,10 @@ def encode_all(alg: Algorithm, fmt: Formats, t: dict, p, slots, flags: Flags, in
     return out
 
 
-def step_seeds(step: float, uid: int, n: int = 4) -> list[int]:
-    """Seeds of the rounding streams of one tensor at one step (the native kernel derives the
-    same ones in C: ``mix_seed`` there)."""
-    return [mix_seed(step, uid, k) for k in range(n)]
+def step_seeds(step: float, uid: int, n: int = 4, first: int = 0) -> list[int]:
+    """Seeds of the rounding streams ``first``.. of one tensor at one step (the native kernel
+    derives the same ones in C: ``mix_seed`` there)."""
+    return [mix_seed(step, uid, first + k) for k in range(n)]
 
 
 def needs_index(fmt: Formats) -> bool:
@@ -132,12 +132,14 @@ def needs_index(fmt: Formats) -> bool:
 N_STREAMS = 8
 
 
-def index_and_seeds(it: Item):
+def index_and_seeds(it: Item, first: int = 0):
+    """Each element's position in its whole parameter (where rounding needs it) and the tensor's
+    stream seeds (from stream ``first``)."""
+    seeds = step_seeds(it.step, it.uid, N_STREAMS, first)
     if not needs_index(it.fmt):
-        return None, step_seeds(it.step, it.uid, N_STREAMS)
+        return None, seeds
     p = it.t["param"]
-    index = torch.arange(it.offset, it.offset + p.numel(), device=p.device).view(p.shape)
-    return index, step_seeds(it.step, it.uid, N_STREAMS)
+    return torch.arange(it.offset, it.offset + p.numel(), device=p.device).view(p.shape), seeds
 
 
 def whole_dtensor(x, spec):

@@ -24,14 +24,14 @@ State: ``exp_avg`` m and ``hessian`` h, 4 B/param each in fp32 (Adam's 8), ``ste
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import torch
 
 from ..algorithm import Algorithm, Flags, Slot
-from ..kernels.compose import decode_all, encode_all, index_and_seeds
-from ..storage.formats import compute_dtype, mix_seed
+from ..kernels.reference import run_reference
 from .base import Optimizer
 from .options import as_float, check_betas, check_nonneg
 
@@ -107,10 +107,10 @@ class SophiaG(Optimizer):
         rho: :math:`\rho`, the clipping scale. Default 0.04.
         weight_decay: :math:`\lambda`, decoupled. Default 0.1.
         {engine_options}
-        Here: clipping and the whole-step skip act on ``step(.
-        ``, not on ``update_hessian()``, which reads the sampled-label gradient as it is).
-            gradient_release: only ``False``: release would step the parameters inside the sampled-
-            label backward too, and ``bs`` arrives with ``step()``, after the backward.
+        Here: clipping and the whole-step skip act on ``step()``, not on ``update_hessian()``,
+            which reads the sampled-label gradient as it is. ``gradient_release`` is refused:
+            release would step the parameters inside the sampled-label backward too, and ``bs``
+            arrives with ``step()``, after the backward.
 
     Example:
         >>> opt = adamkit.SophiaG(model.parameters(), lr=2e-4, rho=0.05)
@@ -166,17 +166,11 @@ class SophiaG(Optimizer):
         for index, group in enumerate(self.param_groups):
             hp = self._hyper(index, group)
             f = self.algorithm.flags(group, hp)._replace(skip_nonfinite=False)
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                it = self._item(p, group, base + i)
-                cdt = compute_dtype(it.t["param"].dtype)
-                pp, g, slots = decode_all(_HESSIAN, it.fmt, it.t, f, cdt)
-                _, new = hessian_update(pp, g, slots, scalars(hp, it.step, f), f)
-                index_, _ = index_and_seeds(it)
-                seeds = [mix_seed(it.step, it.uid, 100 + k) for k in range(3)]  # own rounding streams
-                out = encode_all(_HESSIAN, it.fmt, it.t, pp, new, f, index_, seeds)
-                for name in ("hessian", "hessian_scale"):
-                    if name in out:
-                        it.t[name].copy_(out[name])
+            items = [
+                self._item(p, group, base + i) for i, p in enumerate(group["params"]) if p.grad is not None
+            ]
+            # the shared per-tensor runner, writing h only, with rounding streams of its own
+            run_reference(
+                _HESSIAN, items, functools.partial(scalars, hp, f=f), f, streams=100, only=("hessian",)
+            )
             base += len(group["params"])
