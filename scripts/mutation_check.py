@@ -110,8 +110,15 @@ MUTATIONS = [
 ]
 
 # the single-process suite (the same set before and after a reorganization of the tests)
-LEAVE_OUT = ("test_wheel.py", "test_distributed.py", "test_variants_distributed.py", "test_plan_distributed.py",
-             "test_release_ddp.py", "test_race.py", "test_train.py")  # fmt: skip
+LEAVE_OUT = (
+    "test_wheel.py",
+    "test_distributed.py",
+    "test_variants_distributed.py",
+    "test_plan_distributed.py",
+    "test_release_ddp.py",
+    "test_race.py",
+    "test_train.py",
+)
 
 
 def checkout(commit: str, into: Path) -> None:
@@ -145,7 +152,9 @@ def main() -> int:
     ap.add_argument("--commit", default="HEAD")
     ap.add_argument("--only", nargs="*", help="mutation names")
     args = ap.parse_args()
-    rev = subprocess.run(["git", "rev-parse", "--short", args.commit], cwd=ROOT, capture_output=True, text=True)
+    rev = subprocess.run(
+        ["git", "rev-parse", "--short", args.commit], cwd=ROOT, capture_output=True, text=True
+    )
     print(f"commit {rev.stdout.strip()}\n")
     print("| mutation | behaviour | verdict | seconds | first failing test |")
     print("|---|---|---|---|---|")
