@@ -315,13 +315,15 @@ def test_warnings_for_every_new_optimizer(kw, match):
     import gc
 
     ids = []
-    for _ in range(20):
+    for _ in range(20):  # until an address is reused (within a few on CPython): the case at issue
         with pytest.warns(UserWarning, match=match):
             opt = adamkit.AdamW([torch.zeros(3, requires_grad=True)], **kw)
         ids.append(id(opt))
         del opt
         gc.collect()
-    assert len(set(ids)) < len(ids)  # an address was reused: the case this test is about
+        if len(set(ids)) < len(ids):
+            break
+    assert len(set(ids)) < len(ids)  # an address was reused, and the optimizer there warned
 
 
 def test_a_missing_compiler_is_recognised_by_its_cause_not_its_words():

@@ -37,7 +37,9 @@ def test_bench_cli_writes_json(tmp_path, capsys):
     # each row's arithmetic-only time (in cache) for the case's parameters, and which limit binds
     assert "arithmetic ms (in cache)" in out
     for r in result["rows"]:
-        assert r["arithmetic_ms"] > 0 and r["binds"] in ("arithmetic", "memory")
+        # a difference of two timings, clamped at 0 (on a busy machine the larger size may not
+        # measure slower): a number, and which limit binds
+        assert r["arithmetic_ms"] >= 0 and r["binds"] in ("arithmetic", "memory")
         # against the probes timed with the case (one case here: the run's best as well)
         assert r["case_stream_gbps"] == result["stream_gbps"]
         assert r["pct_stream"] == pytest.approx(100 * r["gbps"] / r["case_stream_gbps"], rel=1e-9)
@@ -68,7 +70,7 @@ def test_incache_benchmark_runs_every_recipe(capsys):
     import runpy
     from pathlib import Path
 
-    script = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "bench_incache.py"))
+    script = runpy.run_path(str(Path(__file__).parents[2] / "benchmarks" / "bench_incache.py"))
     script["main"](["--n", "4096", "--updates", "8192", "--repeats", "1"])
     out = capsys.readouterr().out
     for name in script["RECIPES"]:

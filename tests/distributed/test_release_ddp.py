@@ -6,12 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from test_distributed import WORLD, _assert_same_run, _fsdp_mlp, _mlp, _spawn, _train
 from torch import nn
 
 import adamkit
-from test_distributed import WORLD, _assert_same_run, _fsdp_mlp, _mlp, _spawn, _train
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+pytestmark = [
+    pytest.mark.slow,  # processes on the gloo backend
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
+]
 KW = dict(lr=1e-2, weight_decay=0.1)
 
 

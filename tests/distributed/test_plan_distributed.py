@@ -18,14 +18,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from test_distributed import _local, _spawn
 from torch import nn
 
 import adamkit
 from adamkit.tools import cli
 from adamkit.tools.plan import COMPONENTS, fsdp2_rows, per_rank, state_component
-from test_distributed import _local, _spawn
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+pytestmark = [
+    pytest.mark.slow,  # processes on the gloo backend
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
+]
 
 WORLD = 2
 

@@ -12,16 +12,19 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from test_distributed import _fsdp_mlp, _mlp, _roundtrip, _spawn
 
 import adamkit
-from test_distributed import _fsdp_mlp, _mlp, _roundtrip, _spawn
 
 # float64, 4 steps whose column means (and 1-D vectors' means) are all-reduced, summed in another
 # order than one process: each reduction differs by a few ulps (measured at most 5.6e-17 on
 # parameters of magnitude < 1); 1e-14 leaves 100x for the 4 steps' propagation
 TOL64 = 1e-14
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+pytestmark = [
+    pytest.mark.slow,  # processes on the gloo backend
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
+]
 
 
 def _fsdp_wide() -> torch.nn.Module:

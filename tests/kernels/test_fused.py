@@ -5,6 +5,7 @@ layout it replaced (each test names what it pins)."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,16 +219,41 @@ def test_fused_state_dict_roundtrip_into_other_backends():
     assert_same(other, ref, cont, rps)
 
 
-def test_native_kernel_is_built_once_per_machine(tmp_path, monkeypatch, capfd):
+@pytest.fixture
+def instant_compiler(monkeypatch):
+    """The cache tests exercise where the kernel is built, named, found and reused, not the
+    compiler (every other fused test runs the library this session compiled, the wheel test a
+    fresh build): here "compiling" copies that library to the output path, ~20 s sooner. Returns
+    the compile commands run."""
+    import shutil
+    import subprocess
+
+    built = Path(native.load()._name)
+    real, calls = subprocess.run, []
+
+    def run(cmd, *args, **kw):
+        if "-o" not in cmd:  # cc --version
+            return real(cmd, *args, **kw)
+        calls.append(cmd)
+        shutil.copyfile(built, cmd[cmd.index("-o") + 1])
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    return calls
+
+
+def test_native_kernel_is_built_once_per_machine(tmp_path, monkeypatch, capfd, instant_compiler):
     """Built once, saying so (the first step on a fresh machine waited ~20 s without a word)."""
     monkeypatch.setenv("ADAMKIT_CACHE_DIR", str(tmp_path))
     assert native.load.__wrapped__() is not None
     assert "building the native kernel for this CPU, once" in capfd.readouterr().err
+    assert len(instant_compiler) == 1 and str(native.SOURCE) in instant_compiler[0]
     (built,) = tmp_path.glob("adamkit_kernel_*.so")
     stamp = built.stat().st_mtime_ns
     assert native.load.__wrapped__() is not None  # loaded from the cache, not rebuilt
     assert "building" not in capfd.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == [built.name] and built.stat().st_mtime_ns == stamp
+    assert len(instant_compiler) == 1
 
 
 def test_the_whole_cc_keys_the_cache():
@@ -383,7 +409,9 @@ def test_formats_without_a_kernel_here_run_per_tensor(monkeypatch):
     assert native_ids(fused) == {id(p) for p in full}
 
 
-def test_native_kernel_unwritable_cache_falls_back_to_a_temporary_directory(tmp_path, monkeypatch):
+def test_native_kernel_unwritable_cache_falls_back_to_a_temporary_directory(
+    tmp_path, monkeypatch, instant_compiler
+):
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
     monkeypatch.setenv("ADAMKIT_CACHE_DIR", str(blocker / "cache"))

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from test_release import FORMATS, RELEASE_CASES, loss_of, model
 
 import adamkit
-from test_release import FORMATS, RELEASE_CASES, loss_of, model
 
 K = 3
 LR, WD, B1, B2, EPS = 1e-2, 0.1, 0.9, 0.999, 1e-8

@@ -27,7 +27,10 @@ import host_rounding
 from adamkit.dist import is_dtensor
 from adamkit.kernels import native
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+pytestmark = [
+    pytest.mark.slow,  # processes on the gloo backend
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
+]
 
 WORLD = 2
 LR = 1e-2

@@ -15,7 +15,7 @@ TINY = tasks.GPTConfig(context=32, d_model=32, n_layers=1, n_heads=2)
 TINY_FLAGS = ["--d-model", "32", "--layers", "1", "--heads", "2", "--context", "32", "--batch-size", "16"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # whole-model training runs
 
 
 def tiny_train(save_to=None, stop_after=None, **overrides) -> object:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = r"""
 import json, shutil, torch, adamkit
@@ -37,6 +37,7 @@ print(json.dumps(dict(file=adamkit.__file__, loaded=native.loaded_from, failure=
 """
 
 
+@pytest.mark.slow  # builds and installs a wheel
 @pytest.mark.skipif(
     platform.machine() != "x86_64" or not Path("/proc/cpuinfo").exists(), reason="x86-64 Linux"
 )

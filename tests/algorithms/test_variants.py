@@ -12,7 +12,7 @@ import torch
 
 import adamkit
 from adamkit.tools.plan import adamkit_state_bytes
-from test_kernel_parity import assert_bits, roundtrip
+from cases import assert_bits, roundtrip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -568,6 +568,7 @@ def test_planner_state_bytes_exact(name, cls, kw, plan_name, between, dtype, fmt
     assert sum(planned.values()) == live
 
 
+@pytest.mark.slow  # a race of the variants
 def test_quick_race_rows_run():
     """Each variant's race row trains (a few steps of the quick GPT) at its stated lr."""
     from adamkit.tools import race
@@ -864,6 +865,7 @@ def test_lr_schedule_never_recompiles_a_compiled_train_step(name, cls, kw, plan_
         assert_same(compiled, eager, f"step {t + 1}")
 
 
+@pytest.mark.slow  # a whole training run
 def test_train_adam_mini_with_fused_clipping_and_release():
     """`adamkit train --optimizer adam-mini --grads fused|release` trains: fused clipping is
     the same run as torch's clip_grad_norm_ (the coefficient folded into the step); release steps

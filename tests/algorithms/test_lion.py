@@ -1,9 +1,9 @@
 """Lion, the second algorithm on the engine: its equations (a float64 oracle written here, and the
-lion-pytorch package), every backend x parameter storage x state format against the reference,
-state dicts, bad input, training.
+lion-pytorch package), non-finite gradients and the compiled kernel against the reference, state
+dicts, bad input, training.
 
-The helpers of ``test_kernel_parity`` (bit comparisons, values and gradients, the parameter and
-state tables) are reused: Lion is one more row for the same engine.
+Every backend x parameter storage x state format is in the one case table (``tests/cases.py``,
+Lion's rows, run by ``test_kernel_parity``): Lion is one more row for the same engine.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 
 import adamkit
 from adamkit.tools.plan import adamkit_state_bytes
-from test_kernel_parity import PARAMS, STATES, assert_bits, grads_of, roundtrip, rows, step, values_of
-from test_kernel_parity import build as build_opt
+from cases import PARAMS, STATES, assert_bits, grads_of, roundtrip, rows, step, values_of
+from cases import build as build_opt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,15 +126,9 @@ def test_float64_matches_lion_pytorch(wd):
 
 
 # ------------------------------------------------------------------------------------------------
-# (c) Every backend x parameter storage x state format, held to the reference backend
+# (c) Non-finite gradients and the compiled kernel, held to the reference backend (every backend x
+#     parameter storage x state format: Lion's rows of the one case table, tests/cases.py)
 # ------------------------------------------------------------------------------------------------
-
-# (id, options): decay, maximize, and skip_nonfinite (every row also steps non-finite gradients)
-MATH = [
-    ("decay", {"weight_decay": 0.5}),
-    ("maximize", {"maximize": True, "weight_decay": 0.1, "betas": (0.8, 0.95)}),
-    ("skip", {"skip_nonfinite": True, "weight_decay": 0.5}),
-]
 
 
 def build(values, backend, sd=None, **kw):
@@ -180,16 +174,6 @@ def run_and_compare(dtype, kw, backend, nonfinite=None):
     if nonfinite is not None:
         m_finite = all(bool(adamkit_m(ref[1], p).isfinite().all()) for p in ref[0])
         assert m_finite == kw.get("skip_nonfinite", False), "non-finite gradients reach m unless skipped"
-
-
-@pytest.mark.parametrize("backend", ["foreach", "fused"])
-@pytest.mark.parametrize("math_kw", rows(MATH))
-@pytest.mark.parametrize("state", STATES)
-@pytest.mark.parametrize("dtype,param_kw", rows(PARAMS))
-def test_every_backend_matches_reference_bit_for_bit(dtype, param_kw, state, math_kw, backend):
-    """skip_nonfinite rows step inf/-inf/nan gradients; the others: below."""
-    kw = {**param_kw, **math_kw, "state_format": state}
-    run_and_compare(dtype, kw, backend, nonfinite="nan" if kw.get("skip_nonfinite") else None)
 
 
 @pytest.mark.parametrize("backend", ["foreach", "fused"])

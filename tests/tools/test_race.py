@@ -11,7 +11,7 @@ import torch
 
 from adamkit.tools import cli, race, registry
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # whole-model training runs
 
 
 @pytest.fixture(scope="module")
