@@ -99,7 +99,7 @@ class Algorithm:
     scalars: Callable[[dict, float, Flags], tuple]  # (hyperparameters, step, flags) -> Scalars
     update: Callable[..., tuple]  # (p, g, slots, scalars, flags) -> (p, slots)
     scalar_type: type  # the NamedTuple ``scalars`` returns (field order = the native kernel's)
-    native: int | None = None  # the body's id in kernel.c (ALG_*), None where it has none
+    native: str | None = None  # the name of its body in kernel.c's ALGORITHMS; None where it has none
     # an optional runner on torch's own fused kernels, for when the native kernel is unavailable
     # (items, hyperparameters, flags) -> the items it did not serve
     torch_fused: Callable[..., list] | None = None

@@ -87,7 +87,7 @@ typedef struct {
 
 /* The layout the Python side mirrors (kernels/native.py, Row and Args), checked when it loads a
  * library: a stale or foreign build is refused instead of reading fields at the wrong offsets. */
-#define ABI_VERSION 3
+#define ABI_VERSION 4
 
 /* ---- storage: bf16 and rounding ------------------------------------------------------------ */
 
@@ -200,9 +200,9 @@ static AI void lion(float *p, float g, float *s, const float *hp, const int opt)
 }
 
 /* The algorithms, each once: X(id, body, prepare, slots at most, slots of its common case, the
- * formats its common case gets loops of their own for). Its id is its position here, the
- * ``native`` of its declaration (algorithm.py). A new elementwise algorithm is its scalar indices
- * (above), its body (above) and its row here. */
+ * formats its common case gets loops of their own for). Its id is its position here, looked up by
+ * its body's name (``adamkit_algorithm``, the ``native`` of its declaration, algorithm.py). A new
+ * elementwise algorithm is its scalar indices (above), its body (above) and its row here. */
 #define ALGORITHMS(X)                                                                            \
     X(ALG_ADAM, adam, adam_prepare, 3, 2, ALL_FORMATS)                                            \
     X(ALG_LION, lion, no_prepare, 1, 1, FAST_FORMATS)
@@ -567,6 +567,14 @@ void adamkit_abi(int64_t *out) {
     out[2] = (int64_t)sizeof(args_t);
     out[3] = N_HP;
     out[4] = MAX_SLOTS;
+}
+
+/* The id of the algorithm whose body is named ``name`` in ALGORITHMS (an Algorithm declaration's
+ * ``native``), or -1: Python never hard-codes the ids. */
+int32_t adamkit_algorithm(const char *name) {
+#define ALG_NAME(ID, FN, ...) if (!strcmp(name, #FN)) return ID;
+    ALGORITHMS(ALG_NAME)
+    return -1;
 }
 
 /* Returns 0; -1 where memory for the table of starts could not be had; -2 for an algorithm,

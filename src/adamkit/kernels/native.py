@@ -97,7 +97,21 @@ class Args(ctypes.Structure):
     ]
 
 
-ABI_VERSION = 3  # kernel.c's ABI_VERSION: the layout of Row and Args
+ABI_VERSION = 4  # kernel.c's ABI_VERSION: the layout of Row and Args, its entry points
+
+
+@functools.cache
+def _ids(lib) -> dict:
+    return {}
+
+
+def algorithm_id(lib, alg) -> int:
+    """The kernel's id of ``alg``'s body (``Algorithm.native``, a name in kernel.c's ALGORITHMS);
+    -1 where the library has no such body (the step then refuses it, changing nothing)."""
+    ids = _ids(lib)
+    if alg.native not in ids:
+        ids[alg.native] = lib.adamkit_algorithm(alg.native.encode())
+    return ids[alg.native]
 
 
 def abi_problem(lib) -> str | None:
@@ -226,6 +240,8 @@ def load():
     p = ctypes.c_void_p
     lib.adamkit_ieee.argtypes = [ctypes.c_int32, ctypes.c_int64, p, p, p, ctypes.c_float, p]
     lib.adamkit_ieee.restype = ctypes.c_int
+    lib.adamkit_algorithm.argtypes = [ctypes.c_char_p]
+    lib.adamkit_algorithm.restype = ctypes.c_int32
     _failure = None
     return lib
 
@@ -421,7 +437,7 @@ class Table:
         a = self.args = Args()
         a.rows = ctypes.addressof(rows)
         a.param = self.param_ptrs.buffer_info()[0]
-        a.alg, a.pmode, a.sfmt = alg.native, PARAM_MODES[fmt.param], STATE_FORMATS[fmt.state]
+        a.alg, a.pmode, a.sfmt = algorithm_id(lib, alg), PARAM_MODES[fmt.param], STATE_FORMATS[fmt.state]
         # ams: the algorithm's optional slot is kept (Adam's max v with amsgrad)
         a.nslots, a.skip = len(names), int(flags.skip_nonfinite)
         a.ams = int(any(slot.option is not None for slot in alg.active_slots(flags)))

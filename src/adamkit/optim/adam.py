@@ -223,7 +223,7 @@ ADAM = Algorithm(
     scalars=scalars,
     update=adam_update,
     scalar_type=Scalars,
-    native=0,  # ALG_ADAM in kernel.c
+    native="adam",  # its body in kernel.c
     torch_fused=torch_fused,
     accumulation=Accumulation(check=check_accumulation, fold=fold, last=last),
 )
