@@ -59,8 +59,11 @@ ALGORITHMS = [
     ("lion-maximize-full", "Lion", {"maximize": True, "betas": (0.8, 0.95), "weight_decay": 5e-4,
                                     "decouple_lr": True, "max_lr": 2 * LR}),
     ("lion-skip", "Lion", {"skip_nonfinite": True, "weight_decay": 0.5}),
+    ("adopt-l2", "ADOPT", {"weight_decay": 0.1}),
+    ("adopt-decoupled-maximize", "ADOPT", {"decouple": True, "weight_decay": 0.1, "maximize": True}),
+    ("adopt-skip-noclip", "ADOPT", {"skip_nonfinite": True, "clip_exponent": None}),
 ]  # fmt: skip
-ADAM = [r for r in ALGORITHMS if r[1] != "Lion"]
+ADAM = [r for r in ALGORITHMS if r[1] in ("Adam", "AdamW")]
 
 
 def table() -> list:

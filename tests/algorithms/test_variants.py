@@ -117,6 +117,43 @@ def test_adafactor_first_moment_matches_its_equations():
         )
 
 
+@pytest.mark.parametrize("backend", ["reference", "foreach", "fused"])
+@pytest.mark.parametrize("clip", [0.25, None], ids=["clip", "noclip"])
+def test_adopt_matches_its_papers_equations(clip, backend):
+    """ADOPT (Taniguchi et al. 2024, Algorithm 2 with the reference's clip c_t = t^(1/4)), in Python
+    floats per element: the first step only sets v = g^2; then m is fed g / max(sqrt(v_prev), eps),
+    clipped, and v is updated after the parameter. fp32 here (the fused backend runs the native
+    kernel): within a few fp32 ulps of the float64 equations."""
+    lr, (b1, b2), eps, wd = 0.02, (0.9, 0.99), 1e-6, 0.1
+    gen = torch.Generator().manual_seed(40)
+    p0 = torch.randn(257, generator=gen)
+    p = p0.clone().requires_grad_()
+    opt = adamkit.ADOPT([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, decouple=True,
+                        clip_exponent=clip, backend=backend)  # fmt: skip
+    x, m, v, clipped = p0.double().tolist(), [0.0] * 257, [0.0] * 257, 0
+    for t in range(1, 6):
+        g = (torch.randn(257, generator=gen) * 3).tolist()
+        p.grad = torch.tensor(g)
+        opt.step()
+        c = math.inf if clip is None else t**clip
+        for i in range(257):
+            x[i] *= 1 - lr * wd
+            if t > 1:
+                raw = g[i] / max(math.sqrt(v[i]), eps)
+                clipped += abs(raw) > c
+                n = max(-c, min(c, raw))
+                m[i] = b1 * m[i] + (1 - b1) * n
+                x[i] -= lr * m[i]
+            v[i] = g[i] * g[i] if t == 1 else b2 * v[i] + (1 - b2) * g[i] * g[i]
+        torch.testing.assert_close(
+            p.detach().double(), torch.tensor(x, dtype=torch.float64), rtol=1e-5, atol=1e-6
+        )
+        torch.testing.assert_close(
+            opt.state[p]["exp_avg_sq"].double(), torch.tensor(v, dtype=torch.float64), rtol=1e-5, atol=0
+        )
+    assert (clipped > 0) == (clip is not None)  # the clip bound was met (|g| / sqrt(v) > t^(1/4))
+
+
 @pytest.mark.parametrize("backend", ["reference", "foreach"])
 def test_came_matches_came_pytorch_float64(backend):
     came_pytorch = pytest.importorskip("came_pytorch")
@@ -318,6 +355,8 @@ TABLE = [
     ("sophia", adamkit.SophiaG, {"lr": 0.01, "rho": 0.05}, "sophia", HESSIAN),
     # GSHAPES' matrix takes Muon, the others the AdamW fallback (a group of their own)
     ("muon", adamkit.Muon, {"lr": 0.02, "weight_decay": 0.1, "adamw_lr": 3e-3}, "muon", None),
+    # pytorch_optimizer's spelling of decoupled decay (adamkit's own: decouple=True)
+    ("adopt", adamkit.ADOPT, {"lr": 0.01, "weight_decay": 0.1, "weight_decouple": True}, "adopt", None),
 ]
 ROWS = [pytest.param(*row, id=row[0]) for row in TABLE]
 # (id, parameter dtype, options): storage formats and precision options
@@ -731,6 +770,7 @@ ORACLES = {
     "lamb": (lambda ps, kw: Equations(ps, lamb_equations, betas=(0.9, 0.999), eps=1e-6, **kw), ()),
     "sophia": (_package("sophia_opt", "SophiaG"), ("exp_avg", "hessian")),
     "muon": (muon_and_adamw, ("momentum_buffer", "exp_avg", "exp_avg_sq")),
+    "adopt": (_package("pytorch_optimizer", "ADOPT"), ("exp_avg", "exp_avg_sq")),
 }
 
 

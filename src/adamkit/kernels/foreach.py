@@ -66,6 +66,9 @@ class TensorList:
     def clamp_max(self, o):
         return TensorList(torch._foreach_clamp_max(self.ts, o))
 
+    def clamp_min(self, o):
+        return TensorList(torch._foreach_clamp_min(self.ts, o))
+
     def sign(self):
         return TensorList(torch._foreach_sign(self.ts))
 

@@ -49,6 +49,7 @@ enum { GRAD_SIGN = 0 };
 enum { A_L2 = 1, A_DECAY, A_OMB1, A_BETA2, A_OMB2, A_EPS, A_STEP_SIZE, A_BC2_SQRT, A_N,
        A_INV_BC2_SQRT = A_N /* the kernel's own: 1/BC2_SQRT rounded to nearest */ };
 enum { L_DECAY = 1, L_LR, L_BETA1, L_OMB1, L_BETA2, L_OMB2 };
+enum { D_L2 = 1, D_DECAY, D_OMB1, D_BETA2, D_OMB2, D_EPS, D_NEG_LR, D_CLIP };
 #define N_HP 16
 
 #define BLOCK 256
@@ -199,13 +200,28 @@ static AI void lion(float *p, float g, float *s, const float *hp, const int opt)
     s[0] = m * hp[L_BETA2] + g * hp[L_OMB2];
 }
 
+/* ADOPT (optim/adopt.py, adopt_update): s = (m, v); the first step's scalars keep m and p */
+static AI void adopt(float *p, float g, float *s, const float *hp, const int opt) {
+    (void)opt;
+    if (hp[D_L2] != 0.0f) g = fmaf(*p, hp[D_L2], g);
+    const float np = *p * hp[D_DECAY];
+    const float r = sqrtf(s[1]);
+    float n = g / (r < hp[D_EPS] ? hp[D_EPS] : r); /* clamp_min: nan stays nan */
+    n = n < -hp[D_CLIP] ? -hp[D_CLIP] : (n > hp[D_CLIP] ? hp[D_CLIP] : n);
+    const float m = lerp(s[0], n, hp[D_OMB1]);
+    *p = fmaf(m, hp[D_NEG_LR], np);
+    s[0] = m;
+    s[1] = s[1] * hp[D_BETA2] + (g * g) * hp[D_OMB2];
+}
+
 /* The algorithms, each once: X(id, body, prepare, slots at most, slots of its common case, the
  * formats its common case gets loops of their own for). Its id is its position here, looked up by
  * its body's name (``adamkit_algorithm``, the ``native`` of its declaration, algorithm.py). A new
  * elementwise algorithm is its scalar indices (above), its body (above) and its row here. */
 #define ALGORITHMS(X)                                                                            \
     X(ALG_ADAM, adam, adam_prepare, 3, 2, ALL_FORMATS)                                            \
-    X(ALG_LION, lion, no_prepare, 1, 1, FAST_FORMATS)
+    X(ALG_LION, lion, no_prepare, 1, 1, FAST_FORMATS)                                            \
+    X(ALG_ADOPT, adopt, no_prepare, 2, 2, FAST_FORMATS)
 #define ALG_ID(ID, ...) ID,
 enum { ALGORITHMS(ALG_ID) N_ALGS };
 #define ALG_MAX_SLOTS(ID, FN, PREP, MAXS, ...) MAXS,

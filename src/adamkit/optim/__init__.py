@@ -3,10 +3,11 @@
 from .adafactor import Adafactor
 from .adam import Adam, AdamW
 from .adam_mini import AdamMini
+from .adopt import ADOPT
 from .came import CAME
 from .lamb import Lamb
 from .lion import Lion
 from .muon import Muon
 from .sophia import SophiaG
 
-__all__ = ["Adafactor", "Adam", "AdamMini", "AdamW", "CAME", "Lamb", "Lion", "Muon", "SophiaG"]
+__all__ = ["ADOPT", "Adafactor", "Adam", "AdamMini", "AdamW", "CAME", "Lamb", "Lion", "Muon", "SophiaG"]

@@ -135,6 +135,13 @@ OPTIMIZERS: dict[str, Optimizer] = {
         # Sophia-G is planned only: it needs update_hessian() on sampled-label gradients, which the
         # training loop does not produce
         Optimizer("sophia", "Sophia", None, ("SophiaG", ())),
+        # ADOPT's update is normalized like Adam's (clipped at t^(1/4)): AdamW's lr and decoupled decay
+        Optimizer(
+            "adopt",
+            "ADOPT",
+            Training("adamkit.ADOPT", adamkit.ADOPT, 3e-3, 0.1, kwargs={"decouple": True}, adamkit=True),
+            ("ADOPT", ()),
+        ),
         Optimizer(
             "lamb", "LAMB", Training("adamkit.Lamb", adamkit.Lamb, 3e-2, 0.1, adamkit=True), ("Lamb", ())
         ),
