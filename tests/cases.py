@@ -62,6 +62,9 @@ ALGORITHMS = [
     ("adopt-l2", "ADOPT", {"weight_decay": 0.1}),
     ("adopt-decoupled-maximize", "ADOPT", {"decouple": True, "weight_decay": 0.1, "maximize": True}),
     ("adopt-skip-noclip", "ADOPT", {"skip_nonfinite": True, "clip_exponent": None}),
+    ("ademamix-warmup", "AdEMAMix", {"weight_decay": 0.1, "t_alpha_beta3": 10}),
+    ("ademamix-l2-maximize", "AdEMAMix", {"decouple": False, "weight_decay": 0.1, "maximize": True}),
+    ("ademamix-skip", "AdEMAMix", {"skip_nonfinite": True, "alpha": 8.0}),
 ]  # fmt: skip
 ADAM = [r for r in ALGORITHMS if r[1] in ("Adam", "AdamW")]
 
@@ -222,7 +225,8 @@ def assert_sr(actual, exact, what, where=None, stats=None, key=None):
 # The 8-bit format (documented in adamkit.storage.quant8): blocks of 256 with scale a, the block's largest
 # finite magnitude; m stored as c + 128 with x = a c|c| / 127^2, v as c with x = a (c / 254)^4;
 # non-finite values as a marker (m: 0, v: 255) that decodes to nan.
-Q8 = {"exp_avg": (2, 127), "exp_avg_sq": (4, 254), "max_exp_avg_sq": (4, 254)}
+# (k, Q) of each slot: signed slots (m-like) (2, 127), magnitudes (v-like) (4, 254)
+Q8 = {"exp_avg": (2, 127), "exp_avg_slow": (2, 127), "exp_avg_sq": (4, 254), "max_exp_avg_sq": (4, 254)}
 
 
 def blocks_of(x: torch.Tensor) -> torch.Tensor:
@@ -253,7 +257,7 @@ def decode8(name, codes, scales, n):
     k, q = Q8[name]
     c = codes.reshape(-1, 256).double()
     a = scales.double().view(-1, 1)
-    if name == "exp_avg":
+    if k == 2:  # signed
         c = c - 128
         x = torch.where(codes.view(-1, 256) == 0, float("nan"), a * c * c.abs() / q**k)
     else:

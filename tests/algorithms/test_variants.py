@@ -118,6 +118,40 @@ def test_adafactor_first_moment_matches_its_equations():
 
 
 @pytest.mark.parametrize("backend", ["reference", "foreach", "fused"])
+@pytest.mark.parametrize("T", [None, 3], ids=["no-warmup", "warmup"])
+def test_ademamix_matches_its_papers_equations(T, backend):
+    """AdEMAMix (Pagliardini et al., Algorithm 1, with the alpha and beta3 schedules of its
+    Appendix), in Python floats per element; fp32 parameters here, within a few fp32 ulps."""
+    lr, (b1, b2, b3), alpha, eps, wd = 0.02, (0.9, 0.99, 0.999), 5.0, 1e-8, 0.1
+    gen = torch.Generator().manual_seed(41)
+    p0 = torch.randn(300, generator=gen)
+    p = p0.clone().requires_grad_()
+    opt = adamkit.AdEMAMix([p], lr=lr, betas=(b1, b2, b3), alpha=alpha, t_alpha_beta3=T, eps=eps,
+                           weight_decay=wd, backend=backend)  # fmt: skip
+    x, m1, m2, v = p0.double().tolist(), [0.0] * 300, [0.0] * 300, [0.0] * 300
+    for t in range(1, 6):
+        g = torch.randn(300, generator=gen).tolist()
+        p.grad = torch.tensor(g)
+        opt.step()
+        a_t, b3_t = alpha, b3
+        if T:
+            a_t = min(t * alpha / T, alpha)
+            lb1, lb3 = math.log(b1), math.log(b3)
+            b3_t = min(math.exp(lb1 * lb3 / ((1 - t / T) * lb3 + (t / T) * lb1)), b3)
+        for i in range(300):
+            m1[i] = b1 * m1[i] + (1 - b1) * g[i]
+            m2[i] = b3_t * m2[i] + (1 - b3_t) * g[i]
+            v[i] = b2 * v[i] + (1 - b2) * g[i] ** 2
+            den = math.sqrt(v[i] / (1 - b2**t)) + eps
+            x[i] -= lr * ((m1[i] / (1 - b1**t) + a_t * m2[i]) / den + wd * x[i])
+        torch.testing.assert_close(
+            p.detach().double(), torch.tensor(x, dtype=torch.float64), rtol=1e-5, atol=1e-6
+        )
+        want = torch.tensor(m2, dtype=torch.float64)
+        torch.testing.assert_close(opt.state[p]["exp_avg_slow"].double(), want, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["reference", "foreach", "fused"])
 @pytest.mark.parametrize("clip", [0.25, None], ids=["clip", "noclip"])
 def test_adopt_matches_its_papers_equations(clip, backend):
     """ADOPT (Taniguchi et al. 2024, Algorithm 2 with the reference's clip c_t = t^(1/4)), in Python
@@ -357,7 +391,9 @@ TABLE = [
     ("muon", adamkit.Muon, {"lr": 0.02, "weight_decay": 0.1, "adamw_lr": 3e-3}, "muon", None),
     # pytorch_optimizer's spelling of decoupled decay (adamkit's own: decouple=True)
     ("adopt", adamkit.ADOPT, {"lr": 0.01, "weight_decay": 0.1, "weight_decouple": True}, "adopt", None),
-]
+    ("ademamix", adamkit.AdEMAMix, {"lr": 0.01, "weight_decay": 0.1, "weight_decouple": True,
+                                    "t_alpha_beta3": 4}, "ademamix", None),
+]  # fmt: skip
 ROWS = [pytest.param(*row, id=row[0]) for row in TABLE]
 # (id, parameter dtype, options): storage formats and precision options
 FORMATS = [
@@ -771,6 +807,7 @@ ORACLES = {
     "sophia": (_package("sophia_opt", "SophiaG"), ("exp_avg", "hessian")),
     "muon": (muon_and_adamw, ("momentum_buffer", "exp_avg", "exp_avg_sq")),
     "adopt": (_package("pytorch_optimizer", "ADOPT"), ("exp_avg", "exp_avg_sq")),
+    "ademamix": (_package("pytorch_optimizer", "AdEMAMix"), ("exp_avg", "exp_avg_sq", "exp_avg_slow")),
 }
 
 

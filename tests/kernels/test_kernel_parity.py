@@ -218,6 +218,34 @@ def test_8bit_marker_in_one_moment_decodes_to_nan(dtype, param_kw, which, amsgra
         assert torch.equal(rp.detach().reshape(-1).isnan(), poisoned[i]), f"param {i}: the reference"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("state", ["fp32", "bf16"])
+def test_amsgrad_max_keeps_a_nan_where_v_is_finite(state, backend):
+    """torch.maximum(max_v, v) is nan where max_v is nan, even where v is finite (a loaded state,
+    or a v that recovered): the element's update is nan, as in torch.optim.Adam, not a silent
+    reset of the maximum to v."""
+    values = values_of(torch.float32, seed=33)
+    src = build("AdamW", values, "reference", amsgrad=True, state_format="fp32")
+    step(src, grads_of(values, 34))
+    sd = src[1].state_dict()
+    poisoned = []
+    for st in sd["state"].values():
+        flat = st["max_exp_avg_sq"].view(-1)
+        flat[: min(2, flat.numel())] = float("nan")
+        poisoned.append(flat.isnan())
+    kw = {"amsgrad": True, "state_format": state}
+    ref, run = build("AdamW", values, "reference", sd, **kw), build("AdamW", values, backend, sd, **kw)
+    grads = grads_of(values, 35)
+    step(ref, grads)
+    step(run, grads)
+    for i, (rp, tp) in enumerate(zip(ref[0], run[0])):
+        assert torch.equal(rp.detach().reshape(-1).isnan(), poisoned[i]), f"param {i}: the reference"
+        assert_bits(tp, rp, f"param {i}")
+        assert_bits(
+            run[1].state[tp]["max_exp_avg_sq"], ref[1].state[rp]["max_exp_avg_sq"], f"param {i}: max v"
+        )
+
+
 # ------------------------------------------------------------------------------------------------
 # Full-precision values: load_full_precision_params writes every copy the parameter has
 # ------------------------------------------------------------------------------------------------

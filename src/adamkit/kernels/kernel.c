@@ -50,6 +50,7 @@ enum { A_L2 = 1, A_DECAY, A_OMB1, A_BETA2, A_OMB2, A_EPS, A_STEP_SIZE, A_BC2_SQR
        A_INV_BC2_SQRT = A_N /* the kernel's own: 1/BC2_SQRT rounded to nearest */ };
 enum { L_DECAY = 1, L_LR, L_BETA1, L_OMB1, L_BETA2, L_OMB2 };
 enum { D_L2 = 1, D_DECAY, D_OMB1, D_BETA2, D_OMB2, D_EPS, D_NEG_LR, D_CLIP };
+enum { E_L2 = 1, E_DECAY, E_OMB1, E_BETA2, E_OMB2, E_OMB3, E_EPS, E_BC1, E_BC2_SQRT, E_ALPHA, E_LR };
 #define N_HP 16
 
 #define BLOCK 256
@@ -214,6 +215,20 @@ static AI void adopt(float *p, float g, float *s, const float *hp, const int opt
     s[1] = s[1] * hp[D_BETA2] + (g * g) * hp[D_OMB2];
 }
 
+/* AdEMAMix (optim/ademamix.py, ademamix_update): s = (m1, v, m2) */
+static AI void ademamix(float *p, float g, float *s, const float *hp, const int opt) {
+    (void)opt;
+    if (hp[E_L2] != 0.0f) g = fmaf(*p, hp[E_L2], g);
+    const float np = *p * hp[E_DECAY];
+    const float m1 = lerp(s[0], g, hp[E_OMB1]), m2 = lerp(s[2], g, hp[E_OMB3]);
+    const float v = s[1] * hp[E_BETA2] + (g * g) * hp[E_OMB2];
+    const float u = fmaf(m2, hp[E_ALPHA], m1 / hp[E_BC1]);
+    *p = np - (u / (sqrtf(v) / hp[E_BC2_SQRT] + hp[E_EPS])) * hp[E_LR];
+    s[0] = m1;
+    s[1] = v;
+    s[2] = m2;
+}
+
 /* The algorithms, each once: X(id, body, prepare, slots at most, slots of its common case, the
  * formats its common case gets loops of their own for). Its id is its position here, looked up by
  * its body's name (``adamkit_algorithm``, the ``native`` of its declaration, algorithm.py). A new
@@ -221,7 +236,8 @@ static AI void adopt(float *p, float g, float *s, const float *hp, const int opt
 #define ALGORITHMS(X)                                                                            \
     X(ALG_ADAM, adam, adam_prepare, 3, 2, ALL_FORMATS)                                            \
     X(ALG_LION, lion, no_prepare, 1, 1, FAST_FORMATS)                                            \
-    X(ALG_ADOPT, adopt, no_prepare, 2, 2, FAST_FORMATS)
+    X(ALG_ADOPT, adopt, no_prepare, 2, 2, FAST_FORMATS)                                          \
+    X(ALG_ADEMAMIX, ademamix, no_prepare, 3, 3, FAST_FORMATS)
 #define ALG_ID(ID, ...) ID,
 enum { ALGORITHMS(ALG_ID) N_ALGS };
 #define ALG_MAX_SLOTS(ID, FN, PREP, MAXS, ...) MAXS,

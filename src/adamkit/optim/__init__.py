@@ -3,6 +3,7 @@
 from .adafactor import Adafactor
 from .adam import Adam, AdamW
 from .adam_mini import AdamMini
+from .ademamix import AdEMAMix
 from .adopt import ADOPT
 from .came import CAME
 from .lamb import Lamb
@@ -10,4 +11,16 @@ from .lion import Lion
 from .muon import Muon
 from .sophia import SophiaG
 
-__all__ = ["ADOPT", "Adafactor", "Adam", "AdamMini", "AdamW", "CAME", "Lamb", "Lion", "Muon", "SophiaG"]
+__all__ = [
+    "ADOPT",
+    "AdEMAMix",
+    "Adafactor",
+    "Adam",
+    "AdamMini",
+    "AdamW",
+    "CAME",
+    "Lamb",
+    "Lion",
+    "Muon",
+    "SophiaG",
+]

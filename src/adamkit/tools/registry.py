@@ -142,6 +142,9 @@ OPTIMIZERS: dict[str, Optimizer] = {
             Training("adamkit.ADOPT", adamkit.ADOPT, 3e-3, 0.1, kwargs={"decouple": True}, adamkit=True),
             ("ADOPT", ()),
         ),
+        # AdEMAMix: Adam's step plus alpha times the slow momentum's; planned here, its lr and
+        # warmup for the race not yet tuned
+        Optimizer("ademamix", "AdEMAMix", None, ("AdEMAMix", ())),
         Optimizer(
             "lamb", "LAMB", Training("adamkit.Lamb", adamkit.Lamb, 3e-2, 0.1, adamkit=True), ("Lamb", ())
         ),
