@@ -117,6 +117,28 @@ def test_adafactor_first_moment_matches_its_equations():
         )
 
 
+def test_stable_adamw_kahan_keeps_the_decay_optimi_rounds_away():
+    """bf16 weights at 1.0, zero gradients (no Adam term), decay lr * wd = 1e-4 per step: a step's
+    decay is below half a bf16 ulp. optimi multiplies the bf16 parameter by (1 - lr wd) outside its
+    Kahan compensation, so every step rounds back to 1.0; adamkit carries the whole update through
+    the compensation, so the weight's value follows (1 - 1e-4)^t as in float64."""
+    optimi = pytest.importorskip("optimi")
+    ours_p = torch.ones(256, dtype=torch.bfloat16, requires_grad=True)
+    theirs_p = torch.ones(256, dtype=torch.bfloat16, requires_grad=True)
+    ours = adamkit.StableAdamW([ours_p], lr=1e-3, weight_decay=0.1)
+    theirs = optimi.StableAdamW(
+        [theirs_p], lr=1e-3, weight_decay=0.1, kahan_sum=True, foreach=False, triton=False
+    )
+    for _ in range(100):
+        for q in (ours_p, theirs_p):
+            q.grad = torch.zeros_like(q)
+        ours.step()
+        theirs.step()
+    assert bool((theirs_p.detach() == 1.0).all())  # the decay was lost at every step
+    full = ours.full_precision_params()[0]
+    torch.testing.assert_close(full, torch.full((256,), (1 - 1e-4) ** 100), rtol=2e-4, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["reference", "foreach", "fused"])
 @pytest.mark.parametrize("T", [None, 3], ids=["no-warmup", "warmup"])
 def test_ademamix_matches_its_papers_equations(T, backend):
@@ -393,6 +415,7 @@ TABLE = [
     ("adopt", adamkit.ADOPT, {"lr": 0.01, "weight_decay": 0.1, "weight_decouple": True}, "adopt", None),
     ("ademamix", adamkit.AdEMAMix, {"lr": 0.01, "weight_decay": 0.1, "weight_decouple": True,
                                     "t_alpha_beta3": 4}, "ademamix", None),
+    ("stable-adamw", adamkit.StableAdamW, {"lr": 0.01, "weight_decay": 0.1}, "stable-adamw", None),
 ]  # fmt: skip
 ROWS = [pytest.param(*row, id=row[0]) for row in TABLE]
 # (id, parameter dtype, options): storage formats and precision options
@@ -808,6 +831,7 @@ ORACLES = {
     "muon": (muon_and_adamw, ("momentum_buffer", "exp_avg", "exp_avg_sq")),
     "adopt": (_package("pytorch_optimizer", "ADOPT"), ("exp_avg", "exp_avg_sq")),
     "ademamix": (_package("pytorch_optimizer", "AdEMAMix"), ("exp_avg", "exp_avg_sq", "exp_avg_slow")),
+    "stable-adamw": (_package("optimi", "StableAdamW"), ("exp_avg", "exp_avg_sq")),
 }
 
 

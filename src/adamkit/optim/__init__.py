@@ -10,6 +10,7 @@ from .lamb import Lamb
 from .lion import Lion
 from .muon import Muon
 from .sophia import SophiaG
+from .stable_adamw import StableAdamW
 
 __all__ = [
     "ADOPT",
@@ -23,4 +24,5 @@ __all__ = [
     "Lion",
     "Muon",
     "SophiaG",
+    "StableAdamW",
 ]

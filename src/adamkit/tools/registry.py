@@ -145,6 +145,14 @@ OPTIMIZERS: dict[str, Optimizer] = {
         # AdEMAMix: Adam's step plus alpha times the slow momentum's; planned here, its lr and
         # warmup for the race not yet tuned
         Optimizer("ademamix", "AdEMAMix", None, ("AdEMAMix", ())),
+        # StableAdamW: AdamW whose lr is divided by each tensor's update RMS where it exceeds 1:
+        # AdamW's lr and decay (not tuned on its own)
+        Optimizer(
+            "stable-adamw",
+            "StableAdamW",
+            Training("adamkit.StableAdamW", adamkit.StableAdamW, 3e-3, 0.1, adamkit=True),
+            ("StableAdamW", ()),
+        ),
         Optimizer(
             "lamb", "LAMB", Training("adamkit.Lamb", adamkit.Lamb, 3e-2, 0.1, adamkit=True), ("Lamb", ())
         ),
