@@ -83,6 +83,8 @@ RECIPES: dict[str, Recipe] = {
         Recipe("adam-mini", "adam-mini"),  # m + one v per row: ~4 B/param
         Recipe("lamb", "lamb"),  # m, v: 8 B/param
         Recipe("muon", "muon"),  # momentum on hidden matrices (4 B/param), AdamW's m, v elsewhere
+        Recipe("adopt", "adopt"),  # m, v: 8 B/param; the update normalized by the previous v
+        Recipe("stable-adamw", "stable-adamw"),  # m, v: 8 B/param; the lr clipped per tensor
     )
 }
 
