@@ -125,16 +125,25 @@ def _checks(rank: int, out_dir: str) -> None:
     # on FSDP2 each rank's shard equals one process stepping the whole tensor from the same
     # gradients, bit for bit: LAMB gathers the rows' sums of squares and adds them in row order,
     # Muon (its AdamW fallback on the biases included) gathers each matrix's update
-    for cls, kw in (
-        (adamkit.Lamb, dict(lr=1e-2, weight_decay=0.1)),
-        (adamkit.Muon, dict(lr=2e-2, adamw_lr=1e-2)),
+    # Lion, ADOPT and AdEMAMix are elementwise: each shard steps as the whole tensor does, bit for
+    # bit (fp64 under backend="fused": the compiled kernel, whose shards of one row or one element,
+    # and of none, once exceeded dynamo's recompile limit);
+    # StableAdamW's RMS is a mean over the whole tensor (DTensor's all-reduce: another order of
+    # summation than one process's), within TOL64
+    for cls, kw, tol in (
+        (adamkit.Lamb, dict(lr=1e-2, weight_decay=0.1), 0.0),
+        (adamkit.Muon, dict(lr=2e-2, adamw_lr=1e-2), 0.0),
+        (adamkit.Lion, dict(lr=1e-3, weight_decay=0.1), 0.0),
+        (adamkit.ADOPT, dict(lr=1e-2, weight_decay=0.1), 0.0),
+        (adamkit.AdEMAMix, dict(lr=1e-2, weight_decay=0.1, t_alpha_beta3=3), 0.0),
+        (adamkit.StableAdamW, dict(lr=1e-2, weight_decay=0.1), TOL64),
     ):
         for backend in ("reference", "fused"):
             m, plain = _fsdp_mlp(torch.float64), _mlp(torch.float64)
             opt = cls(m.parameters(), backend=backend, **kw)
             popt = cls(plain.parameters(), backend=backend, **kw)
             _lockstep(m, plain, opt, popt, rank, torch.float64)
-            _assert_one_process(m, plain, opt, popt, f"{cls.__name__} {backend}", 0.0)
+            _assert_one_process(m, plain, opt, popt, f"{cls.__name__} {backend}", tol)
             for p in m.parameters():
                 assert all(
                     tuple(v.placements) == tuple(p.placements) for k, v in opt.state[p].items() if k != "step"

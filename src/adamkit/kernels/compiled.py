@@ -88,22 +88,29 @@ def run_compiled(alg: Algorithm, items: list[Item], scalars_of: Callable, flags:
     rflags = runtime_flags(flags)
     for it in items:
         param = it.t["param"]
+        if param.numel() == 0:
+            continue  # an empty local shard (FSDP2): nothing to step
         cdt = compute_dtype(param.dtype)
         hp = torch.tensor([float(x) for x in scalars_of(it.step)], dtype=cdt, device=param.device)
         seeds = torch.tensor(step_seeds(it.step, it.uid), dtype=torch.int64, device=param.device)
         offset = torch.tensor([it.offset], dtype=torch.int64, device=param.device)
-        # 1-D views: one compiled graph for every rank (and inductor drops in-place writes to 0-D inputs)
-        t = {k: v.view(-1) for k, v in it.t.items()}
+        # 1-D views: one compiled graph for every rank (and inductor drops in-place writes to 0-D
+        # inputs); detached, so that a parameter (requires_grad) and a DTensor's local shard (not)
+        # share one graph
+        t = {k: v.detach().view(-1) for k, v in it.t.items()}
         rows = [v.shape[0] for k, v in it.t.items() if k.endswith("_scale") and v.dim() == 2]
         if rows:  # 8-bit rows (quant8): (rows, L) values beside (rows, padded L) codes
-            if rows[0] == 0 or param.numel() == 0:
-                continue  # an empty local shard: nothing to step
+            if rows[0] == 0:
+                continue  # no rows here: nothing to step
             t = {
-                k: v if v.dtype == torch.uint8 or k.endswith("_scale") else v.view(rows[0], -1)
+                k: v if v.dtype == torch.uint8 or k.endswith("_scale") else v.detach().view(rows[0], -1)
                 for k, v in it.t.items()
             }
         try:
-            _compiled(alg, it.fmt, rflags)(t, hp, seeds, offset)
+            # dynamo specializes sizes 0 and 1 (of a view and of its base): FSDP2's shards of one
+            # row or one element each add a graph to a variant, more than its default limit of 8
+            with torch._dynamo.config.patch(recompile_limit=64):
+                _compiled(alg, it.fmt, rflags)(t, hp, seeds, offset)
         except Exception as e:  # a missing or broken compiler surfaces here, on first use
             cause = compiler_failure(e)
             if cause is not None:
