@@ -248,6 +248,18 @@ def test_picture_shows_the_difference_memory_loss_and_time():
     assert "n/a" in [t.get_text().strip() for a in fig.axes for t in a.texts]  # unknown RSS is said
 
 
+def test_every_recipe_of_a_full_race_has_its_own_colour():
+    """The full race's recipes (twenty) each get a colour of their own: the bars show colour alone
+    (fifteen recipes once shared ten colours: SGD and a Lion recipe were both blue)."""
+    pytest.importorskip("matplotlib")
+    one = RACE_JSON["recipes"]["adamkit-adamw"]
+    data = {**RACE_JSON, "recipes": {name: one for name in race.RECIPES}}
+    fig = race.plot(data)
+    (ax,) = [a for a in fig.axes if a.get_title() == "optimizer state, bytes/param"]
+    colours = [tuple(b.get_facecolor()) for b in ax.patches]
+    assert len(colours) == len(race.RECIPES) and len(set(colours)) == len(colours)
+
+
 def test_cli_replot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     (tmp_path / "race.json").write_text(json.dumps(RACE_JSON))

@@ -425,8 +425,12 @@ def plot(result: RaceResult | dict[str, Any], path: str | Path | None = None) ->
     top, bottom = fig.add_gridspec(2, 1, height_ratios=[1.25, 1])
     curves, diff = (fig.add_subplot(g) for g in top.subgridspec(1, 2))
     bars = [fig.add_subplot(g) for g in bottom.subgridspec(1, 4, width_ratios=[1.25, 1, 1, 1])]
-    colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
-    styles = ["-", "--", "-.", ":"]  # with the colours, ten recipes stay apart
+    # one colour per recipe (the bars show colour alone): tab20's twenty, else turbo's spread
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20" if len(names) <= 20 else "turbo"]
+    colors = {n: cmap(i if len(names) <= 20 else i / (len(names) - 1)) for i, n in enumerate(names)}
+    styles = ["-", "--", "-.", ":"]  # and the curves a line style too
     for i, name in enumerate(names):
         pts = [p for p in runs[name]["curve"] if p["val_loss"] is not None]
         kw = dict(color=colors[name], ls=styles[i % len(styles)], marker="o", ms=3, lw=1.6)
