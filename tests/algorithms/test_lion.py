@@ -253,6 +253,27 @@ def test_compiled_kernel_matches_reference(dtype, kw):
 @pytest.mark.parametrize("backend", ["reference", "foreach", "fused"])
 @pytest.mark.parametrize("state", STATES)
 @pytest.mark.parametrize("dtype,param_kw", rows(PARAMS[:3]))
+def test_sign_of_zero_is_zero(dtype, param_kw, state, backend):
+    """sign(0) = 0 (the paper's, lion-pytorch's): an element whose interpolation c is exactly 0 (a
+    zero gradient into a zero momentum) does not move, without decay; the others move by lr."""
+    values = values_of(dtype, seed=36)
+    ps, opt = build(values, backend, **param_kw, state_format=state)
+    grads = []
+    for v in values:
+        g = torch.ones_like(v)
+        g.view(-1)[::2] = 0.0  # every other element: c = 0.9 * 0 + 0.1 * 0 = 0
+        grads.append(g)
+    step((ps, opt), grads)
+    for i, (p, v, g) in enumerate(zip(opt.full_precision_params(), values, grads)):
+        zero = g == 0
+        assert_bits(p[zero], v.float()[zero] if p.dtype == torch.float32 else v[zero], f"param {i}: still")
+        if (~zero).any():  # a 0-D value has only its zero element
+            assert not torch.equal(p[~zero], (v.float() if p.dtype == torch.float32 else v)[~zero]), "moves"
+
+
+@pytest.mark.parametrize("backend", ["reference", "foreach", "fused"])
+@pytest.mark.parametrize("state", STATES)
+@pytest.mark.parametrize("dtype,param_kw", rows(PARAMS[:3]))
 def test_skip_nonfinite_keeps_the_element(dtype, param_kw, state, backend):
     """An element whose gradient is inf/nan keeps its full-precision value and its m; the others
     step (8-bit: the kept m is re-encoded with its block, so it is compared decoded, fp32 codes of
