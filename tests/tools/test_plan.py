@@ -558,7 +558,10 @@ def test_one_registry_names_what_every_tool_takes():
     for name in registry.OPTIMIZERS:
         assert parse_recipe(f"fp32-{name}").optimizer == name  # every name is a recipe phrase
     exact = {n: o.full for n, o in OPTIMIZERS.items() if o.adamkit is not None}
-    assert exact == {"adamw": ("m", "v"), "adam": ("m", "v"), "lion": ("m",), "muon": ()}
+    assert exact == {
+        "adamw": ("m", "v"), "adam": ("m", "v"), "lion": ("m",), "adopt": ("m", "v"),
+        "ademamix": ("m", "v", "m"), "stable-adamw": ("m", "v"), "muon": (),
+    }  # fmt: skip
     for r in race.RECIPES.values():
         assert r.optimizer in registry.TRAINABLE and r.state in registry.STATE_FORMATS
         assert r.precision in registry.TRAIN_PRECISIONS
@@ -581,7 +584,7 @@ def test_a_new_slot_is_planned_without_a_planner_change(monkeypatch):
 
     before = adamkit_state_bytes([(64, 256)], optimizer="lion")
     alg = adamkit.Lion.algorithm
-    extra = dataclasses.replace(alg, slots=(*alg.slots, Slot("exp_avg_slow", signed=True)))
+    extra = dataclasses.replace(alg, slots=(*alg.slots, Slot("exp_avg_extra", signed=True)))
     monkeypatch.setattr(adamkit.Lion, "algorithm", extra)
     after = adamkit_state_bytes([(64, 256)], optimizer="lion")
     assert after["v"] - before["v"] == 4 * 64 * 256  # a new key lands in "v" (state_component)

@@ -62,6 +62,7 @@ STATE_COMPONENTS = {
     "master_weight": "master",
     "hessian": "hessian",
     "momentum_buffer": "m",
+    "exp_avg_slow": "m",  # AdEMAMix's slow momentum
 }
 
 
