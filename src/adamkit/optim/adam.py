@@ -106,19 +106,26 @@ def scalars(hp: dict, step: float, f: Flags) -> Scalars:
     )
 
 
-def adam_update(p, g, slots: list, s: Scalars, f: Flags):
-    """One Adam(W) step on compute-dtype values, in named stages. Returns (p, [m, v(, max v)])."""
-    m, v = slots[0], slots[1]
-    # Operations rounded once (fma, lerp, sqrt, division) take adamkit.ieee's correctly rounded
-    # forms: torch's CPU square root differs between hosts, and this is the spec the native kernel
-    # is held to bit for bit. decay: L2 as torch adds it (grad.add(p, alpha=wd): one rounding);
-    # decoupled on p
+def weight_decay(p, g, s, f: Flags):
+    """Adam's three decay modes, shared by the algorithms whose scalars carry ``l2`` and ``decay``
+    (ADOPT, AdEMAMix): L2 as torch adds it (grad.add(p, alpha=wd): one rounding), decoupled on p.
+    Returns (p, g)."""
     if f.wd_mode == "l2":
         g = fma_rn(p, s.l2, g)
     elif f.wd_mode == "runtime":  # the compiled kernel: no 0 * p (an inf p would give nan)
         g = torch.where(s.l2 != 0, fma_rn(p, s.l2, g), g)
     if f.wd_mode in ("decoupled", "full", "runtime"):
         p = p * s.decay
+    return p, g
+
+
+def adam_update(p, g, slots: list, s: Scalars, f: Flags):
+    """One Adam(W) step on compute-dtype values, in named stages. Returns (p, [m, v(, max v)])."""
+    m, v = slots[0], slots[1]
+    # Operations rounded once (fma, lerp, sqrt, division) take adamkit.ieee's correctly rounded
+    # forms: torch's CPU square root differs between hosts, and this is the spec the native kernel
+    # is held to bit for bit.
+    p, g = weight_decay(p, g, s, f)
     # moments: exponential moving averages of g and g^2 (torch's lerp / mul+addcmul order)
     m = lerp_rn(m, g, s.one_minus_beta1)
     v = v * s.beta2 + (g * g) * s.one_minus_beta2

@@ -19,8 +19,9 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from ..algorithm import Algorithm, Flags, Slot, where
+from ..algorithm import Algorithm, Flags, Slot
 from ..ieee import div_rn, fma_rn, lerp_rn, sqrt_rn
+from .adam import weight_decay
 from .base import Optimizer
 from .options import as_float, check_bools, check_nonneg
 
@@ -80,12 +81,7 @@ def scalars(hp: dict, step: float, f: Flags) -> Scalars:
 
 def ademamix_update(p, g, slots: list, s: Scalars, f: Flags):
     m1, v, m2 = slots
-    if f.wd_mode == "l2":
-        g = fma_rn(p, s.l2, g)
-    elif f.wd_mode == "runtime":  # the compiled kernel: no 0 * p (an inf p would give nan)
-        g = where(s.l2 != 0, fma_rn(p, s.l2, g), g)
-    if f.wd_mode in ("decoupled", "runtime"):
-        p = p * s.decay
+    p, g = weight_decay(p, g, s, f)
     m1, m2 = lerp_rn(m1, g, s.one_minus_beta1), lerp_rn(m2, g, s.one_minus_beta3)
     v = v * s.beta2 + (g * g) * s.one_minus_beta2
     u = fma_rn(m2, s.alpha, div_rn(m1, s.bc1))  # m1 / (1 - beta1^t) + alpha m2

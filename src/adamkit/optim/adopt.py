@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ..algorithm import Algorithm, Flags, Slot, where
+from ..algorithm import Algorithm, Flags, Slot
 from ..ieee import div_rn, fma_rn, lerp_rn, sqrt_rn
+from .adam import weight_decay
 from .base import Optimizer
 from .options import as_float, check_betas, check_bools, check_nonneg
 
@@ -63,12 +64,7 @@ def scalars(hp: dict, step: float, f: Flags) -> Scalars:
 
 def adopt_update(p, g, slots: list, s: Scalars, f: Flags):
     m, v = slots
-    if f.wd_mode == "l2":
-        g = fma_rn(p, s.l2, g)  # torch's grad.add(p, alpha=wd): one rounding
-    elif f.wd_mode == "runtime":  # the compiled kernel: no 0 * p (an inf p would give nan)
-        g = where(s.l2 != 0, fma_rn(p, s.l2, g), g)
-    if f.wd_mode in ("decoupled", "runtime"):
-        p = p * s.decay
+    p, g = weight_decay(p, g, s, f)
     n = div_rn(g, sqrt_rn(v).clamp_min(s.eps)).clamp_min(-s.clip).clamp_max(s.clip)
     m = lerp_rn(m, n, s.one_minus_beta1)
     return fma_rn(m, s.neg_lr, p), [m, v * s.beta2 + (g * g) * s.one_minus_beta2]
