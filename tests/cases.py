@@ -45,7 +45,8 @@ PARAMS = [
 ]
 STATES = ["fp32", "bf16", "8bit"]
 # (id, optimizer, options): every elementwise algorithm with its options: Adam's decay modes,
-# maximize, amsgrad, skip_nonfinite; Lion's decay (and fully decoupled decay), maximize, skip
+# maximize, amsgrad, skip_nonfinite; Lion's decay (and fully decoupled decay), maximize, skip; the
+# cautious mask on each
 ALGORITHMS = [
     ("adamw", "AdamW", {"weight_decay": 0.1}),
     ("adam-l2", "Adam", {"weight_decay": 0.1}),
@@ -65,6 +66,13 @@ ALGORITHMS = [
     ("ademamix-warmup", "AdEMAMix", {"weight_decay": 0.1, "t_alpha_beta3": 10}),
     ("ademamix-l2-maximize", "AdEMAMix", {"decouple": False, "weight_decay": 0.1, "maximize": True}),
     ("ademamix-skip", "AdEMAMix", {"skip_nonfinite": True, "alpha": 8.0}),
+    # the cautious mask: a counting pass per tensor on the native kernel, whole tensors on foreach
+    ("adam-cautious-l2-skip", "Adam", {"cautious": True, "weight_decay": 0.1, "skip_nonfinite": True}),
+    ("lion-cautious-maximize", "Lion", {"cautious": True, "maximize": True, "weight_decay": 0.5}),
+    ("adopt-cautious", "ADOPT", {"cautious": True, "decouple": True, "weight_decay": 0.1}),
+    ("ademamix-cautious", "AdEMAMix", {"cautious": True, "t_alpha_beta3": 10}),
+    ("schedule-free", "ScheduleFreeAdamW", {"weight_decay": 0.1, "warmup_steps": 2, "r": 0.5}),
+    ("schedule-free-skip-maximize", "ScheduleFreeAdamW", {"skip_nonfinite": True, "maximize": True}),
 ]  # fmt: skip
 ADAM = [r for r in ALGORITHMS if r[1] in ("Adam", "AdamW")]
 
@@ -315,7 +323,10 @@ def compare(backend, dtype, kw, R, W, T, amsgrad):
     mode = param_mode(dtype, kw)
     state = kw.get("state_format") or ("bf16" if dtype == torch.bfloat16 else "fp32")
     exact_rounding = backend != "fused" or SAME_ROUNDING_STREAMS
-    names = [s.name for s in T[1].algorithm.slots if s.name in T[1].state[T[0][0]]]  # its slots
+    slots = [s for s in T[1].algorithm.slots if s.name in T[1].state[T[0][0]]]  # its slots
+    names = [s.name for s in slots]
+    # a copy of the weights keeps fp32 in every format (Slot.weights)
+    format_of = {s.name: ("fp32" if s.weights else state) for s in slots}
     stats = {}  # stochastic rounding of the fused backend: far picks, expected far picks
     for i, (rp, wp, tp) in enumerate(zip(R[0], W[0], T[0])):
         rs, ws, ts = R[1].state[rp], W[1].state[wp], T[1].state[tp]
@@ -346,13 +357,14 @@ def compare(backend, dtype, kw, R, W, T, amsgrad):
         # moments: they do not depend on a square root
         for name in names:
             what = f"param {i}: {name}"
-            if state == "fp32" or exact_rounding:
+            sf = format_of[name]
+            if sf == "fp32" or exact_rounding:
                 assert_bits(ts[name], rs[name], what)
-                if state == "8bit":
+                if sf == "8bit":
                     assert_bits(ts[name + "_scale"], rs[name + "_scale"], what + " scales")
-            if state == "bf16" and not exact_rounding:
+            if sf == "bf16" and not exact_rounding:
                 assert_sr(ts[name], ws[name], what, None, stats, name)
-            if state == "8bit":
+            if sf == "8bit":
                 assert_8bit(ts, name, ws[name], what, None if exact_rounding else stats)
                 assert_8bit(rs, name, ws[name], what + " (reference)")
     assert_dithered(stats)

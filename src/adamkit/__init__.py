@@ -12,6 +12,7 @@ from .optim import (
     Lamb,
     Lion,
     Muon,
+    ScheduleFreeAdamW,
     SophiaG,
     StableAdamW,
 )
@@ -19,7 +20,7 @@ from .param_groups import param_groups_weight_decay
 
 __version__ = "0.1.0"
 __all__ = [
-    "ADOPT", "AdEMAMix", "CAME", "Adafactor", "Adam", "AdamMini", "AdamW", "Lamb", "Lion", "Muon", "SophiaG",
-    "StableAdamW",
+    "ADOPT", "AdEMAMix", "CAME", "Adafactor", "Adam", "AdamMini", "AdamW", "Lamb", "Lion", "Muon",
+    "ScheduleFreeAdamW", "SophiaG", "StableAdamW",
     "param_groups_weight_decay", "release_comm_hook", "__version__",
 ]  # fmt: skip

@@ -58,6 +58,13 @@ class Slot:
     # Adam-mini), and the update's reductions over the rows reach it through torch.distributed.
     # None: only a slot of the parameter's own shape follows its rows.
     rows: Callable[[tuple], bool] | None = None
+    # its value before the first step: "zeros", or "param" (a copy of the parameter's full-precision
+    # value, in the slot's format: Schedule-Free's z)
+    init: str = "zeros"
+    # a copy of the weights, not a statistic (Schedule-Free's z): kept in fp32 (fp64 for fp64
+    # parameters) in every state format, as rounding it to bf16 or 8 bit would lose the small
+    # updates Kahan or master weights keep
+    weights: bool = False
 
     def shape_for(self, param_shape) -> tuple | None:
         """This slot's shape for a parameter of ``param_shape``; None where it is not kept."""
@@ -127,3 +134,31 @@ def where(cond, a, b):
     import torch
 
     return torch.where(cond, a, b)
+
+
+def caution(a, b, f: Flags):
+    r"""The cautious mask (Liang et al., "Cautious Optimizers: Improving Training with One Line of
+    Code", arXiv 2411.16085) where ``f`` has the switch ``cautious`` on, else ``a`` itself.
+
+    :math:`a \cdot [a b > 0] \cdot \frac{n}{c + 1}` with n the tensor's element count and c how many
+    elements keep their component: an update component whose sign disagrees with the gradient's
+    (``b``) is dropped and the rest are rescaled, normalized as pytorch_optimizer's
+    ``apply_cautious`` (timm's ``cadamw`` divides by ``max(c / n, 1e-3)`` instead). The factor
+    :math:`n/(c+1)` is a double division rounded once to the compute dtype; the mask times the
+    factor is exact, so ``a`` is rounded once (a nan component stays nan, as there). It is a
+    reduction over each whole tensor (a DTensor's over the whole tensor): the foreach backend takes
+    it per tensor, the native kernel counts in a first pass."""
+    if not f.on("cautious"):
+        return a
+    if hasattr(a, "ts"):  # a TensorList: one factor per tensor
+        return type(a)([caution(x, y, f) for x, y in zip(a.ts, b.ts)])
+    import torch
+
+    keep = a * b > 0
+    count = keep.sum()
+    if hasattr(count, "full_tensor"):  # a DTensor: the whole tensor's count (a collective)
+        count = count.full_tensor()
+    factor = torch.full((), keep.numel(), dtype=torch.float64, device=count.device) / (count.double() + 1)
+    if hasattr(keep, "full_tensor"):  # sharded: the reference's per-tensor path syncs anyway
+        return a * (keep.to(a.dtype) * float(factor.to(a.dtype)))
+    return a * (keep.to(a.dtype) * factor.to(a.dtype))

@@ -416,6 +416,17 @@ TABLE = [
     ("ademamix", adamkit.AdEMAMix, {"lr": 0.01, "weight_decay": 0.1, "weight_decouple": True,
                                     "t_alpha_beta3": 4}, "ademamix", None),
     ("stable-adamw", adamkit.StableAdamW, {"lr": 0.01, "weight_decay": 0.1}, "stable-adamw", None),
+    # the cautious mask (pytorch_optimizer's normalization) on every elementwise algorithm
+    ("adamw-cautious", adamkit.AdamW, {"lr": 0.01, "weight_decay": 0.1, "cautious": True}, "adamw", None),
+    ("lion-cautious", adamkit.Lion, {"lr": 0.001, "weight_decay": 0.1, "cautious": True}, "lion", None),
+    ("adopt-cautious", adamkit.ADOPT, {"lr": 0.01, "weight_decay": 0.1, "weight_decouple": True,
+                                       "cautious": True}, "adopt", None),
+    ("ademamix-cautious", adamkit.AdEMAMix, {"lr": 0.01, "weight_decay": 0.1, "weight_decouple": True,
+                                             "t_alpha_beta3": 4, "cautious": True}, "ademamix", None),
+    ("stable-adamw-cautious", adamkit.StableAdamW, {"lr": 0.01, "weight_decay": 0.1, "cautious": True},
+     "stable-adamw", None),
+    ("schedule-free", adamkit.ScheduleFreeAdamW, {"lr": 0.01, "weight_decay": 0.1, "warmup_steps": 3,
+                                                  "r": 0.5}, "schedule-free", None),
 ]  # fmt: skip
 ROWS = [pytest.param(*row, id=row[0]) for row in TABLE]
 # (id, parameter dtype, options): storage formats and precision options
@@ -527,6 +538,9 @@ def test_dtypes_kept_and_state_formats(name, cls, kw, plan_name, between, dtype,
         slots = [s for s in opt.algorithm.slots if s.name in st]
         assert slots
         for s in slots:
+            if s.weights:  # a copy of the weights (Schedule-Free's z): fp32 in every format
+                assert st[s.name].dtype == torch.float32 and s.name + "_scale" not in st, s.name
+                continue
             assert st[s.name].dtype == want, s.name
             if sf == "8bit":
                 assert st[s.name + "_scale"].dtype == torch.float32
@@ -580,16 +594,24 @@ def test_stochastic_rounding_is_unbiased(name, cls, kw, plan_name, between):
 @pytest.mark.parametrize("name,cls,kw,plan_name,between", ROWS)
 def test_lr_change_takes_effect_and_lr_zero_freezes(name, cls, kw, plan_name, between):
     """A changed lr (float or 0-D tensor) is read at the next step: lr = 0 leaves parameters as they
-    are; a run whose lr changes equals a run resumed from its state with that lr."""
+    are (Schedule-Free: z, the sequence the gradients move; its y still averages toward z, with
+    the weight of the largest lr so far, as the package's does); a run whose lr changes equals a
+    run resumed from its state with that lr."""
     ps, opt = make(cls, kw, torch.float32, {})
     drive(ps, opt, between, 2, 6)
     lrs = [group["lr"] for group in opt.param_groups]
     for group in opt.param_groups:
         group["lr"] = torch.tensor(0.0)
-    frozen = [p.detach().clone() for p in ps]
+
+    def moved_by_lr():
+        if cls is adamkit.ScheduleFreeAdamW:
+            return [opt.state[p]["z"].clone() for p in ps]
+        return [p.detach().clone() for p in ps]
+
+    frozen = moved_by_lr()
     drive(ps, opt, None, 1, 7)
-    for p, f in zip(ps, frozen):
-        assert torch.equal(p.detach(), f)
+    for now, f in zip(moved_by_lr(), frozen):
+        assert torch.equal(now, f)
     for group, lr in zip(opt.param_groups, lrs):
         group["lr"] = lr / 3
     other = make(cls, {**kw, "lr": kw["lr"] / 3}, torch.float32, {})
@@ -600,7 +622,7 @@ def test_lr_change_takes_effect_and_lr_zero_freezes(name, cls, kw, plan_name, be
     drive(ps, opt, between, 2, 8)
     drive(*other, between, 2, 8)
     assert_same(other, (ps, opt), "lr changed")
-    assert not torch.equal(ps[0].detach(), frozen[0])
+    assert not torch.equal(moved_by_lr()[0], frozen[0])
 
 
 BAD = [
@@ -762,6 +784,33 @@ def adam_mini_equations(p, g, st, h, t):
     p.sub_(((m / (1 - b1**t)).reshape(rows.shape) / denom[:, None]).reshape(p.shape), alpha=lr)
 
 
+def cautious_mask(u, g):
+    """Liang et al. 2024, normalized as pytorch_optimizer's apply_cautious: n / (kept + 1)."""
+    keep = (u * g > 0).to(u.dtype)
+    return keep * (keep.numel() / (keep.sum().item() + 1))
+
+
+def adamw_cautious_equations(p, g, st, h, t):
+    """AdamW with the cautious mask on m (compared with g), the decay left unmasked."""
+    (b1, b2), lr = h["betas"], h["lr"]
+    m = st.setdefault("exp_avg", torch.zeros_like(p)).mul_(b1).add_(g, alpha=1 - b1)
+    v = st.setdefault("exp_avg_sq", torch.zeros_like(p)).mul_(b2).addcmul_(g, g, value=1 - b2)
+    p.mul_(1 - lr * h["weight_decay"])
+    p.sub_(lr * (m * cautious_mask(m, g) / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + h["eps"]))
+
+
+def stable_adamw_cautious_equations(p, g, st, h, t):
+    """optimi's StableAdamW (debiased betas, the RMS-clipped lr scaling the decay too) with the
+    cautious mask on m, the RMS taken from g and v alone."""
+    (b1, b2), lr, eps = h["betas"], h["lr"], h["eps"]
+    c1, c2 = ((b**t - b) / (b**t - 1) for b in (b1, b2))
+    m = st.setdefault("exp_avg", torch.zeros_like(p)).mul_(c1).add_(g, alpha=1 - c1)
+    v = st.setdefault("exp_avg_sq", torch.zeros_like(p)).mul_(c2).addcmul_(g, g, value=1 - c2)
+    lr_t = lr / max(1.0, (g * g / v.clamp(min=eps * eps)).mean().sqrt().item())
+    p.mul_(1 - lr_t * h["weight_decay"])
+    p.sub_(lr_t * m * cautious_mask(m, g) / (v.sqrt() + eps))
+
+
 def adafactor_m_equations(p, g, st, h, t):
     """torch.optim.Adafactor's update (Shazeer & Stern 2018) fed to a first moment (beta1), as
     transformers' Adafactor: m = beta1 m + (1 - beta1) u, p -= alpha m."""
@@ -805,6 +854,14 @@ class Both:
             o.step()
 
 
+def schedule_free_package(ps, kw):
+    """schedulefree.AdamWScheduleFree, per tensor (its foreach path divides the gradients in place
+    alike), put in train mode as its documentation asks."""
+    opt = pytest.importorskip("schedulefree").AdamWScheduleFree(ps, foreach=False, **kw)
+    opt.train()
+    return opt
+
+
 def muon_and_adamw(ps, kw):
     """torch.optim.Muon on the 2-D parameters, torch.optim.AdamW (adamw_lr, betas (0.9, 0.95)) on
     the others: the recipe adamkit.Muon implements."""
@@ -832,6 +889,21 @@ ORACLES = {
     "adopt": (_package("pytorch_optimizer", "ADOPT"), ("exp_avg", "exp_avg_sq")),
     "ademamix": (_package("pytorch_optimizer", "AdEMAMix"), ("exp_avg", "exp_avg_sq", "exp_avg_slow")),
     "stable-adamw": (_package("optimi", "StableAdamW"), ("exp_avg", "exp_avg_sq")),
+    "schedule-free": (schedule_free_package, ("z", "exp_avg_sq")),
+    "adamw-cautious": (
+        lambda ps, kw: Equations(ps, adamw_cautious_equations, betas=(0.9, 0.999), eps=1e-8, **kw),
+        ("exp_avg", "exp_avg_sq"),
+    ),
+    "lion-cautious": (_package("pytorch_optimizer", "Lion"), ("exp_avg",)),
+    "adopt-cautious": (_package("pytorch_optimizer", "ADOPT"), ("exp_avg", "exp_avg_sq")),
+    "ademamix-cautious": (
+        _package("pytorch_optimizer", "AdEMAMix"),
+        ("exp_avg", "exp_avg_sq", "exp_avg_slow"),
+    ),
+    "stable-adamw-cautious": (
+        lambda ps, kw: Equations(ps, stable_adamw_cautious_equations, betas=(0.9, 0.99), eps=1e-6, **kw),
+        ("exp_avg", "exp_avg_sq"),
+    ),
 }
 
 

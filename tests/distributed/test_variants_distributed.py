@@ -129,7 +129,7 @@ def _checks(rank: int, out_dir: str) -> None:
     # bit (fp64 under backend="fused": the compiled kernel, whose shards of one row or one element,
     # and of none, once exceeded dynamo's recompile limit);
     # StableAdamW's RMS is a mean over the whole tensor (DTensor's all-reduce: another order of
-    # summation than one process's), within TOL64
+    # summation than one process's), within TOL64; the cautious mask counts over the whole tensor
     for cls, kw, tol in (
         (adamkit.Lamb, dict(lr=1e-2, weight_decay=0.1), 0.0),
         (adamkit.Muon, dict(lr=2e-2, adamw_lr=1e-2), 0.0),
@@ -137,6 +137,11 @@ def _checks(rank: int, out_dir: str) -> None:
         (adamkit.ADOPT, dict(lr=1e-2, weight_decay=0.1), 0.0),
         (adamkit.AdEMAMix, dict(lr=1e-2, weight_decay=0.1, t_alpha_beta3=3), 0.0),
         (adamkit.StableAdamW, dict(lr=1e-2, weight_decay=0.1), TOL64),
+        # the cautious mask's count is over the whole tensor (an integer sum: exact on any split)
+        (adamkit.AdamW, dict(lr=1e-2, weight_decay=0.1, cautious=True), 0.0),
+        (adamkit.Lion, dict(lr=1e-3, weight_decay=0.1, cautious=True), 0.0),
+        # Schedule-Free: elementwise; its eval()/train() switch runs on each rank's shards
+        (adamkit.ScheduleFreeAdamW, dict(lr=1e-2, weight_decay=0.1, warmup_steps=2), 0.0),
     ):
         for backend in ("reference", "fused"):
             m, plain = _fsdp_mlp(torch.float64), _mlp(torch.float64)
@@ -144,6 +149,14 @@ def _checks(rank: int, out_dir: str) -> None:
             popt = cls(plain.parameters(), backend=backend, **kw)
             _lockstep(m, plain, opt, popt, rank, torch.float64)
             _assert_one_process(m, plain, opt, popt, f"{cls.__name__} {backend}", tol)
+            if cls is adamkit.ScheduleFreeAdamW:
+                opt.eval()
+                popt.eval()
+                _assert_one_process(m, plain, opt, popt, f"{cls.__name__} {backend} eval mode", tol)
+                opt.train()
+                popt.train()
+                _lockstep(m, plain, opt, popt, rank, torch.float64, steps=2)
+                _assert_one_process(m, plain, opt, popt, f"{cls.__name__} {backend} trained again", tol)
             for p in m.parameters():
                 assert all(
                     tuple(v.placements) == tuple(p.placements) for k, v in opt.state[p].items() if k != "step"
@@ -208,7 +221,11 @@ def _checks(rank: int, out_dir: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    for cls, kw in (*cases, (adamkit.Lamb, dict(lr=1e-2)), (adamkit.Muon, dict(lr=2e-2))):
+    # (Schedule-Free: torch's lr-0 initialization step advances its k; the loaded groups set it back)
+    for cls, kw in (
+        *cases, (adamkit.Lamb, dict(lr=1e-2)), (adamkit.Muon, dict(lr=2e-2)),
+        (adamkit.ScheduleFreeAdamW, dict(lr=1e-2, warmup_steps=2)),
+    ):  # fmt: skip
         m = _fsdp_mlp(torch.float64)
         opt = cls(m.parameters(), backend="fused", state_format="fp32", **kw)
         for _ in range(2):
@@ -226,6 +243,7 @@ def _checks(rank: int, out_dir: str) -> None:
         for mm, oo in ((m, opt), (m2, o2)):
             _backward(mm, rank, torch.float64)
             oo.step()
+        assert [g.get("k") for g in o2.param_groups] == [g.get("k") for g in opt.param_groups]
         for (name, p), q in zip(m.named_parameters(), m2.parameters()):
             assert torch.equal(p.detach().to_local(), q.detach().to_local()), f"DCP {cls.__name__}: {name}"
             for k, st in opt.state[p].items():

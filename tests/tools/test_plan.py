@@ -560,7 +560,8 @@ def test_one_registry_names_what_every_tool_takes():
     exact = {n: o.full for n, o in OPTIMIZERS.items() if o.adamkit is not None}
     assert exact == {
         "adamw": ("m", "v"), "adam": ("m", "v"), "lion": ("m",), "adopt": ("m", "v"),
-        "ademamix": ("m", "v", "m"), "stable-adamw": ("m", "v"), "muon": (),
+        "ademamix": ("m", "v", "m"), "stable-adamw": ("m", "v"), "muon": (), "schedule-free": ("z", "v"),
+        "adamw-cautious": ("m", "v"),
     }  # fmt: skip
     for r in race.RECIPES.values():
         assert r.optimizer in registry.TRAINABLE and r.state in registry.STATE_FORMATS

@@ -97,15 +97,18 @@ def encode_all(alg: Algorithm, fmt: Formats, t: dict, p, slots, flags: Flags, in
             if offset and slot.follows_rows(p.shape) and p.numel() and x.dim() >= 1:
                 start = offset // (p.numel() // p.shape[0]) * (x.numel() // x.shape[0])
             idx = torch.arange(start, start + x.numel(), device=x.device).view(x.shape)
-        if fmt.state == "8bit" and t[name].dtype != torch.uint8:
+        sf = fmt.state
+        if slot.weights:  # a copy of the weights: the parameter's full precision (slot_format)
+            sf = "fp64" if t["param"].dtype == torch.float64 else "fp32"
+        if sf == "8bit" and t[name].dtype != torch.uint8:
             # a sharded parameter's statistics of their own shape keep fp32 (optim.layout.slot_format)
             out[name] = encode_state("fp32", x, idx, seeds[k + 1])
-        elif fmt.state == "8bit" and t[name].dim() == 2:
+        elif sf == "8bit" and t[name].dim() == 2:
             # rows (quant8): x has the parameter's (local) shape, idx its elements' positions;
             # each row's padding continues its row's numbering
             codes, scales = quant8.encode(slot.signed, x, idx, seeds[k + 1], rows=True)
             out[name], out[name + "_scale"] = codes, scales.view(t[name + "_scale"].shape)
-        elif fmt.state == "8bit":
+        elif sf == "8bit":
             # the compiled kernel passes (blocks, 256) values with their indices; per tensor,
             # encode pads to whole blocks and numbers the padded elements itself
             blocked = x.dim() == 2 and x.shape[1] == quant8.BLOCK
@@ -113,7 +116,7 @@ def encode_all(alg: Algorithm, fmt: Formats, t: dict, p, slots, flags: Flags, in
             codes, out[name + "_scale"] = quant8.encode(slot.signed, x, idx, seeds[k + 1])
             out[name] = codes.view(t[name].shape)
         else:
-            out[name] = encode_state(fmt.state, x, idx, seeds[k + 1])
+            out[name] = encode_state(sf, x, idx, seeds[k + 1])
     return out
 
 

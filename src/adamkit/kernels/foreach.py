@@ -150,11 +150,13 @@ FOREACH_CHUNK = 1 << 16
 FOREACH_BATCH = 1 << 20
 
 
-def _chunks(it: Item) -> list[Item]:
+def _chunks(it: Item, flags: Flags) -> list[Item]:
     """Views of a large contiguous parameter's tensors, FOREACH_CHUNK elements at a time. Element
-    positions (``offset``) are kept, so stochastic rounding draws the same bits as the reference."""
+    positions (``offset``) are kept, so stochastic rounding draws the same bits as the reference.
+    Whole tensors where the update reduces over them (the cautious mask's count)."""
     n = it.t["param"].numel()
-    if n <= FOREACH_CHUNK or it.fmt.state == "8bit" or not all(v.is_contiguous() for v in it.t.values()):
+    whole = it.fmt.state == "8bit" or flags.on("cautious")
+    if n <= FOREACH_CHUNK or whole or not all(v.is_contiguous() for v in it.t.values()):
         return [it]
     flat = {k: v.view(-1) for k, v in it.t.items()}
     return [
@@ -174,34 +176,49 @@ def _write_back(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         torch._foreach_copy_(d, s)
 
 
-def run_foreach(alg: Algorithm, items: list[Item], scalars_of: Callable, flags: Flags) -> None:
+def run_foreach(
+    alg: Algorithm,
+    items: list[Item],
+    scalars_of: Callable,
+    flags: Flags,
+    *,
+    streams: int = 0,
+    only: tuple[str, ...] | None = None,
+) -> None:
     """Batches share device, dtypes, formats and step number, so every scalar is one Python float.
+    ``streams`` and ``only`` as for ``run_reference`` (an update that is not the step: its own
+    rounding streams, and the tensors it writes).
 
     Algorithms that are not elementwise (``Algorithm.elementwise=False``: per-tensor norms, row
     means, slots of other shapes) run one tensor at a time through the reference loop: their
     reductions would need one foreach kernel per tensor anyway, and their slots differ in shape
     between parameters, so there is nothing to batch."""
     if not alg.elementwise:
-        run_reference(alg, items, scalars_of, flags)
+        run_reference(alg, items, scalars_of, flags, streams=streams, only=only)
         return
+    whole = [it for it in items if it.spec is not None]  # sharded, reducing over the whole tensor
+    if whole:
+        run_reference(alg, whole, scalars_of, flags, streams=streams, only=only)
+        items = [it for it in items if it.spec is None]
     buckets: dict[tuple, list[Item]] = defaultdict(list)
     for it in items:
         p = it.t["param"]
         key = (p.device, p.dtype, it.fmt, it.step)
-        buckets[key].extend(_chunks(it))
+        buckets[key].extend(_chunks(it, flags))
     for (_, pdt, fmt, step), its in buckets.items():
         batch, size = [], 0
         for it in its:
             batch.append(it)
             size += it.t["param"].numel()
             if size >= FOREACH_BATCH:
-                _batch(alg, batch, fmt, compute_dtype(pdt), scalars_of(step), flags)
+                _batch(alg, batch, fmt, compute_dtype(pdt), scalars_of(step), flags, streams, only)
                 batch, size = [], 0
         if batch:
-            _batch(alg, batch, fmt, compute_dtype(pdt), scalars_of(step), flags)
+            _batch(alg, batch, fmt, compute_dtype(pdt), scalars_of(step), flags, streams, only)
 
 
-def _batch(alg: Algorithm, its: list[Item], fmt: Formats, cdt: torch.dtype, s, flags: Flags) -> None:
+def _batch(alg: Algorithm, its: list[Item], fmt: Formats, cdt: torch.dtype, s, flags: Flags, streams: int = 0,
+           only: tuple[str, ...] | None = None) -> None:  # fmt: skip
     decoded = [decode_all(alg, fmt, it.t, flags, cdt) for it in its]
     p = TensorList([d[0] for d in decoded])
     g = TensorList([d[1] for d in decoded])
@@ -209,7 +226,9 @@ def _batch(alg: Algorithm, its: list[Item], fmt: Formats, cdt: torch.dtype, s, f
     new_p, new_slots = apply_update(alg, p, g, slots, s, flags)
     pairs = []
     for i, it in enumerate(its):
-        index, seeds = index_and_seeds(it)
+        index, seeds = index_and_seeds(it, streams)
         out = encode_all(alg, fmt, it.t, new_p.ts[i], [x.ts[i] for x in new_slots], flags, index, seeds)
-        pairs += [(it.t[name], value) for name, value in out.items()]
+        pairs += [
+            (it.t[name], v) for name, v in out.items() if only is None or name.removesuffix("_scale") in only
+        ]
     _write_back(pairs)

@@ -51,6 +51,7 @@ enum { A_L2 = 1, A_DECAY, A_OMB1, A_BETA2, A_OMB2, A_EPS, A_STEP_SIZE, A_BC2_SQR
 enum { L_DECAY = 1, L_LR, L_BETA1, L_OMB1, L_BETA2, L_OMB2 };
 enum { D_L2 = 1, D_DECAY, D_OMB1, D_BETA2, D_OMB2, D_EPS, D_NEG_LR, D_CLIP };
 enum { E_L2 = 1, E_DECAY, E_OMB1, E_BETA2, E_OMB2, E_OMB3, E_EPS, E_BC1, E_BC2_SQRT, E_ALPHA, E_LR };
+enum { F_BETA2 = 1, F_OMB2, F_BC2, F_EPS, F_DECAY, F_CKP1, F_YCOEF, F_NEG_LR };
 #define N_HP 16
 
 #define BLOCK 256
@@ -84,12 +85,15 @@ typedef struct {
     int32_t alg, pmode, sfmt, nslots, ams, skip, nthreads; /* ams: the optional slot is kept */
     int32_t signs;             /* bit k: slot k holds values of both signs (8-bit: signed codes),
                                 * from the algorithm's slot declarations (algorithm.py, Slot) */
+    int32_t cautious;          /* the cautious mask (algorithm.py, caution): a counting pass first */
+    int32_t fp32_slots;        /* bit k: slot k is fp32 whatever sfmt (a copy of the weights,
+                                * algorithm.py, Slot.weights: Schedule-Free's z) */
     void *omp_parallel;        /* GOMP_parallel of torch's OpenMP runtime, or NULL */
 } args_t;
 
 /* The layout the Python side mirrors (kernels/native.py, Row and Args), checked when it loads a
  * library: a stale or foreign build is refused instead of reading fields at the wrong offsets. */
-#define ABI_VERSION 4
+#define ABI_VERSION 5
 
 /* ---- storage: bf16 and rounding ------------------------------------------------------------ */
 
@@ -167,12 +171,23 @@ static AI float lerp(float a, float b, float w) {
 
 /* Each body: one element, fp32 values in and out: p, g (sign and multiplier applied), the slots
  * s[0..] in the order the algorithm declares them, its scalars hp, ``opt``: its optional slot is
- * kept. ``*_prepare``: scalars the kernel derives once per step (no_prepare: none). */
+ * kept; ``cau``: the cautious mask is on, ``cs`` its tensor's factor, ``*hit`` set where the
+ * element keeps its component (the counting pass). ``*_prepare``: scalars the kernel derives once
+ * per step (no_prepare: none). */
 static AI void no_prepare(float *hp) { (void)hp; }
+
+/* algorithm.py, caution: a * (a b > 0 ? n / (kept + 1) : 0), one rounding (nan stays nan) */
+static AI float caution(float a, float b, const int cau, const float cs, int *hit) {
+    if (!cau) return a;
+    *hit = a * b > 0.0f;
+    return a * (*hit ? cs : 0.0f);
+}
+#define BODY_ARGS float *p, float g, float *s, const float *hp, const int opt, const int cau, const float cs, int *hit
 
 /* Adam (optim/adam.py, adam_update): s = (m, v, max v) */
 static AI void adam_prepare(float *hp) { hp[A_INV_BC2_SQRT] = 1.0f / hp[A_BC2_SQRT]; }
-static AI void adam(float *p, float g, float *s, const float *hp, const int ams) {
+static AI void adam(BODY_ARGS) {
+    const int ams = opt;
     /* torch's grad.add(p, alpha=wd): one rounding; skipped without L2 decay, where 0 * p would
      * turn an inf parameter's gradient into nan (torch leaves it inf) */
     if (hp[A_L2] != 0.0f) g = fmaf(*p, hp[A_L2], g);
@@ -186,23 +201,23 @@ static AI void adam(float *p, float g, float *s, const float *hp, const int ams)
         vv = s[2];
     }
     const float denom = div_bc2(sqrtf(vv), hp) + hp[A_EPS];
-    *p = np - (m / denom) * hp[A_STEP_SIZE];
+    *p = np - (caution(m, g, cau, cs, hit) / denom) * hp[A_STEP_SIZE];
     s[0] = m;
     s[1] = v;
 }
 
 /* Lion (optim/lion.py, lion_update): s = (m) */
-static AI void lion(float *p, float g, float *s, const float *hp, const int opt) {
+static AI void lion(BODY_ARGS) {
     (void)opt;
     const float m = s[0];
     const float c = m * hp[L_BETA1] + g * hp[L_OMB1];
     const float sg = c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : c); /* sign: 0 -> 0, nan -> nan (lion_update) */
-    *p = *p * hp[L_DECAY] - sg * hp[L_LR];
+    *p = *p * hp[L_DECAY] - caution(sg, g, cau, cs, hit) * hp[L_LR];
     s[0] = m * hp[L_BETA2] + g * hp[L_OMB2];
 }
 
 /* ADOPT (optim/adopt.py, adopt_update): s = (m, v); the first step's scalars keep m and p */
-static AI void adopt(float *p, float g, float *s, const float *hp, const int opt) {
+static AI void adopt(BODY_ARGS) {
     (void)opt;
     if (hp[D_L2] != 0.0f) g = fmaf(*p, hp[D_L2], g);
     const float np = *p * hp[D_DECAY];
@@ -210,23 +225,35 @@ static AI void adopt(float *p, float g, float *s, const float *hp, const int opt
     float n = g / (r < hp[D_EPS] ? hp[D_EPS] : r); /* clamp_min: nan stays nan */
     n = n < -hp[D_CLIP] ? -hp[D_CLIP] : (n > hp[D_CLIP] ? hp[D_CLIP] : n);
     const float m = lerp(s[0], n, hp[D_OMB1]);
-    *p = fmaf(m, hp[D_NEG_LR], np);
+    *p = fmaf(caution(m, n, cau, cs, hit), hp[D_NEG_LR], np);
     s[0] = m;
     s[1] = s[1] * hp[D_BETA2] + (g * g) * hp[D_OMB2];
 }
 
 /* AdEMAMix (optim/ademamix.py, ademamix_update): s = (m1, v, m2) */
-static AI void ademamix(float *p, float g, float *s, const float *hp, const int opt) {
+static AI void ademamix(BODY_ARGS) {
     (void)opt;
     if (hp[E_L2] != 0.0f) g = fmaf(*p, hp[E_L2], g);
     const float np = *p * hp[E_DECAY];
     const float m1 = lerp(s[0], g, hp[E_OMB1]), m2 = lerp(s[2], g, hp[E_OMB3]);
     const float v = s[1] * hp[E_BETA2] + (g * g) * hp[E_OMB2];
-    const float u = fmaf(m2, hp[E_ALPHA], m1 / hp[E_BC1]);
+    const float u = fmaf(m2, hp[E_ALPHA], caution(m1, g, cau, cs, hit) / hp[E_BC1]);
     *p = np - (u / (sqrtf(v) / hp[E_BC2_SQRT] + hp[E_EPS])) * hp[E_LR];
     s[0] = m1;
     s[1] = v;
     s[2] = m2;
+}
+
+/* Schedule-Free AdamW (optim/schedule_free.py, schedule_free_update): s = (z, v), p holds y */
+static AI void schedule_free(BODY_ARGS) {
+    (void)opt, (void)cau, (void)cs, (void)hit;
+    const float z = s[0];
+    const float v = s[1] * hp[F_BETA2] + (g * g) * hp[F_OMB2];
+    float gn = g / (sqrtf(v / hp[F_BC2]) + hp[F_EPS]);
+    if (hp[F_DECAY] != 0.0f) gn = fmaf(*p, hp[F_DECAY], gn); /* the decay at y */
+    *p = fmaf(gn, hp[F_YCOEF], lerp(*p, z, hp[F_CKP1]));
+    s[0] = fmaf(gn, hp[F_NEG_LR], z);
+    s[1] = v;
 }
 
 /* The algorithms, each once: X(id, body, prepare, slots at most, slots of its common case, the
@@ -237,27 +264,32 @@ static AI void ademamix(float *p, float g, float *s, const float *hp, const int 
     X(ALG_ADAM, adam, adam_prepare, 3, 2, ALL_FORMATS)                                            \
     X(ALG_LION, lion, no_prepare, 1, 1, FAST_FORMATS)                                            \
     X(ALG_ADOPT, adopt, no_prepare, 2, 2, FAST_FORMATS)                                          \
-    X(ALG_ADEMAMIX, ademamix, no_prepare, 3, 3, FAST_FORMATS)
+    X(ALG_ADEMAMIX, ademamix, no_prepare, 3, 3, FAST_FORMATS)                                    \
+    X(ALG_SCHEDULE_FREE, schedule_free, no_prepare, 2, 2, FAST_FORMATS)
 #define ALG_ID(ID, ...) ID,
 enum { ALGORITHMS(ALG_ID) N_ALGS };
 #define ALG_MAX_SLOTS(ID, FN, PREP, MAXS, ...) MAXS,
 static const int max_slots_of[N_ALGS] = {ALGORITHMS(ALG_MAX_SLOTS)};
 
 /* One element: the engine's part (skip_nonfinite, maximize) around the algorithm's body.
- * s0, s1, s2 point at the element's fp32 slot values (only the first ``ns`` are read). */
-static AI void element(const int alg, float *restrict pp, float g, float *restrict s0, float *restrict s1,
-                       float *restrict s2, const float *restrict hp, const int ns, const int ams,
-                       const int skip) {
+ * s0, s1, s2 point at the element's fp32 slot values (only the first ``ns`` are read). ``cau``:
+ * the cautious mask with factor ``cs``; ``counting``: the first pass, which stores nothing and
+ * returns whether the element keeps its component. */
+static AI int element(const int alg, float *restrict pp, float g, float *restrict s0, float *restrict s1,
+                      float *restrict s2, const float *restrict hp, const int ns, const int ams,
+                      const int skip, const int cau, const float cs, const int counting) {
     const float p0 = *pp;
     const float o0 = *s0, o1 = ns > 1 ? *s1 : 0.0f, o2 = ns > 2 ? *s2 : 0.0f;
     float p = p0, s[MAX_SLOTS] = {o0, o1, o2};
+    int hit = 0;
     const int ok = fabsf(g) <= FLT_MAX;
     if (skip) g = ok ? g : 0.0f;
     g = g * hp[GRAD_SIGN];
     switch (alg) { /* alg is a constant where this is inlined: one body remains */
-#define ALG_BODY(ID, FN, ...) case ID: FN(&p, g, s, hp, ams); break;
+#define ALG_BODY(ID, FN, ...) case ID: FN(&p, g, s, hp, ams, cau, cs, &hit); break;
         ALGORITHMS(ALG_BODY)
     }
+    if (counting) return hit;
     if (skip) {
         p = ok ? p : p0;
         s[0] = ok ? s[0] : o0;
@@ -268,6 +300,7 @@ static AI void element(const int alg, float *restrict pp, float g, float *restri
     *s0 = s[0];
     if (ns > 1) *s1 = s[1];
     if (ns > 2) *s2 = s[2];
+    return 0;
 }
 
 /* ---- 8-bit blocks: storage/quant8.py, decode_blocks / encode_blocks ------------------------------------- */
@@ -348,6 +381,11 @@ encode8(const float *restrict x, uint8_t *restrict c, float *scale, uint32_t ind
 typedef struct {
     const args_t *A;
     float hp[N_HP];  /* a local copy, with the kernel's own scalars (no store can alias it) */
+    /* the cautious mask: per selected row, its factor n / (kept + 1) and, in the counting pass
+     * (``counting``), the elements that keep their component; NULL without the mask */
+    const float *cs;
+    int64_t *counts;
+    int counting;
 } ctx_t;
 
 static void make_ctx(const args_t *A, ctx_t *C) {
@@ -360,25 +398,29 @@ static void make_ctx(const args_t *A, ctx_t *C) {
 }
 
 /* fp32 parameters and state: straight from memory to memory (Adam: 28 B per element) */
-static AI void piece_fp32(const ctx_t *C, const int alg, const row_t *R, float *restrict p,
-                          const float *restrict g, int64_t a, int64_t b, const int ns, const int ams,
-                          const int skip) {
+static AI int64_t piece_fp32(const ctx_t *C, const int alg, const row_t *R, float *restrict p,
+                             const float *restrict g, int64_t a, int64_t b, const int ns, const int ams,
+                             const int skip, const int cau, const float cs, const int counting) {
     float *restrict s0 = (float *)R->slot[0] + a;
     float *restrict s1 = ns > 1 ? (float *)R->slot[1] + a : s0;
     float *restrict s2 = ns > 2 ? (float *)R->slot[2] + a : s0;
     p += a;
     g += a;
     const int64_t n = b - a;
-    for (int64_t i = 0; i < n; i++) element(alg, p + i, g[i], s0 + i, s1 + i, s2 + i, C->hp, ns, ams, skip);
+    int64_t kept = 0;
+    for (int64_t i = 0; i < n; i++)
+        kept += element(alg, p + i, g[i], s0 + i, s1 + i, s2 + i, C->hp, ns, ams, skip, cau, cs, counting);
+    return kept;
 }
 
 /* One block of ``len`` elements starting at element e of a tensor, at position t of its work space
  * (``space``: where its 8-bit codes lie; t == e but in rows): decoded into L1 tiles, updated,
  * encoded back. ``len`` is BLOCK except in a row's last block; full blocks are inlined with the
  * constant, so their loops vectorize without remainders. */
-static AI void tile(const ctx_t *C, const int alg, const row_t *R, void *param, const void *grad, const int64_t t,
-                    const int64_t e, const int len, const uint32_t *seed, const int pm, const int sf, const int ns,
-                    const int ams, const int skip) {
+static AI int64_t tile(const ctx_t *C, const int alg, const row_t *R, void *param, const void *grad,
+                       const int64_t t, const int64_t e, const int len, const uint32_t *seed, const int pm,
+                       const int sf, const int ns, const int ams, const int skip, const int cau, const float cs,
+                       const int counting) {
     float P[BLOCK], G[BLOCK], S[MAX_SLOTS][BLOCK];
     const uint32_t i0 = (uint32_t)(R->index0 + e);
     /* the parameter and gradient as fp32: fp32 parameters and master weights in place */
@@ -400,7 +442,7 @@ static AI void tile(const ctx_t *C, const int alg, const row_t *R, void *param, 
     /* the state as fp32: fp32 slots in place, others decoded into tiles */
     float *sv[MAX_SLOTS] = {S[0], S[1], S[2]};
     for (int k = 0; k < ns; k++) {
-        if (sf == S_FP32) {
+        if (sf == S_FP32 || ((C->A->fp32_slots >> k) & 1)) {
             sv[k] = (float *)R->slot[k] + e;
         } else if (sf == S_BF16) {
             const uint16_t *s = (const uint16_t *)R->slot[k] + e;
@@ -410,7 +452,14 @@ static AI void tile(const ctx_t *C, const int alg, const row_t *R, void *param, 
         }
     }
     float *restrict s0 = sv[0], *restrict s1 = sv[1], *restrict s2 = sv[2];
-    for (int i = 0; i < len; i++) element(alg, pv + i, gv[i], s0 + i, s1 + i, s2 + i, C->hp, ns, ams, skip);
+    if (counting) { /* the cautious mask's first pass: decoded and computed, nothing stored */
+        int64_t kept = 0;
+        for (int i = 0; i < len; i++)
+            kept += element(alg, pv + i, gv[i], s0 + i, s1 + i, s2 + i, C->hp, ns, ams, skip, cau, cs, 1);
+        return kept;
+    }
+    for (int i = 0; i < len; i++)
+        element(alg, pv + i, gv[i], s0 + i, s1 + i, s2 + i, C->hp, ns, ams, skip, cau, cs, 0);
     /* encode the parameter */
     if (pm != P_NATIVE) {
         uint16_t *ps = (uint16_t *)param + e;
@@ -444,6 +493,7 @@ static AI void tile(const ctx_t *C, const int alg, const row_t *R, void *param, 
     }
     /* encode the state */
     for (int k = 0; k < ns && sf != S_FP32; k++) {
+        if ((C->A->fp32_slots >> k) & 1) continue; /* stepped in place */
         if (sf == S_BF16) {
             uint16_t *s = (uint16_t *)R->slot[k] + e;
             uint32_t w = weyl(i0, seed[k + 1]);
@@ -455,43 +505,50 @@ static AI void tile(const ctx_t *C, const int alg, const row_t *R, void *param, 
                     (C->A->signs >> k) & 1);
         }
     }
+    return 0;
 }
 
 /* every other combination: block by block. [a, b) is a range of the row's work space (``space``);
  * a is a multiple of BLOCK; only a row's last block may be shorter. */
-static AI void piece_tiled(const ctx_t *C, const int alg, const row_t *R, void *param, const void *grad,
-                           int64_t a, int64_t b, const int pm, const int sf, const int ns, const int ams,
-                           const int skip) {
+static AI int64_t piece_tiled(const ctx_t *C, const int alg, const row_t *R, void *param, const void *grad,
+                              int64_t a, int64_t b, const int pm, const int sf, const int ns, const int ams,
+                              const int skip, const int cau, const float cs, const int counting) {
     const args_t *A = C->A;
     uint32_t seed[MAX_SLOTS + 1];
     for (int k = 0; k <= ns; k++) seed[k] = mix_seed(A->step, R->uid, k);
     const int64_t L = R->len, Lp = (L + BLOCK - 1) / BLOCK * BLOCK;
+    int64_t kept = 0;
     for (int64_t t = a; t < b; t += BLOCK) {
         const int64_t row = t / Lp, col = t - row * Lp, e = row * L + col; /* work space -> element */
-        if (col + BLOCK <= L) tile(C, alg, R, param, grad, t, e, BLOCK, seed, pm, sf, ns, ams, skip);
-        else tile(C, alg, R, param, grad, t, e, (int)(L - col), seed, pm, sf, ns, ams, skip);
+        if (col + BLOCK <= L)
+            kept += tile(C, alg, R, param, grad, t, e, BLOCK, seed, pm, sf, ns, ams, skip, cau, cs, counting);
+        else
+            kept += tile(C, alg, R, param, grad, t, e, (int)(L - col), seed, pm, sf, ns, ams, skip, cau, cs,
+                         counting);
     }
+    return kept;
 }
 
 /* The common cases get loops specialized at compile time (algorithm, parameter mode, state
- * format, slot count); amsgrad and skip_nonfinite share one loop with run-time flags per
- * (algorithm, mode, format): a smaller library, built faster. */
-static __attribute__((noinline, optimize("no-unswitch-loops"))) void
+ * format, slot count); amsgrad, skip_nonfinite and the cautious mask share one loop with run-time
+ * flags per (algorithm, mode, format): a smaller library, built faster. */
+static __attribute__((noinline, optimize("no-unswitch-loops"))) int64_t
 piece_flags(const ctx_t *C, const int alg, const row_t *R, void *param, const void *grad, int64_t a, int64_t b,
-            const int pm, const int sf) {
+            const int pm, const int sf, const float cs) {
     const args_t *A = C->A;
     if (pm == P_NATIVE && sf == S_FP32)
-        piece_fp32(C, alg, R, (float *)param, (const float *)grad, a, b, A->nslots, A->ams, A->skip);
-    else
-        piece_tiled(C, alg, R, param, grad, a, b, pm, sf, A->nslots, A->ams, A->skip);
+        return piece_fp32(C, alg, R, (float *)param, (const float *)grad, a, b, A->nslots, A->ams, A->skip,
+                          A->cautious, cs, C->counting);
+    return piece_tiled(C, alg, R, param, grad, a, b, pm, sf, A->nslots, A->ams, A->skip, A->cautious, cs,
+                       C->counting);
 }
 
 #define FORMAT(ALG, NS, PM, SF)                                                                   \
     if (pm == PM && sf == SF) {                                                                   \
         if (PM == P_NATIVE && SF == S_FP32)                                                       \
-            piece_fp32(C, ALG, R, (float *)param, (const float *)grad, a, b, NS, 0, 0);          \
+            piece_fp32(C, ALG, R, (float *)param, (const float *)grad, a, b, NS, 0, 0, 0, 0.0f, 0); \
         else                                                                                      \
-            piece_tiled(C, ALG, R, param, grad, a, b, PM, SF, NS, 0, 0);                          \
+            piece_tiled(C, ALG, R, param, grad, a, b, PM, SF, NS, 0, 0, 0, 0.0f, 0);              \
         return;                                                                                   \
     }
 #define ALL_FORMATS(ALG, NS)                                                                      \
@@ -512,20 +569,23 @@ piece_flags(const ctx_t *C, const int alg, const row_t *R, void *param, const vo
     FORMAT(ALG, NS, P_KAHAN, S_8BIT) FORMAT(ALG, NS, P_KAHAN8, S_FP32)                           \
     FORMAT(ALG, NS, P_KAHAN8, S_BF16) FORMAT(ALG, NS, P_KAHAN8, S_8BIT)
 
-static void run_piece(const ctx_t *C, int64_t r, int64_t a, int64_t b) {
+/* [a, b) of selected row j (row r of the table) */
+static void run_piece(const ctx_t *C, int64_t j, int64_t r, int64_t a, int64_t b) {
     const args_t *A = C->A;
     const row_t *R = A->rows + r;
     void *param = A->param[r];
     const void *grad = A->grad[r];
     const int pm = A->pmode, sf = A->sfmt;
+    int64_t kept = 0;
     switch (A->alg) { /* the common case's own loops, else one loop with run-time flags */
 #define ALG_RUN(ID, FN, PREP, MAXS, NS, SET)                                                     \
     case ID:                                                                                      \
-        if (!(A->ams || A->skip)) { SET(ID, NS) }                                                 \
-        piece_flags(C, ID, R, param, grad, a, b, pm, sf);                                         \
-        return;
+        if (!(A->ams || A->skip || A->cautious || A->fp32_slots)) { SET(ID, NS) }                 \
+        kept = piece_flags(C, ID, R, param, grad, a, b, pm, sf, C->cs ? C->cs[j] : 0.0f);         \
+        break;
         ALGORITHMS(ALG_RUN)
     }
+    if (C->counting) __atomic_fetch_add(&C->counts[j], kept, __ATOMIC_RELAXED);
 }
 
 /* ---- a share of the step: the work space is every selected tensor, each padded to whole blocks,
@@ -544,7 +604,7 @@ static void run_share(const ctx_t *C, const int64_t *start, int64_t lo, int64_t 
         const int64_t n = space(A->rows + r);
         const int64_t a = lo > start[j] ? lo - start[j] : 0;
         const int64_t b = hi - start[j] < n ? hi - start[j] : n;
-        if (a < b) run_piece(C, r, a, b);
+        if (a < b) run_piece(C, j, r, a, b);
     }
 }
 
@@ -592,6 +652,25 @@ static void *pthread_worker(void *arg) {
 
 typedef void (*omp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
 
+/* One pass over the work space [0, total) on a team of threads. */
+static void run_team(const ctx_t *C, const int64_t *start, int64_t total) {
+    const args_t *A = C->A;
+    int nt = A->nthreads < 1 ? 1 : (A->nthreads > MAX_THREADS ? MAX_THREADS : A->nthreads);
+    const int64_t most = (total + MIN_PER_THREAD - 1) / MIN_PER_THREAD;
+    if (most < nt) nt = most < 1 ? 1 : (int)most;
+    const int64_t share = ((total + nt - 1) / nt + BLOCK - 1) / BLOCK * BLOCK;
+    team_t T = {C, start, share, total, nt, 0, GET_FP_MODE()};
+    if (nt > 1 && A->omp_parallel) {
+        ((omp_parallel_fn)A->omp_parallel)(team_worker, &T, (unsigned)nt, 0);
+    } else {
+        pthread_t tids[MAX_THREADS];
+        int running = 0;
+        for (int k = 1; k < nt; k++) running += pthread_create(&tids[running], NULL, pthread_worker, &T) == 0;
+        team_worker(&T); /* this thread takes shares too: every share is done even if none started */
+        for (int k = 0; k < running; k++) pthread_join(tids[k], NULL);
+    }
+}
+
 /* out[0..4] = ABI_VERSION, sizeof(row_t), sizeof(args_t), N_HP, MAX_SLOTS */
 void adamkit_abi(int64_t *out) {
     out[0] = ABI_VERSION;
@@ -627,19 +706,32 @@ int adamkit_step(const args_t *A) {
     const int64_t total = start[A->nrows];
     ctx_t C;
     make_ctx(A, &C);
-    int nt = A->nthreads < 1 ? 1 : (A->nthreads > MAX_THREADS ? MAX_THREADS : A->nthreads);
-    const int64_t most = (total + MIN_PER_THREAD - 1) / MIN_PER_THREAD;
-    if (most < nt) nt = most < 1 ? 1 : (int)most;
-    const int64_t share = ((total + nt - 1) / nt + BLOCK - 1) / BLOCK * BLOCK;
-    team_t T = {&C, start, share, total, nt, 0, GET_FP_MODE()};
-    if (nt > 1 && A->omp_parallel) {
-        ((omp_parallel_fn)A->omp_parallel)(team_worker, &T, (unsigned)nt, 0);
-    } else {
-        pthread_t tids[MAX_THREADS];
-        int running = 0;
-        for (int k = 1; k < nt; k++) running += pthread_create(&tids[running], NULL, pthread_worker, &T) == 0;
-        team_worker(&T); /* this thread takes shares too: every share is done even if none started */
-        for (int k = 0; k < running; k++) pthread_join(tids[k], NULL);
+    C.cs = NULL, C.counts = NULL, C.counting = 0;
+    float *cs = NULL;
+    if (A->cautious) {
+        /* the mask's factor per tensor needs the tensor's count before any element is stored:
+         * a counting pass (it reads what the step reads, writes nothing), then the step */
+        cs = (float *)malloc((size_t)A->nrows * sizeof(float));
+        C.counts = (int64_t *)calloc((size_t)A->nrows, sizeof(int64_t));
+        if (!cs || !C.counts) {
+            free(cs);
+            free(C.counts);
+            if (start != local) free(start);
+            return -1;
+        }
+        C.counting = 1;
+        run_team(&C, start, total);
+        for (int64_t j = 0; j < A->nrows; j++) {
+            const row_t *R = A->rows + (A->sel ? A->sel[j] : j);
+            cs[j] = (float)((double)R->n / (double)(C.counts[j] + 1));
+        }
+        C.counting = 0;
+        C.cs = cs;
+    }
+    run_team(&C, start, total);
+    if (cs) {
+        free(C.counts);
+        free(cs);
     }
     if (start != local) free(start);
     return 0;

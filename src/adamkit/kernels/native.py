@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from ..dist import global_offset, is_dtensor, local
+from ..dist import global_offset, is_dtensor, is_sharded, local
 
 SOURCE = Path(__file__).with_name("kernel.c")
 FLAGS = [
@@ -93,11 +93,13 @@ class Args(ctypes.Structure):
         ("skip", ctypes.c_int32),
         ("nthreads", ctypes.c_int32),
         ("signs", ctypes.c_int32),
+        ("cautious", ctypes.c_int32),
+        ("fp32_slots", ctypes.c_int32),
         ("omp_parallel", ctypes.c_void_p),
     ]
 
 
-ABI_VERSION = 4  # kernel.c's ABI_VERSION: the layout of Row and Args, its entry points
+ABI_VERSION = 5  # kernel.c's ABI_VERSION: the layout of Row and Args, its entry points
 
 
 @functools.cache
@@ -409,7 +411,8 @@ class Table:
             # the local shard's length: a DTensor's numel() is its global one
             r.n, r.uid = loc.numel(), uid
             # 8-bit rows (quant8): the row length, blocks lie inside rows; else one row of n
-            in_rows = fmt.state == "8bit" and bool(names) and local(st[names[0]]).dim() == 2
+            coded = [n for n, s in zip(names, alg.active_slots(flags)) if not s.weights]
+            in_rows = fmt.state == "8bit" and bool(coded) and local(st[coded[0]]).dim() == 2
             r.len = max(1, math.prod(p.shape[1:])) if in_rows else r.n
             r.index0 = global_offset(p)  # rounding bits follow the whole tensor's positions
             aux = next((st[k] for k in ("kahan_comp", "kahan_comp8", "master_weight") if k in st), None)
@@ -419,7 +422,7 @@ class Table:
             for k, name in enumerate(names):
                 r.slot[k] = local(st[name]).data_ptr()
                 keep.append(st[name])
-                if fmt.state == "8bit":
+                if name + "_scale" in st:
                     r.scale[k] = local(st[name + "_scale"]).data_ptr()
                     keep.append(st[name + "_scale"])
         self.rows, self.keep = rows, keep
@@ -443,6 +446,9 @@ class Table:
         a.ams = int(any(slot.option is not None for slot in alg.active_slots(flags)))
         # 8-bit codes: signed or magnitude codes per slot, as the algorithm declares its slots
         a.signs = sum(1 << k for k, slot in enumerate(alg.active_slots(flags)) if slot.signed)
+        a.cautious = int(flags.on("cautious"))
+        # a copy of the weights keeps fp32 whatever the state format (Slot.weights)
+        a.fp32_slots = sum(1 << k for k, slot in enumerate(alg.active_slots(flags)) if slot.weights)
         a.omp_parallel = openmp_parallel()
 
     def _uniform_step(self) -> float | None:
@@ -576,7 +582,9 @@ class GroupPlan:
             planned[i] = True
             fmt = formats_of(p)
             t = local(p)
-            if eligible(p) and supports(alg, fmt, t.dtype, t.device):
+            # the cautious mask counts over the whole tensor: a shard's rows cannot (reference)
+            whole = not (flags.on("cautious") and is_sharded(p))
+            if eligible(p) and supports(alg, fmt, t.dtype, t.device) and whole:
                 kinds.setdefault((fmt, t.dtype, is_dtensor(p)), []).append(i)
             else:
                 self.loose.append(i)

@@ -9,6 +9,7 @@ from .came import CAME
 from .lamb import Lamb
 from .lion import Lion
 from .muon import Muon
+from .schedule_free import ScheduleFreeAdamW
 from .sophia import SophiaG
 from .stable_adamw import StableAdamW
 
@@ -23,6 +24,7 @@ __all__ = [
     "Lamb",
     "Lion",
     "Muon",
+    "ScheduleFreeAdamW",
     "SophiaG",
     "StableAdamW",
 ]

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..algorithm import Accumulation, Algorithm, Flags, Slot
+from ..algorithm import Accumulation, Algorithm, Flags, Slot, caution
 from ..ieee import div_rn, fma_rn, lerp_rn, sqrt_rn
 from .base import Optimizer
 from .options import (
@@ -24,6 +24,7 @@ from .options import (
     check_nonneg,
     default_max_lr,
     loaded_max_lr,
+    switches,
     warn_strong_decay,
 )
 
@@ -66,7 +67,7 @@ def check(group: dict) -> dict:
     eps = check_nonneg("eps", group["eps"])
     wd = check_nonneg("weight_decay", group["weight_decay"])
     b1, b2 = check_betas(group["betas"])
-    check_bools(group, ("amsgrad", "decoupled_weight_decay"))
+    check_bools(group, ("amsgrad", "decoupled_weight_decay", "cautious"))
     max_lr = check_max_lr(group)
     if wd == 0:
         wd_mode = "none"
@@ -76,12 +77,22 @@ def check(group: dict) -> dict:
         wd_mode = "decoupled"
     else:
         wd_mode = "l2"
-    return dict(lr=lr, eps=eps, weight_decay=wd, beta1=b1, beta2=b2, max_lr=max_lr, wd_mode=wd_mode)
+    return dict(
+        lr=lr,
+        eps=eps,
+        weight_decay=wd,
+        beta1=b1,
+        beta2=b2,
+        max_lr=max_lr,
+        wd_mode=wd_mode,
+        cautious=group.get("cautious", False),
+    )
 
 
 def flags(group: dict, hp: dict) -> Flags:
-    options = ("amsgrad",) if group["amsgrad"] else ()
-    return Flags(hp["wd_mode"], group["maximize"], group["skip_nonfinite"], options)
+    return Flags(
+        hp["wd_mode"], group["maximize"], group["skip_nonfinite"], switches(group, "amsgrad", "cautious")
+    )
 
 
 def scalars(hp: dict, step: float, f: Flags) -> Scalars:
@@ -136,11 +147,17 @@ def adam_update(p, g, slots: list, s: Scalars, f: Flags):
         vv = vmax
     denom = div_rn(sqrt_rn(vv), s.bc2_sqrt) + s.eps
     # apply
-    p = p - div_rn(m, denom) * s.step_size
+    p = p - div_rn(caution(m, g, f), denom) * s.step_size
     return p, ([m, v, vmax] if f.on("amsgrad") else [m, v])
 
 
 def check_accumulation(hp: dict) -> None:
+    if hp["cautious"]:
+        raise ValueError(
+            "accumulation_steps > 1 does not support cautious=True: the mask compares the update "
+            "with the window's mean gradient, which the folded state does not keep; use "
+            "gradient_release=False and ordinary gradient accumulation"
+        )
     if hp["beta1"] == 0 or hp["beta2"] == 0:
         raise ValueError(
             f"accumulation_steps > 1 needs beta1 > 0 and beta2 > 0 (got betas=({hp['beta1']}, "
@@ -177,7 +194,9 @@ def torch_fused(items: list, hp: dict, f: Flags) -> list:
     buffer) with state in their dtype, no skip_nonfinite. Used only where the native kernel is
     unavailable, so that the fallback never loses to the optimizer the user switched from.
     Returns the items it did not serve. Its rounding order is torch's, not the reference's."""
-    if f.skip_nonfinite or f.maximize is None:  # None: a gradient multiplier (clipping, loss scale)
+    if (
+        f.skip_nonfinite or f.maximize is None or f.on("cautious")
+    ):  # None: a gradient multiplier (clipping, loss scale)
         return items
     served, rest = {}, []
     for it in items:
@@ -273,6 +292,9 @@ class Adam(Optimizer):
         eps: :math:`\epsilon` added to :math:`\sqrt{\hat v}`. Default 1e-8.
         weight_decay: :math:`\lambda`. Default 0 (Adam), 1e-2 (AdamW).
         amsgrad: use the running maximum of :math:`v` (AMSGrad).
+        cautious: the cautious mask on :math:`\hat m_t` (compared with :math:`g_t`, the L2 term
+            included), rescaled by :math:`n / (\text{kept} + 1)` per tensor (see
+            ``adamkit.algorithm.caution``). Default False.
         decoupled_weight_decay: decay the weights, not the gradient (AdamW). Adam only.
         decouple_lr: fully decoupled decay, :math:`\theta(1 - \frac{\gamma}{\gamma_{max}}\lambda)`.
         max_lr: :math:`\gamma_{max}`; defaults to the group's initial lr.
@@ -308,12 +330,15 @@ class Adam(Optimizer):
         weight_decay: float = 0.0,
         amsgrad: bool = False,
         *,
+        cautious: bool = False,
         decoupled_weight_decay: bool = False,
         decouple_lr: bool = False,
         max_lr: float | None = None,
         **engine: Any,
     ):
-        hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+        hyper = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, cautious=cautious
+        )
         decoupled = decoupled_weight_decay or decouple_lr
         super().__init__(
             params,

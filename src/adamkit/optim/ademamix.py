@@ -19,11 +19,11 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from ..algorithm import Algorithm, Flags, Slot
+from ..algorithm import Algorithm, Flags, Slot, caution
 from ..ieee import div_rn, fma_rn, lerp_rn, sqrt_rn
 from .adam import weight_decay
 from .base import Optimizer
-from .options import as_float, check_bools, check_nonneg
+from .options import as_float, check_bools, check_nonneg, switches
 
 
 class Scalars(NamedTuple):
@@ -59,13 +59,13 @@ def check(group: dict) -> dict:
             f"t_alpha_beta3 warms beta3 up from beta1 in log space: beta1 and beta3 must be > 0, "
             f"got {betas!r}"
         )
-    check_bools(group, ("decouple",))
+    check_bools(group, ("decouple", "cautious"))
     mode = "none" if not wd else ("decoupled" if group["decouple"] else "l2")
     return dict(lr=lr, eps=eps, weight_decay=wd, alpha=alpha, beta1=b1, beta2=b2, beta3=b3, t=t, wd_mode=mode)
 
 
 def flags(group: dict, hp: dict) -> Flags:
-    return Flags(hp["wd_mode"], group["maximize"], group["skip_nonfinite"])
+    return Flags(hp["wd_mode"], group["maximize"], group["skip_nonfinite"], switches(group, "cautious"))
 
 
 def scalars(hp: dict, step: float, f: Flags) -> Scalars:
@@ -84,7 +84,7 @@ def ademamix_update(p, g, slots: list, s: Scalars, f: Flags):
     p, g = weight_decay(p, g, s, f)
     m1, m2 = lerp_rn(m1, g, s.one_minus_beta1), lerp_rn(m2, g, s.one_minus_beta3)
     v = v * s.beta2 + (g * g) * s.one_minus_beta2
-    u = fma_rn(m2, s.alpha, div_rn(m1, s.bc1))  # m1 / (1 - beta1^t) + alpha m2
+    u = fma_rn(m2, s.alpha, div_rn(caution(m1, g, f), s.bc1))  # m1 / (1 - beta1^t) + alpha m2
     return p - div_rn(u, div_rn(sqrt_rn(v), s.bc2_sqrt) + s.eps) * s.lr, [m1, v, m2]
 
 
@@ -118,6 +118,8 @@ class AdEMAMix(Optimizer):
         t_alpha_beta3: T, the warmup of :math:`\alpha` and :math:`\beta_3`; None: none. Default None.
         eps: :math:`\epsilon`. Default 1e-8.
         decouple: decoupled decay (default True, the paper's); ``weight_decouple`` is the same.
+        cautious: the cautious mask on the fast momentum m1 against g, equal to pytorch_optimizer's
+            ``AdEMAMix(cautious=True)`` (see ``adamkit.algorithm.caution``).
         {engine_options}
 
     State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq``, ``exp_avg_slow`` (4 B/param each in fp32).
@@ -127,10 +129,12 @@ class AdEMAMix(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), weight_decay=0.0, alpha=5.0,
                  t_alpha_beta3=None, eps=1e-8, *, decouple: bool = True, weight_decouple: bool | None = None,
-                 **engine: Any):  # fmt: skip
+                 cautious: bool = False, **engine: Any):  # fmt: skip
         decouple = decouple if weight_decouple is None else weight_decouple
         hyper = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, alpha=alpha, eps=eps)
-        super().__init__(params, dict(hyper, t_alpha_beta3=t_alpha_beta3, decouple=decouple), **engine)
+        super().__init__(
+            params, dict(hyper, t_alpha_beta3=t_alpha_beta3, decouple=decouple, cautious=cautious), **engine
+        )
 
     def _required_group_keys(self) -> tuple[str, ...]:
         return ("lr", "betas", "weight_decay", "alpha", "eps")

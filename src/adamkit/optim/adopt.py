@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ..algorithm import Algorithm, Flags, Slot
+from ..algorithm import Algorithm, Flags, Slot, caution
 from ..ieee import div_rn, fma_rn, lerp_rn, sqrt_rn
 from .adam import weight_decay
 from .base import Optimizer
-from .options import as_float, check_betas, check_bools, check_nonneg
+from .options import as_float, check_betas, check_bools, check_nonneg, switches
 
 
 class Scalars(NamedTuple):
@@ -41,7 +41,7 @@ def check(group: dict) -> dict:
     lr, eps = check_nonneg("lr", group["lr"]), check_nonneg("eps", group["eps"])
     wd = check_nonneg("weight_decay", group["weight_decay"])
     b1, b2 = check_betas(group["betas"])
-    check_bools(group, ("decouple",))
+    check_bools(group, ("decouple", "cautious"))
     c = group["clip_exponent"]
     c = None if c is None else as_float("clip_exponent", c)
     mode = "none" if not wd else ("decoupled" if group["decouple"] else "l2")
@@ -49,7 +49,7 @@ def check(group: dict) -> dict:
 
 
 def flags(group: dict, hp: dict) -> Flags:
-    return Flags(hp["wd_mode"], group["maximize"], group["skip_nonfinite"])
+    return Flags(hp["wd_mode"], group["maximize"], group["skip_nonfinite"], switches(group, "cautious"))
 
 
 def scalars(hp: dict, step: float, f: Flags) -> Scalars:
@@ -67,7 +67,7 @@ def adopt_update(p, g, slots: list, s: Scalars, f: Flags):
     p, g = weight_decay(p, g, s, f)
     n = div_rn(g, sqrt_rn(v).clamp_min(s.eps)).clamp_min(-s.clip).clamp_max(s.clip)
     m = lerp_rn(m, n, s.one_minus_beta1)
-    return fma_rn(m, s.neg_lr, p), [m, v * s.beta2 + (g * g) * s.one_minus_beta2]
+    return fma_rn(caution(m, n, f), s.neg_lr, p), [m, v * s.beta2 + (g * g) * s.one_minus_beta2]
 
 
 ADOPT_ALG = Algorithm(
@@ -96,6 +96,8 @@ class ADOPT(Optimizer):
             ``weight_decouple`` (pytorch_optimizer's name) is the same.
         clip_exponent: :math:`c_t = t^{e}`; None: no clipping. Default 0.25 (the reference's
             ``clip_lambda``, kept as a number so that state dicts stay plain data).
+        cautious: the cautious mask on m against the normalized gradient, equal to
+            pytorch_optimizer's ``ADOPT(cautious=True)`` (see ``adamkit.algorithm.caution``).
         {engine_options}
         Here: a non-finite gradient at the first step makes m nan (the first step's update is the
             general one with its weights at 0), unless ``skip_nonfinite``.
@@ -107,10 +109,10 @@ class ADOPT(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.0, *,
                  decouple: bool = False, weight_decouple: bool | None = None,
-                 clip_exponent: float | None = 0.25, **engine: Any):  # fmt: skip
+                 clip_exponent: float | None = 0.25, cautious: bool = False, **engine: Any):  # fmt: skip
         decouple = decouple if weight_decouple is None else weight_decouple
         hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decouple=decouple)
-        super().__init__(params, dict(hyper, clip_exponent=clip_exponent), **engine)
+        super().__init__(params, dict(hyper, clip_exponent=clip_exponent, cautious=cautious), **engine)
 
     def _required_group_keys(self) -> tuple[str, ...]:
         return ("lr", "betas", "eps", "weight_decay")

@@ -127,6 +127,11 @@ class DispatchMixin:
         if not alg.elementwise:  # reductions and odd-shaped slots: per tensor (see run_foreach)
             run_reference(alg, items, scalars_of, flags)
             return
+        if flags.on("cautious"):
+            # the mask's count is a reduction over each whole tensor: foreach takes it per tensor
+            # (the compiled kernel sees 8-bit rows padded to whole blocks)
+            run_foreach(alg, items, scalars_of, flags)
+            return
 
         # Non-contiguous tensors, and 8-bit rows of several blocks with a short last one, go to
         # foreach: in one compiled graph inductor pads each row inside scalar loops and recomputes
@@ -135,6 +140,8 @@ class DispatchMixin:
         def compiled_serves(it: Item) -> bool:
             if not all(t.is_contiguous() for t in it.t.values()):
                 return False
+            if it.fmt.state != "fp32" and any(s.weights for s in alg.slots):
+                return False  # an fp32 copy of the weights beside low-precision statistics
             rows8 = any(k.endswith("_scale") and v.dim() == 2 for k, v in it.t.items())
             return not (rows8 and quant8.row_length(it.t["param"].shape) % quant8.BLOCK)
 

@@ -55,9 +55,13 @@ def slot_format(fmt_state: str, slot, p: torch.Tensor) -> str:
     """One slot's storage format: the parameter's, except that under state_format='8bit' a slot of
     its own shape of a sharded DTensor parameter (Adafactor's and CAME's factored statistics,
     Adam-mini's v) keeps fp32: its own flat 8-bit blocks would be cut by the shards, and such
-    statistics are rows plus columns, a few bytes per row. Parameter-shaped slots keep 8-bit rows."""
+    statistics are rows plus columns, a few bytes per row. Parameter-shaped slots keep 8-bit rows.
+    A copy of the weights (``Slot.weights``: Schedule-Free's z) keeps fp32 in every format (fp64
+    for fp64 parameters)."""
     if fmt_state == "8bit" and slot.shape is not None and dist.is_sharded(p):
         return "fp32"
+    if slot.weights:  # the parameter's full precision
+        return "fp64" if p.dtype == torch.float64 else "fp32"
     return fmt_state
 
 

@@ -20,15 +20,17 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..algorithm import Algorithm, Flags, Slot, where
+from ..algorithm import Algorithm, Flags, Slot, caution, where
 from .base import Optimizer
 from .options import (
     as_float,
     check_betas,
+    check_bools,
     check_max_lr,
     check_nonneg,
     default_max_lr,
     loaded_max_lr,
+    switches,
     warn_strong_decay,
 )
 
@@ -50,12 +52,13 @@ def check(group: dict) -> dict:
     wd = check_nonneg("weight_decay", group["weight_decay"])
     b1, b2 = check_betas(group["betas"])
     max_lr = check_max_lr(group)
+    check_bools(group, ("cautious",))
     mode = "none" if not wd else ("full" if group.get("decouple_lr", False) else "decoupled")
     return dict(lr=lr, weight_decay=wd, beta1=b1, beta2=b2, max_lr=max_lr, wd_mode=mode)
 
 
 def flags(group: dict, hp: dict) -> Flags:
-    return Flags(hp["wd_mode"], group["maximize"], group["skip_nonfinite"])
+    return Flags(hp["wd_mode"], group["maximize"], group["skip_nonfinite"], switches(group, "cautious"))
 
 
 def scalars(hp: dict, step: float, f: Flags) -> Scalars:
@@ -74,7 +77,7 @@ def lion_update(p, g, slots: list, s: Scalars, f: Flags):
         p = p * s.decay
     # sign(nan) is nan, as the native kernel computes it: torch.sign(nan) gives 0 on the CPU, which
     # would freeze an element whose gradient went nan (m stays nan) instead of showing the failure
-    p = p - where(c.isnan(), c, c.sign()) * s.lr
+    p = p - caution(where(c.isnan(), c, c.sign()), g, f) * s.lr
     m = m * s.beta2 + g * s.one_minus_beta2
     return p, [m]
 
@@ -114,6 +117,8 @@ class Lion(Optimizer):
         decoupled_weight_decay: lion-pytorch's spelling of the same: ``True`` divides
             ``weight_decay`` by the constructor's ``lr`` (its ``init_lr``), which is
             ``decouple_lr=True, max_lr=lr``; the results equal lion-pytorch's.
+        cautious: the cautious mask on :math:`\mathrm{sign}(c_t)` against :math:`g_t`, equal to
+            pytorch_optimizer's ``Lion(cautious=True)`` (see ``adamkit.algorithm.caution``).
         use_triton: lion-pytorch's Triton switch: ``False`` is accepted; ``True`` is refused
             (the step runs adamkit's native fused kernel on CPU tensors and ``torch.compile``
             elsewhere, chosen by ``backend``).
@@ -142,6 +147,7 @@ class Lion(Optimizer):
         max_lr: float | None = None,
         decoupled_weight_decay: bool = False,
         use_triton: bool = False,
+        cautious: bool = False,
         **engine: Any,
     ):
         if use_triton:
@@ -153,7 +159,14 @@ class Lion(Optimizer):
         if decoupled_weight_decay:  # lion-pytorch: wd / init_lr, init_lr the constructor's lr
             decouple_lr = True
             max_lr = as_float("lr", lr) if max_lr is None else max_lr
-        hyper = dict(lr=lr, betas=betas, weight_decay=weight_decay, decouple_lr=decouple_lr, max_lr=max_lr)
+        hyper = dict(
+            lr=lr,
+            betas=betas,
+            weight_decay=weight_decay,
+            decouple_lr=decouple_lr,
+            max_lr=max_lr,
+            cautious=cautious,
+        )
         super().__init__(params, hyper, **engine)
         warn_strong_decay(self)
 

@@ -80,6 +80,12 @@ def check_bools(group: dict, keys: Iterable[str]) -> None:
             raise TypeError(f"{key} must be a bool, got {group[key]!r}")
 
 
+def switches(group: dict, *names: str) -> tuple[str, ...]:
+    """The algorithm's switches (``Flags.options``) that are on in ``group``, in the order given;
+    a group without the key (a state dict saved before the switch existed) has it off."""
+    return tuple(n for n in names if group.get(n, False))
+
+
 def refuse_skip_nonfinite(group: dict, name: str) -> None:
     """For algorithms whose statistics mix elements (row means, norms): one element's inf/nan
     cannot be skipped alone."""

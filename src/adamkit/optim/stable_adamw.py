@@ -25,15 +25,17 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..algorithm import Algorithm, Flags, Slot
+from ..algorithm import Algorithm, Flags, Slot, caution
 from .base import Optimizer
 from .options import (
     check_betas,
+    check_bools,
     check_max_lr,
     check_nonneg,
     default_max_lr,
     loaded_max_lr,
     refuse_skip_nonfinite,
+    switches,
 )
 
 
@@ -53,13 +55,16 @@ def check(group: dict) -> dict:
     wd = check_nonneg("weight_decay", group["weight_decay"])
     b1, b2 = check_betas(group["betas"])
     refuse_skip_nonfinite(group, "StableAdamW")
+    check_bools(group, ("cautious",))
     max_lr = check_max_lr(group)
     full = bool(group.get("decouple_lr", False))
     return dict(lr=lr, eps=eps, beta1=b1, beta2=b2, decay_rate=wd / max_lr if full else wd)
 
 
 def flags(group: dict, hp: dict) -> Flags:
-    return Flags("decoupled" if hp["decay_rate"] else "none", maximize=group["maximize"])
+    return Flags(
+        "decoupled" if hp["decay_rate"] else "none", group["maximize"], options=switches(group, "cautious")
+    )
 
 
 def scalars(hp: dict, step: float, f: Flags) -> Scalars:
@@ -80,7 +85,7 @@ def stable_adamw_update(p, g, slots: list, s: Scalars, f: Flags):
     lr = s.lr / torch.clamp_min(rms, 1.0)
     if f.wd_mode == "decoupled":
         p = p * (1 - lr * s.decay_rate)
-    return p - lr * m / (v.sqrt() + s.eps), [m, v]
+    return p - lr * caution(m, g, f) / (v.sqrt() + s.eps), [m, v]
 
 
 STABLE_ADAMW = Algorithm(
@@ -107,6 +112,8 @@ class StableAdamW(Optimizer):
         eps: :math:`\epsilon`. Default 1e-6.
         decouple_lr: fully decoupled decay, :math:`1 - \frac{\gamma_t}{\gamma_{max}}\lambda`.
         max_lr: :math:`\gamma_{max}`; defaults to the group's initial lr.
+        cautious: the cautious mask on m against g, before the RMS clipping (which reads g and v
+            only); see ``adamkit.algorithm.caution``. Default False.
         {engine_options}
         Here: every backend runs it per tensor (its RMS is a reduction); ``skip_nonfinite`` is refused.
 
@@ -116,9 +123,12 @@ class StableAdamW(Optimizer):
     algorithm = STABLE_ADAMW
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.99), weight_decay=1e-2, eps=1e-6, *,
-                 decouple_lr: bool = False, max_lr: float | None = None, **engine: Any):  # fmt: skip
+                 decouple_lr: bool = False, max_lr: float | None = None, cautious: bool = False,
+                 **engine: Any):  # fmt: skip
         hyper = dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
-        super().__init__(params, dict(hyper, decouple_lr=decouple_lr, max_lr=max_lr), **engine)
+        super().__init__(
+            params, dict(hyper, decouple_lr=decouple_lr, max_lr=max_lr, cautious=cautious), **engine
+        )
 
     def _prepare_group(self, group: dict) -> None:
         default_max_lr(group)

@@ -235,7 +235,16 @@ class StateMixin:
                     )
                 else:
                     state[slot.name] = torch.zeros(shape, dtype=state_dtype(fmt.state), device=p.device)
-            elif fmt.state == "8bit":
+            elif slot.init == "param":  # a copy of the parameter's full-precision value
+                key = next((k for k in AUX_KEYS if k in state), None)
+                value = p.detach() if key is None else aux_value(p, key, state[key])
+                if slot_format(fmt.state, slot, p) == "8bit":
+                    state[slot.name], state[slot.name + "_scale"] = encode8(
+                        slot, dist.local(value).float(), p
+                    )
+                else:
+                    state[slot.name] = value.to(state_dtype(slot_format(fmt.state, slot, p)), copy=True)
+            elif slot_format(fmt.state, slot, p) == "8bit":
                 # 1 B/param of codes (each row padded to whole 256-blocks) + 4 B per block of scale
                 rows = dist.local(p).shape[0] if p.dim() >= 2 else None
                 n = quant8.row_length(p.shape) if rows is not None else p.numel()
@@ -244,7 +253,7 @@ class StateMixin:
             else:
                 # 4 B/param in fp32, 2 in bf16/fp16 (the parameter's dtype by default)
                 state[slot.name] = torch.zeros_like(
-                    p, dtype=state_dtype(fmt.state), memory_format=torch.preserve_format
+                    p, dtype=state_dtype(slot_format(fmt.state, slot, p)), memory_format=torch.preserve_format
                 )
         aux = param_aux_key(fmt.param)
         if aux is not None and aux not in state:
@@ -292,7 +301,8 @@ class StateMixin:
         # offset: the local shard's first element in the whole parameter, so that rounding bits
         # follow global element positions (the same at every world size)
         spec = None
-        if not self.algorithm.elementwise and dist.is_sharded(p):  # reductions over the whole tensor
+        # reductions over the whole tensor: the algorithm's, or the cautious mask's count
+        if (not self.algorithm.elementwise or group.get("cautious", False)) and dist.is_sharded(p):
             spec = {"param": (p.device_mesh, tuple(p.placements), p.shape, p.stride())}
             for slot in self.algorithm.slots:
                 if slot.name in state:

@@ -41,6 +41,9 @@ class Training:
     adamkit: bool = False  # accepts adamkit's precision / state-format options
     # (model, weight decay) -> parameter groups; None: param_groups_weight_decay
     groups: Callable[[nn.Module, float], list[dict[str, Any]]] | None = None
+    # Schedule-Free: trained at a constant lr with the optimizer's own warmup (``warmup_steps``),
+    # evaluated in its eval mode (the average x), no warmup + cosine schedule
+    schedule_free: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,11 @@ class Optimizer:
     train: Training | None = None
     adamkit: tuple[str, tuple[str, ...] | Callable[[tuple], tuple[str, ...]]] | None = None
 
+
+# AdEMAMix and Schedule-Free: the lrs picked on `adamkit train`'s settings (seed 0), see the notes.
+ADEMAMIX_LR = 3e-3
+ADEMAMIX_KW: dict[str, Any] = {}
+SCHEDULE_FREE_LR = 3e-3
 
 # The lr of the parameters Muon leaves to its AdamW fallback (Keller Jordan's recipe
 # gives embeddings, the output head and vectors to AdamW).
@@ -103,6 +111,13 @@ OPTIMIZERS: dict[str, Optimizer] = {
             "adamw", "AdamW", Training("adamkit.AdamW", adamkit.AdamW, 3e-3, 0.1, adamkit=True), ("AdamW", ())
         ),
         Optimizer("adam", "Adam", Training("adamkit.Adam", adamkit.Adam, 3e-3, adamkit=True), ("Adam", ())),
+        # AdamW with the cautious mask (Liang et al. 2024), at AdamW's lr and decay
+        Optimizer(
+            "adamw-cautious",
+            "AdamW (cautious)",
+            Training("adamkit.AdamW", adamkit.AdamW, 3e-3, 0.1, kwargs={"cautious": True}, adamkit=True),
+            ("AdamW", ()),
+        ),
         Optimizer(
             "torch-adamw", "AdamW (torch)", Training("torch.optim.AdamW", torch.optim.AdamW, 3e-3, 0.1)
         ),
@@ -147,9 +162,29 @@ OPTIMIZERS: dict[str, Optimizer] = {
             Training("adamkit.ADOPT", adamkit.ADOPT, 3e-3, 0.1, kwargs={"decouple": True}, adamkit=True),
             ("ADOPT", ()),
         ),
-        # AdEMAMix: Adam's step plus alpha times the slow momentum's; planned here, its lr and
-        # warmup for the race not yet tuned
-        Optimizer("ademamix", "AdEMAMix", None, ("AdEMAMix", ())),
+        # AdEMAMix: Adam's step plus alpha times the slow momentum's (ADEMAMIX_NOTE)
+        Optimizer(
+            "ademamix",
+            "AdEMAMix",
+            Training(
+                "adamkit.AdEMAMix", adamkit.AdEMAMix, ADEMAMIX_LR, 0.1, kwargs=ADEMAMIX_KW, adamkit=True
+            ),
+            ("AdEMAMix", ()),
+        ),
+        # Schedule-Free AdamW (SCHEDULE_FREE_NOTE)
+        Optimizer(
+            "schedule-free",
+            "Schedule-Free AdamW",
+            Training(
+                "adamkit.ScheduleFreeAdamW",
+                adamkit.ScheduleFreeAdamW,
+                SCHEDULE_FREE_LR,
+                0.1,
+                adamkit=True,
+                schedule_free=True,
+            ),  # fmt: skip
+            ("ScheduleFreeAdamW", ()),
+        ),
         # StableAdamW: AdamW whose lr is divided by each tensor's update RMS where it exceeds 1;
         # decay 0.1, lr picked on the quick race (val loss: 1e-3 3.64, 3e-3 3.12, 1e-2 3.08, 3e-2
         # 3.31, 1e-1 3.03: noisy; the middle of the good range)

@@ -42,6 +42,11 @@ def warmup_steps(steps: int) -> int:
     return max(1, round(0.05 * steps))
 
 
+def _constant(step: int) -> float:
+    """lr multiplier of Schedule-Free runs (their optimizer warms up itself)."""
+    return 1.0
+
+
 def warmup_cosine(steps: int, warmup: int | None = None, final: float = 0.1) -> Callable[[int], float]:
     """lr multiplier for ``LambdaLR``: linear warmup to 1, then cosine decay to ``final`` at ``steps``.
 
@@ -74,13 +79,19 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 @torch.no_grad()
-def evaluate(task, model: nn.Module, batches: list[tasks.Batch]) -> float:
-    """Mean loss over ``batches`` (each batch weighs the same) with the model in eval mode."""
+def evaluate(task, model: nn.Module, batches: list[tasks.Batch], opt=None) -> float:
+    """Mean loss over ``batches`` (each batch weighs the same) with the model in eval mode, and a
+    Schedule-Free optimizer ``opt`` in its eval mode (the parameters hold the average x)."""
     was_training = model.training
     model.eval()
+    switch = getattr(opt, "train_mode", False)
+    if switch:
+        opt.eval()
     try:
         return sum(task.loss(model, b).item() for b in batches) / len(batches)
     finally:
+        if switch:
+            opt.train()
         model.train(was_training)
 
 
@@ -274,8 +285,12 @@ def fit(
                     engine["release_clipping"] = "per_tensor"
                 if accumulate > 1:
                     engine["accumulation_steps"] = accumulate
+        spec = registry.TRAINABLE.get(optimizer)
+        schedule_free = spec is not None and spec.schedule_free
+        if schedule_free:  # its own warmup, then a constant lr
+            engine["warmup_steps"] = warmup_steps(steps)
         opt = registry.build_optimizer(model, optimizer, lr=lr, precision=precision, state=state, **engine)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _constant if schedule_free else warmup_cosine(steps))
         sample = task.sampler(seed)
         val = task.val_batches()
         eval_at = {round(steps * (i + 1) / evals) for i in range(evals)}
@@ -292,7 +307,7 @@ def fit(
             losses, step_s = list(resume["train_losses"]), list(resume["step_s"])
             curve = [EvalPoint(**p) for p in resume["curve"]]
         else:
-            curve = [EvalPoint(0, 0.0, evaluate(task, model, val))]
+            curve = [EvalPoint(0, 0.0, evaluate(task, model, val, opt))]
         first = len(losses) + 1
         last = steps if stop_after is None else min(steps, stop_after)
 
@@ -336,7 +351,7 @@ def fit(
                 diverged_at = step  # stop: every later step would be NaN too
                 break
             if step in eval_at:
-                curve.append(EvalPoint(step, sum(step_s), evaluate(task, model, val)))
+                curve.append(EvalPoint(step, sum(step_s), evaluate(task, model, val, opt)))
                 checkpoint()
             if progress and (step % 10 == 0 or step == steps):
                 recent = step_s[-10:]

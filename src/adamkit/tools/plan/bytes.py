@@ -121,7 +121,9 @@ def tensor_bytes(t: TensorSpec, recipe: Recipe, model: ModelSpec | None = None) 
     opt = OPTIMIZERS[recipe.optimizer]
     small_dtype = "fp32" if recipe.state_dtype == "8bit" else recipe.state_dtype
     for component, k, full in opt.states(t, model or ModelSpec("", ()), recipe):
-        if full:
+        if component == "z":  # a copy of the weights: fp32 in every state format (Slot.weights)
+            payload, scales = 4 * k, 0
+        elif full:
             payload, scales = state_tensor_bytes(
                 k, recipe.state_dtype, block_size=recipe.block_size, min_8bit_size=recipe.min_8bit_size,
                 shape=t.shape if k == n else None,
@@ -210,7 +212,9 @@ def adamkit_state_bytes(
         eight = fmt == "8bit" and eight_bit_layout(shape, n, min_8bit_size, block_size) is not None
         for slot in adamkit_slots(optimizer, shape, amsgrad):
             k = math.prod(slot.shape_for(shape))
-            if eight and slot.shape is None and len(shape) >= 2:  # rows, like the parameter
+            if slot.weights:  # a copy of the weights: fp32 in every format (Slot.weights)
+                payload, scales = 4 * k, 0
+            elif eight and slot.shape is None and len(shape) >= 2:  # rows, like the parameter
                 payload, scales = state_tensor_bytes(
                     k, "8bit", block_size=block_size, min_8bit_size=0, shape=shape
                 )

@@ -93,7 +93,9 @@ def _fsdp2_tensor_bytes(t: TensorSpec, recipe: Recipe, world: int) -> list[dict[
             d["master"] = 4 * r * length if recipe.master_weights else 0
             d["kahan"] = kahan_bytes(recipe.kahan, recipe.param_dtype) * r * length
             for comp, slot in slots:
-                if slot.shape is not None:
+                if slot.weights:  # a copy of the weights: fp32 in every format
+                    d[comp] += 4 * r * length
+                elif slot.shape is not None:
                     local = (r, *t.shape[1:]) if slot.follows_rows(t.shape) else t.shape
                     d[comp] += each * math.prod(slot.shape_for(local))
                 elif layout == "rows":

@@ -47,6 +47,7 @@ COMPONENTS = {
     "max_v": "running max of v (amsgrad)",
     "hessian": "diagonal Hessian estimate (Sophia)",
     "confidence": "factored confidence statistics (CAME)",
+    "z": "fp32 copy of the weights (Schedule-Free's z)",
     "scales": "8-bit block scales (fp32)",
     "step": "step counters (one tensor per parameter tensor)",
 }
@@ -63,6 +64,7 @@ STATE_COMPONENTS = {
     "hessian": "hessian",
     "momentum_buffer": "m",
     "exp_avg_slow": "m",  # AdEMAMix's slow momentum
+    "z": "z",  # Schedule-Free's base sequence
 }
 
 
