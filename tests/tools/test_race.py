@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
@@ -248,16 +249,28 @@ def test_picture_shows_the_difference_memory_loss_and_time():
     assert "n/a" in [t.get_text().strip() for a in fig.axes for t in a.texts]  # unknown RSS is said
 
 
-def test_every_recipe_of_a_full_race_has_its_own_colour():
-    """The full race's recipes (twenty) each get a colour of their own: the bars show colour alone
-    (fifteen recipes once shared ten colours: SGD and a Lion recipe were both blue)."""
+def test_every_optimizer_of_a_full_race_has_its_own_colour():
+    """Each optimizer of the full race gets a colour of its own; its precision, state and gradient
+    recipes keep it with a line style and bar hatch of their own (fifteen recipes once shared ten
+    colours: SGD and a Lion recipe were both blue), and the legend gives each curve's lr."""
     pytest.importorskip("matplotlib")
     one = RACE_JSON["recipes"]["adamkit-adamw"]
-    data = {**RACE_JSON, "recipes": {name: one for name in race.RECIPES}}
+    data = {
+        **RACE_JSON,
+        "recipes": {n: {**one, "optimizer_name": r.optimizer, "lr": 1e-3} for n, r in race.RECIPES.items()},
+    }
     fig = race.plot(data)
     (ax,) = [a for a in fig.axes if a.get_title() == "optimizer state, bytes/param"]
-    colours = [tuple(b.get_facecolor()) for b in ax.patches]
-    assert len(colours) == len(race.RECIPES) and len(set(colours)) == len(colours)
+    bars = dict(zip(reversed(list(race.RECIPES)), sorted(ax.patches, key=lambda b: b.get_y())))
+    colour = {n: tuple(b.get_facecolor()) for n, b in bars.items()}
+    for a in race.RECIPES:
+        for b in race.RECIPES:
+            same = race.RECIPES[a].optimizer == race.RECIPES[b].optimizer
+            assert (colour[a] == colour[b]) == same, (a, b)
+    looks = {(colour[n], bars[n].get_hatch()) for n in race.RECIPES}
+    assert len(looks) == len(race.RECIPES)  # every recipe told apart
+    (curves,) = [a for a in fig.axes if a.get_title() == "validation loss"]
+    assert all("(lr " in t.get_text() for t in curves.get_legend().get_texts())
 
 
 def test_cli_replot(tmp_path, capsys):
@@ -284,3 +297,29 @@ def test_cli_checks_optional_dependencies_before_any_work(monkeypatch, capsys, a
     assert cli.main(["race", *args]) == 2
     out, err = capsys.readouterr()
     assert out == "" and message in err  # nothing ran, not even the plan
+
+
+def test_lr_sweep_races_each_optimizer_at_its_best_lr(monkeypatch, tmp_path):
+    """race(sweep=True): each optimizer at the same multiples of its paper lr on the quick race;
+    every recipe of an optimizer then races at the lr with the lowest validation loss there, and
+    the table, JSON and picture say so."""
+    monkeypatch.setattr(race, "LR_GRID", (1.0, 3.0))
+    names = ["adamkit-adamw", "bf16-kahan", "lion"]
+    result = race.race(
+        "gpt", names, quick=True, steps=8, evals=1, progress=False, sweep=True, log=lambda s: None
+    )
+    sweep = result.sweep
+    assert list(sweep.tried) == ["adamw", "lion"]
+    for opt, tried in sweep.tried.items():
+        paper = race.registry.PAPER_LR[opt]
+        assert list(tried) == [pytest.approx(paper), pytest.approx(3 * paper)]
+        assert sweep.chosen[opt] == min(tried, key=lambda lr: tried[lr])
+    assert result.runs["adamkit-adamw"].lr == result.runs["bf16-kahan"].lr == sweep.chosen["adamw"]
+    assert result.runs["lion"].lr == sweep.chosen["lion"]
+    md = race.markdown(result)
+    assert "| adamw | 0.001 |" in md and "**" in md and "best of 2 multiples" in md
+    data = race.to_json(result)
+    assert data["lr_sweep"]["chosen"] == sweep.chosen
+    if importlib.util.find_spec("matplotlib") is not None:
+        fig = race.plot(data)
+        assert "best of 2 multiples" in fig._suptitle.get_text()

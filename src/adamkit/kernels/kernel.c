@@ -257,15 +257,16 @@ static AI void schedule_free(BODY_ARGS) {
 }
 
 /* The algorithms, each once: X(id, body, prepare, slots at most, slots of its common case, the
- * formats its common case gets loops of their own for). Its id is its position here, looked up by
- * its body's name (``adamkit_algorithm``, the ``native`` of its declaration, algorithm.py). A new
- * elementwise algorithm is its scalar indices (above), its body (above) and its row here. */
+ * formats its common case gets loops of their own for, those its cautious form gets: its two
+ * passes, NO_FORMATS where it has none). Its id is its position here, looked up by its body's name
+ * (``adamkit_algorithm``, the ``native`` of its declaration, algorithm.py). A new elementwise
+ * algorithm is its scalar indices (above), its body (above) and its row here. */
 #define ALGORITHMS(X)                                                                            \
-    X(ALG_ADAM, adam, adam_prepare, 3, 2, ALL_FORMATS)                                            \
-    X(ALG_LION, lion, no_prepare, 1, 1, FAST_FORMATS)                                            \
-    X(ALG_ADOPT, adopt, no_prepare, 2, 2, FAST_FORMATS)                                          \
-    X(ALG_ADEMAMIX, ademamix, no_prepare, 3, 3, FAST_FORMATS)                                    \
-    X(ALG_SCHEDULE_FREE, schedule_free, no_prepare, 2, 2, FAST_FORMATS)
+    X(ALG_ADAM, adam, adam_prepare, 3, 2, ALL_FORMATS, CAUTIOUS_FORMATS)                          \
+    X(ALG_LION, lion, no_prepare, 1, 1, FAST_FORMATS, CAUTIOUS_FORMATS)                          \
+    X(ALG_ADOPT, adopt, no_prepare, 2, 2, FAST_FORMATS, CAUTIOUS_FORMATS)                        \
+    X(ALG_ADEMAMIX, ademamix, no_prepare, 3, 3, FAST_FORMATS, CAUTIOUS_FORMATS)                  \
+    X(ALG_SCHEDULE_FREE, schedule_free, no_prepare, 2, 2, FAST_FORMATS, NO_FORMATS)
 #define ALG_ID(ID, ...) ID,
 enum { ALGORITHMS(ALG_ID) N_ALGS };
 #define ALG_MAX_SLOTS(ID, FN, PREP, MAXS, ...) MAXS,
@@ -570,6 +571,27 @@ piece_flags(const ctx_t *C, const int alg, const row_t *R, void *param, const vo
     FORMAT(ALG, NS, P_KAHAN8, S_BF16) FORMAT(ALG, NS, P_KAHAN8, S_8BIT)
 
 /* [a, b) of selected row j (row r of the table) */
+/* the cautious mask's two passes (counting, then the step) in loops of their own, for fp32
+ * parameters and state: each further format would add ~3 s to the build (others take the loop
+ * with run-time flags, correct and about 10x slower) */
+#define CFORMAT(ALG, NS, PM, SF)                                                                  \
+    if (pm == PM && sf == SF) {                                                                   \
+        const float c = C->cs ? C->cs[j] : 0.0f;                                                  \
+        if (PM == P_NATIVE && SF == S_FP32) {                                                     \
+            float *fp = (float *)param;                                                           \
+            const float *fg = (const float *)grad;                                                \
+            kept = C->counting ? piece_fp32(C, ALG, R, fp, fg, a, b, NS, 0, 0, 1, c, 1)            \
+                               : piece_fp32(C, ALG, R, fp, fg, a, b, NS, 0, 0, 1, c, 0);           \
+        } else {                                                                                  \
+            kept = C->counting ? piece_tiled(C, ALG, R, param, grad, a, b, PM, SF, NS, 0, 0, 1, c, 1) \
+                               : piece_tiled(C, ALG, R, param, grad, a, b, PM, SF, NS, 0, 0, 1, c, 0); \
+        }                                                                                         \
+        break;                                                                                    \
+    }
+#define CAUTIOUS_FORMATS(ALG, NS)                                                                 \
+    CFORMAT(ALG, NS, P_NATIVE, S_FP32)
+#define NO_FORMATS(ALG, NS)
+
 static void run_piece(const ctx_t *C, int64_t j, int64_t r, int64_t a, int64_t b) {
     const args_t *A = C->A;
     const row_t *R = A->rows + r;
@@ -578,9 +600,10 @@ static void run_piece(const ctx_t *C, int64_t j, int64_t r, int64_t a, int64_t b
     const int pm = A->pmode, sf = A->sfmt;
     int64_t kept = 0;
     switch (A->alg) { /* the common case's own loops, else one loop with run-time flags */
-#define ALG_RUN(ID, FN, PREP, MAXS, NS, SET)                                                     \
+#define ALG_RUN(ID, FN, PREP, MAXS, NS, SET, CSET)                                               \
     case ID:                                                                                      \
-        if (!(A->ams || A->skip || A->cautious || A->fp32_slots)) { SET(ID, NS) }                 \
+        if (!(A->ams || A->skip || A->cautious)) { SET(ID, NS) }                                  \
+        if (A->cautious && !(A->ams || A->skip)) { CSET(ID, NS) }                                 \
         kept = piece_flags(C, ID, R, param, grad, a, b, pm, sf, C->cs ? C->cs[j] : 0.0f);         \
         break;
         ALGORITHMS(ALG_RUN)

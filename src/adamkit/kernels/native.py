@@ -201,7 +201,7 @@ def _build(cc: str, out: Path) -> str | None:
         cmd = [*cc.split(), *build_flags(), "-o", tmp, str(SOURCE)]
         # the first use on a machine waits for this: say so, once (the result is cached)
         print(
-            f"adamkit: building the native kernel for this CPU, once (~20 s; cached in {out.parent})",
+            f"adamkit: building the native kernel for this CPU, once (~30 s; cached in {out.parent})",
             file=sys.stderr,
             flush=True,
         )
@@ -447,8 +447,11 @@ class Table:
         # 8-bit codes: signed or magnitude codes per slot, as the algorithm declares its slots
         a.signs = sum(1 << k for k, slot in enumerate(alg.active_slots(flags)) if slot.signed)
         a.cautious = int(flags.on("cautious"))
-        # a copy of the weights keeps fp32 whatever the state format (Slot.weights)
-        a.fp32_slots = sum(1 << k for k, slot in enumerate(alg.active_slots(flags)) if slot.weights)
+        # a copy of the weights keeps fp32 whatever the state format (Slot.weights); with fp32
+        # state every slot is, and the common case's own loops serve it
+        a.fp32_slots = sum(
+            1 << k for k, slot in enumerate(alg.active_slots(flags)) if slot.weights and fmt.state != "fp32"
+        )
         a.omp_parallel = openmp_parallel()
 
     def _uniform_step(self) -> float | None:

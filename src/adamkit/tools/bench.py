@@ -121,6 +121,12 @@ def _recipe(precision: str, state: str, bytes_per_param: float) -> Impl:
     )
 
 
+def _schedule_free_impl(params):
+    import adamkit
+
+    return adamkit.ScheduleFreeAdamW(params, lr=1e-3, backend="fused")
+
+
 def implementations() -> dict[str, Impl]:
     """name -> implementation. Bytes per parameter: fp32 AdamW reads p, g, m, v and writes p, m, v
     (28 B); bf16 moments save 8, 8-bit moments 12 (plus 4 B of scale per 256); bf16 parameters with
@@ -136,6 +142,10 @@ def implementations() -> dict[str, Impl]:
         "adamkit fused (fresh grads)": Impl(_adamkit_impl("fused"), fresh_grads=True, bytes_per_param=28),
         "adamkit fused, bf16 state": _recipe("fp32", "bf16", bytes_per_param=20),
         "adamkit fused, 8-bit state": _recipe("fp32", "8bit", bytes_per_param=16 + 16 / 256),
+        # the cautious mask: a counting pass (reads g, m, v: 12 B) before the step
+        "adamkit fused, cautious": Impl(_adamkit_impl("fused", cautious=True), bytes_per_param=28),
+        # Schedule-Free AdamW: reads p, g, z, v, writes p, z, v (28 B, as AdamW)
+        "adamkit fused ScheduleFreeAdamW": Impl(_schedule_free_impl),
         "torch fused, bf16 params": Impl(_torch_impl("fused"), dtype=bf16, bytes_per_param=14),
         "adamkit fused, bf16 + Kahan, bf16 state": _recipe("bf16-kahan", "default", bytes_per_param=18),
         "adamkit fused, bf16 + Kahan, 8-bit state": _recipe(
@@ -146,6 +156,17 @@ def implementations() -> dict[str, Impl]:
         import optimi  # type: ignore[import-not-found]
 
         impls["optimi AdamW"] = Impl(lambda ps: optimi.AdamW(ps, lr=1e-3))
+    except ImportError:
+        pass
+    try:
+        import schedulefree  # type: ignore[import-not-found]
+
+        def package_schedule_free(ps):
+            opt = schedulefree.AdamWScheduleFree(ps, lr=1e-3)  # foreach; divides the gradients in place
+            opt.train()
+            return opt
+
+        impls["schedulefree AdamWScheduleFree"] = Impl(package_schedule_free, fresh_grads=True)
     except ImportError:
         pass
     try:

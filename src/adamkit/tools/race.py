@@ -85,8 +85,26 @@ RECIPES: dict[str, Recipe] = {
         Recipe("muon", "muon"),  # momentum on hidden matrices (4 B/param), AdamW's m, v elsewhere
         Recipe("adopt", "adopt"),  # m, v: 8 B/param; the update normalized by the previous v
         Recipe("stable-adamw", "stable-adamw"),  # m, v: 8 B/param; the lr clipped per tensor
+        Recipe("ademamix", "ademamix"),  # m, v and a slow m: 12 B/param
+        Recipe("schedule-free", "schedule-free"),  # z, v: 8 B/param; no lr schedule, eval at x
+        Recipe("adamw-cautious", "adamw-cautious"),  # AdamW's state; the cautious mask
     )
 }
+
+# The learning-rate sweep (``race(..., sweep=True)``): every optimizer of the race at the same
+# multiples of its paper's lr (``registry.PAPER_LR``) on the quick race; the best validation loss
+# gives the lr it races at (every recipe of that optimizer alike).
+LR_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+
+
+@dataclass
+class Sweep:
+    """The quick race's validation loss of each optimizer at each lr, and the lr chosen."""
+
+    description: str  # the quick race's task and model
+    steps: int
+    tried: dict[str, dict[float, float | None]]  # optimizer -> lr -> val loss (None: diverged)
+    chosen: dict[str, float]  # optimizer -> the lr with the lowest validation loss
 
 
 def unavailable(recipe: Recipe) -> str | None:
@@ -149,6 +167,7 @@ class RaceResult:
     recipes: dict[str, Recipe]
     skipped: dict[str, str] = field(default_factory=dict)  # recipe name -> why it was not run
     failed: dict[str, str] = field(default_factory=dict)  # recipe name -> the error that stopped it
+    sweep: Sweep | None = None  # where the lrs came from (None: the registry's)
 
 
 def _describe_error(err: Exception) -> str:
@@ -183,8 +202,13 @@ def race(
     threads: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    sweep: bool = False,
 ) -> RaceResult:
     """Train ``task``'s model once per recipe (default: every registered one) and collect the runs.
+
+    ``sweep``: first the learning-rate sweep (:data:`LR_GRID` times each optimizer's paper lr, on
+    the quick race of ``task``), then every recipe at its optimizer's best lr there; otherwise at
+    the registry's lr (``registry.TRAINABLE``).
 
     Each recipe first runs a throwaway run of ``untimed_steps`` steps (its time goes to
     ``TrainResult.untimed_s``), so one-time costs such as compilation are not timed.
@@ -201,9 +225,53 @@ def race(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _race(task, names, setting, steps, seed, evals, untimed_steps, progress, log)
+        found = None
+        if sweep:
+            optimizers = list(dict.fromkeys(RECIPES[n].optimizer for n in names))
+            found = sweep_lrs(task, optimizers, seed=seed, log=log)
+            torch.set_num_threads(before if threads is None else threads)
+        result = _race(task, names, setting, steps, seed, evals, untimed_steps, progress, log, found)
+        result.sweep = found
+        return result
     finally:
         torch.set_num_threads(before)
+
+
+def sweep_lrs(
+    task: str, optimizers: list[str], *, seed: int = 0, log: Callable[[str], None] = print
+) -> Sweep:
+    """Each optimizer at ``LR_GRID`` times its paper's lr on the quick race of ``task`` (fp32,
+    default state); the chosen lr is the one with the lowest final validation loss."""
+    setting = SETTINGS[(task, True)]
+    the_task = setting.make_task()
+    before = torch.get_num_threads()
+    if setting.threads is not None:
+        torch.set_num_threads(setting.threads)
+    torch.set_flush_denormal(True)
+    tried: dict[str, dict[float, float | None]] = {}
+    chosen: dict[str, float] = {}
+    try:
+        for name in optimizers:
+            tried[name] = {}
+            for k in LR_GRID:
+                lr = float(f"{registry.PAPER_LR[name] * k:.3g}")
+                run = fit(the_task, name, steps=setting.steps, seed=seed, lr=lr, evals=1, progress=False)
+                ok = run.diverged_at is None and math.isfinite(run.val_loss)
+                tried[name][lr] = run.val_loss if ok else None
+            finite = {lr: v for lr, v in tried[name].items() if v is not None}
+            if not finite:
+                raise RuntimeError(f"every lr of the sweep diverged for {name}: {sorted(tried[name])}")
+            chosen[name] = min(finite, key=finite.get)
+            log(
+                f"lr sweep {name}: "
+                + ", ".join(
+                    f"{lr:g} {'diverged' if v is None else f'{v:.3f}'}" for lr, v in tried[name].items()
+                )
+                + f" -> {chosen[name]:g}"
+            )
+    finally:
+        torch.set_num_threads(before)
+    return Sweep(f"{the_task.description} ({setting.model})", setting.steps, tried, chosen)
 
 
 def _race(
@@ -216,6 +284,7 @@ def _race(
     untimed_steps: int,
     progress: bool,
     log: Callable[[str], None],
+    found: Sweep | None = None,
 ) -> RaceResult:
     torch.set_flush_denormal(True)  # denormals slow fp32 CPU math ~20x
     the_task = setting.make_task()
@@ -236,6 +305,8 @@ def _race(
             log(f"skipping {name}: {why}")
             continue
         kwargs = dict(seed=seed, precision=recipe.precision, state=recipe.state, grads=recipe.grads)
+        if found is not None:
+            kwargs["lr"] = found.chosen[recipe.optimizer]
         try:
             # A throwaway run first: one-time costs (compiling adamkit's fused kernels, allocator
             # growth) would otherwise land on whichever recipe happens to run first.
@@ -267,7 +338,10 @@ def _race(
 # Reports
 # --------------------------------------------------------------------------------------------------
 
-SCHEDULE = "linear warmup over the first 5% of steps, then cosine decay to 10% of the peak lr"
+SCHEDULE = (
+    "linear warmup over the first 5% of steps, then cosine decay to 10% of the peak lr "
+    "(Schedule-Free: the same warmup inside the optimizer, then a constant lr, evaluated at its average x)"
+)
 MEMORY_NOTE = (
     "peak RSS growth: the process's peak resident memory during the recipe's run minus its resident "
     "memory at the start (Linux VmHWM, reset before each run): model, gradients, optimizer state, "
@@ -318,7 +392,12 @@ def markdown(result: RaceResult) -> str:
         f"- {MEMORY_NOTE}",
     ]
     lrs = sorted({(run.lr, result.recipes[n].optimizer) for n, run in result.runs.items()})
-    if len({lr for lr, _ in lrs}) > 1:
+    if result.sweep is not None:
+        lines.append(
+            f"- peak lr: each optimizer's best of {len(LR_GRID)} multiples of its paper's lr on the quick "
+            "race (the lr sweep below); every recipe of an optimizer races at that lr."
+        )
+    elif len({lr for lr, _ in lrs}) > 1:
         lines.append(
             "- peak lr differs per optimizer: "
             + ", ".join(f"{registry.TRAINABLE[o].label} {lr:g}" for lr, o in lrs)
@@ -334,7 +413,30 @@ def markdown(result: RaceResult) -> str:
         lines.append(f"- skipped {name}: {why}")
     for name, why in result.failed.items():
         lines.append(f"- failed {name}: {why}")
+    if result.sweep is not None:
+        lines += ["", *sweep_markdown(result.sweep)]
     return "\n".join(lines) + "\n"
+
+
+def sweep_markdown(sweep: Sweep) -> list[str]:
+    """The lr sweep's table: validation loss at each multiple of the paper's lr, the chosen one bold."""
+    head = " | ".join(f"x{k:g}" for k in LR_GRID)
+    lines = [
+        f"lr sweep: {sweep.steps} steps of the quick race ({sweep.description}), validation loss at each "
+        "multiple of the optimizer's paper lr (`registry.PAPER_LR`); **bold**: the lr it races at.",
+        "",
+        f"| optimizer | paper lr | {head} | chosen lr |",
+        "|---|---|" + "---|" * len(LR_GRID) + "---|",
+    ]
+    for name, tried in sweep.tried.items():
+        cells = []
+        for lr, v in tried.items():
+            text = "diverged" if v is None else f"{v:.3f}"
+            cells.append(f"**{text}**" if lr == sweep.chosen[name] else text)
+        lines.append(
+            f"| {name} | {registry.PAPER_LR[name]:g} | {' | '.join(cells)} | {sweep.chosen[name]:g} |"
+        )
+    return lines
 
 
 def to_json(result: RaceResult) -> dict[str, Any]:
@@ -350,6 +452,7 @@ def to_json(result: RaceResult) -> dict[str, Any]:
         "recipes": {
             name: {
                 "optimizer": result.recipes[name].describe(),
+                "optimizer_name": result.recipes[name].optimizer,
                 "precision": run.precision,
                 "state": run.state,
                 "lr": run.lr,
@@ -372,6 +475,18 @@ def to_json(result: RaceResult) -> dict[str, Any]:
         },
         "skipped": dict(result.skipped),
         "failed": dict(result.failed),
+        "lr_sweep": None
+        if result.sweep is None
+        else {
+            "description": result.sweep.description,
+            "steps": result.sweep.steps,
+            "grid": list(LR_GRID),
+            "tried": {
+                o: [{"lr": lr, "val_loss": _finite(v)} for lr, v in t.items()]
+                for o, t in result.sweep.tried.items()
+            },
+            "chosen": dict(result.sweep.chosen),
+        },
     }
 
 
@@ -425,16 +540,28 @@ def plot(result: RaceResult | dict[str, Any], path: str | Path | None = None) ->
     top, bottom = fig.add_gridspec(2, 1, height_ratios=[1.25, 1])
     curves, diff = (fig.add_subplot(g) for g in top.subgridspec(1, 2))
     bars = [fig.add_subplot(g) for g in bottom.subgridspec(1, 4, width_ratios=[1.25, 1, 1, 1])]
-    # one colour per recipe (the bars show colour alone): tab20's twenty, else turbo's spread
+    # one colour per optimizer; its precision / state / gradient recipes keep it, each with a line
+    # style (and bar hatch) of its own: solid for the first recipe of an optimizer
     from matplotlib import colormaps
 
-    cmap = colormaps["tab20" if len(names) <= 20 else "turbo"]
-    colors = {n: cmap(i if len(names) <= 20 else i / (len(names) - 1)) for i, n in enumerate(names)}
-    styles = ["-", "--", "-.", ":"]  # and the curves a line style too
-    for i, name in enumerate(names):
+    optimizer_of = {n: runs[n].get("optimizer_name", n) for n in names}
+    optimizers = list(dict.fromkeys(optimizer_of.values()))
+    cmap = colormaps["tab20" if len(optimizers) <= 20 else "turbo"]
+    # tab20 pairs a dark and a light shade: the ten dark ones first, then the light ones
+    order = [*range(0, 20, 2), *range(1, 20, 2)]
+    spread = len(optimizers) > 20
+    hue = {o: cmap(i / (len(optimizers) - 1) if spread else order[i]) for i, o in enumerate(optimizers)}
+    colors = {n: hue[optimizer_of[n]] for n in names}
+    # AdamW has eight recipes: eight line styles and hatches
+    styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2, 2, 2))]
+    hatches = ["", "//", "..", "xx", "\\\\", "oo", "++", "--"]
+    rank = {n: [m for m in names if optimizer_of[m] == optimizer_of[n]].index(n) for n in names}
+    for name in names:
         pts = [p for p in runs[name]["curve"] if p["val_loss"] is not None]
-        kw = dict(color=colors[name], ls=styles[i % len(styles)], marker="o", ms=3, lw=1.6)
-        curves.plot([p["step"] for p in pts], [p["val_loss"] for p in pts], label=name, **kw)
+        kw = dict(color=colors[name], ls=styles[rank[name] % len(styles)], marker="o", ms=3, lw=1.6)
+        lr = runs[name].get("lr")  # absent from a race.json written before it was recorded
+        label = name if lr is None else f"{name} (lr {lr:g})"
+        curves.plot([p["step"] for p in pts], [p["val_loss"] for p in pts], label=label, **kw)
         if name in relative:
             diff.plot([st for st, _ in relative[name]], [d for _, d in relative[name]], **kw)
     curves.set(xlabel="step", ylabel="validation loss (nats)", title="validation loss")
@@ -466,7 +593,8 @@ def plot(result: RaceResult | dict[str, Any], path: str | Path | None = None) ->
     ]
     for ax, (title, values, fmt) in zip(bars, panels):
         shown = [v if v is not None else 0.0 for v in values]
-        ax.barh(y, shown, color=[colors[n] for n in names])
+        hatch = [hatches[rank[n] % len(hatches)] for n in names]
+        ax.barh(y, shown, color=[colors[n] for n in names], hatch=hatch)
         for yi, v in zip(y, values):
             ax.text(0, yi, " " + ("n/a" if v is None else fmt.format(v)), va="center", fontsize=8)
         if title.startswith("final"):  # differences are small: start the axis near the lowest loss
@@ -479,9 +607,16 @@ def plot(result: RaceResult | dict[str, Any], path: str | Path | None = None) ->
         ax.set_title(title, fontsize=10)
         ax.set_yticks(y, names if ax is bars[0] else [], fontsize=8)
         ax.grid(axis="x", alpha=0.3)
+    sweep = data.get("lr_sweep")
+    how = (
+        f"peak lr (legend): each optimizer's best of {len(sweep['grid'])} multiples of its paper's lr "
+        f"on {sweep['steps']} steps of the quick race"
+        if sweep
+        else "peak lr (legend): the registry's"
+    )
     fig.suptitle(
         f"adamkit race: {data['description']}\n{data['steps']} steps, seed {data['seed']}, "
-        f"{data['threads']} threads; same weights, batches and lr schedule for every recipe"
+        f"{data['threads']} threads; same weights and batches for every recipe\n{how}"
     )
     if path is not None:
         fig.savefig(path, dpi=100)
@@ -543,6 +678,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train nothing: redraw DIR/race.png from DIR/race.json (a race written earlier)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="first sweep each optimizer's lr on the quick race (6 multiples of its paper's lr), "
+        "then race every recipe at its optimizer's best",
+    )
 
 
 def _missing_dependency(args: argparse.Namespace) -> str | None:
@@ -579,7 +720,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"racing on {args.task} ({setting.model}): {steps} steps per recipe, seed {args.seed}")
     for n in names:
         r = RECIPES[n]
-        print(f"  {n:<14} {r.describe():<52} peak lr {registry.TRAINABLE[r.optimizer].lr:g}")
+        lr = "from the sweep" if args.sweep else f"{registry.TRAINABLE[r.optimizer].lr:g}"
+        print(f"  {n:<14} {r.describe():<52} peak lr {lr}")
     print(f"lr schedule: {SCHEDULE} ({warmup_steps(steps)} warmup steps)")
     result = race(
         args.task,
@@ -590,6 +732,7 @@ def run(args: argparse.Namespace) -> int:
         evals=args.evals,
         threads=args.threads,
         progress=not args.no_progress,
+        sweep=args.sweep,
     )
     if not result.runs:
         print("adamkit race: error: no recipe ran (see the notes above)", file=sys.stderr)

@@ -65,10 +65,14 @@ class Optimizer:
     adamkit: tuple[str, tuple[str, ...] | Callable[[tuple], tuple[str, ...]]] | None = None
 
 
-# AdEMAMix and Schedule-Free: the lrs picked on `adamkit train`'s settings (seed 0), see the notes.
+# AdEMAMix and Schedule-Free: the lrs picked on `adamkit train`'s settings (600 steps of the 4x128
+# GPT, seed 0, `--threads 1`), validation loss at step 600 (AdamW at 3e-3: 1.461).
+# AdEMAMix (alpha 5, betas (0.9, 0.999, 0.9999), no alpha/beta3 warmup, decoupled decay 0.1):
+# 1e-3 1.661, 3e-3 1.463, 1e-2 2.144.
 ADEMAMIX_LR = 3e-3
-ADEMAMIX_KW: dict[str, Any] = {}
-SCHEDULE_FREE_LR = 3e-3
+# Schedule-Free AdamW (decay 0.1 at y; its own warmup over the run's first 5 %, then a constant lr):
+# 1e-3 1.688, 2e-3 1.581, 3e-3 1.514, 5e-3 1.457, 7e-3 1.704, 1e-2 2.219.
+SCHEDULE_FREE_LR = 5e-3
 
 # The lr of the parameters Muon leaves to its AdamW fallback (Keller Jordan's recipe
 # gives embeddings, the output head and vectors to AdamW).
@@ -162,16 +166,14 @@ OPTIMIZERS: dict[str, Optimizer] = {
             Training("adamkit.ADOPT", adamkit.ADOPT, 3e-3, 0.1, kwargs={"decouple": True}, adamkit=True),
             ("ADOPT", ()),
         ),
-        # AdEMAMix: Adam's step plus alpha times the slow momentum's (ADEMAMIX_NOTE)
+        # AdEMAMix: Adam's step plus alpha times the slow momentum's (ADEMAMIX_LR's note)
         Optimizer(
             "ademamix",
             "AdEMAMix",
-            Training(
-                "adamkit.AdEMAMix", adamkit.AdEMAMix, ADEMAMIX_LR, 0.1, kwargs=ADEMAMIX_KW, adamkit=True
-            ),
+            Training("adamkit.AdEMAMix", adamkit.AdEMAMix, ADEMAMIX_LR, 0.1, adamkit=True),
             ("AdEMAMix", ()),
         ),
-        # Schedule-Free AdamW (SCHEDULE_FREE_NOTE)
+        # Schedule-Free AdamW (SCHEDULE_FREE_LR's note)
         Optimizer(
             "schedule-free",
             "Schedule-Free AdamW",
@@ -209,6 +211,19 @@ OPTIMIZERS: dict[str, Optimizer] = {
         ),
     )
 }
+# Each trainable optimizer's learning rate as its paper or reference package gives it: the centre
+# of the race's learning-rate sweep (``race --sweep``), the same multipliers for every optimizer.
+PAPER_LR: dict[str, float] = {
+    "adamw": 1e-3, "adam": 1e-3, "adamw-cautious": 1e-3, "torch-adamw": 1e-3,
+    "sgd-momentum": 1e-2,  # torch's SGD has no default; a common one with momentum 0.9
+    "lion": 1e-4,  # lion-pytorch's default (the paper: 3-10x below AdamW's)
+    "adafactor": 1e-2,  # torch.optim.Adafactor's (its relative step's cap)
+    "came": 2e-4, "adam-mini": 1e-3, "adopt": 1e-3, "ademamix": 1e-3,
+    "schedule-free": 2.5e-3,  # schedulefree.AdamWScheduleFree's
+    "stable-adamw": 1e-3, "lamb": 1e-3,
+    "muon": 2e-2,  # Keller Jordan's recipe (torch.optim.Muon's default is 1e-3)
+}  # fmt: skip
+
 # Names command lines and saved training runs used before this registry: "sgd" trained SGD with
 # momentum 0.9 (now "sgd-momentum"; "sgd" itself is plain SGD, as the planner always had it).
 TRAIN_ALIASES = {"sgd": "sgd-momentum"}
