@@ -196,3 +196,53 @@ def test_refusals():
         adamkit.ScheduleFreeAdamW([p], cautious=True)
     with pytest.raises(ValueError, match="accumulation"):
         adamkit.ScheduleFreeAdamW([p], gradient_release=True, accumulation_steps=2)
+
+
+@pytest.mark.parametrize("saved_in", ["train", "eval"])
+def test_checkpoint_mode_travels_with_the_state_dict(saved_in):
+    """The mode is the groups' train_mode: a checkpoint of model and optimizer saved together
+    (train mode: the parameters hold y; eval mode: x) loads into an optimizer in either mode and
+    agrees with the loaded parameters; a run resumed from it continues as the original does (from
+    eval mode, after train())."""
+    v = values(10, torch.float32)
+    gen = torch.Generator().manual_seed(11)
+    ps = [x.clone().requires_grad_() for x in v]
+    a = ps, adamkit.ScheduleFreeAdamW(ps, **KW)
+    for _ in range(3):
+        feed([a], gen)
+    if saved_in == "eval":
+        a[1].eval()
+    model = [p.detach().clone() for p in ps]
+    sd = roundtrip(a[1].state_dict())
+    qs = [m.clone().requires_grad_() for m in model]
+    b = qs, adamkit.ScheduleFreeAdamW(qs, **KW)
+    b[1].eval() if saved_in == "train" else b[1].train()  # the other mode before loading
+    b[1].load_state_dict(sd)
+    assert b[1].train_mode == (saved_in == "train")
+    if saved_in == "eval":
+        with pytest.raises(ValueError, match="eval mode"):
+            feed([b], torch.Generator().manual_seed(12))
+        a[1].train()
+        b[1].train()
+    for _ in range(2):
+        feed([a, b], gen)
+    for p, q in zip(ps, qs):
+        assert torch.equal(p.detach(), q.detach())
+
+
+def test_gradient_release_in_eval_mode_raises_in_backward_and_changes_nothing():
+    """With gradient_release=True the hooks step inside backward: in eval mode the first hook
+    refuses (backward raises) and no parameter or state changes."""
+    ps = [x.clone().requires_grad_() for x in values(13, torch.float32)]
+    opt = adamkit.ScheduleFreeAdamW(ps, gradient_release=True, **KW)
+    gen = torch.Generator().manual_seed(14)
+    sum((p * g).sum() for p, g in zip(ps, grads(ps, gen))).backward()
+    opt.step()
+    opt.eval()
+    before = [p.detach().clone() for p in ps]
+    state = [{k: t.clone() for k, t in opt.state[p].items()} for p in ps]
+    with pytest.raises(ValueError, match="eval mode"):
+        sum((p * g).sum() for p, g in zip(ps, grads(ps, gen))).backward()
+    for p, b, st in zip(ps, before, state):
+        assert torch.equal(p.detach(), b)
+        assert all(torch.equal(opt.state[p][k], t) for k, t in st.items())

@@ -224,6 +224,8 @@ def _checks(rank: int, out_dir: str) -> None:
     # (Schedule-Free: torch's lr-0 initialization step advances its k; the loaded groups set it back)
     for cls, kw in (
         *cases, (adamkit.Lamb, dict(lr=1e-2)), (adamkit.Muon, dict(lr=2e-2)),
+        (adamkit.ADOPT, dict(lr=1e-2, weight_decay=0.1)), (adamkit.AdEMAMix, dict(lr=1e-2, t_alpha_beta3=3)),
+        (adamkit.StableAdamW, dict(lr=1e-2)), (adamkit.AdamW, dict(lr=1e-2, cautious=True)),
         (adamkit.ScheduleFreeAdamW, dict(lr=1e-2, warmup_steps=2)),
     ):  # fmt: skip
         m = _fsdp_mlp(torch.float64)

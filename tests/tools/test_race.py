@@ -301,10 +301,10 @@ def test_cli_checks_optional_dependencies_before_any_work(monkeypatch, capsys, a
 
 def test_lr_sweep_races_each_optimizer_at_its_best_lr(monkeypatch, tmp_path):
     """race(sweep=True): each optimizer at the same multiples of its paper lr on the quick race;
-    every recipe of an optimizer then races at the lr with the lowest validation loss there, and
-    the table, JSON and picture say so."""
+    every recipe of an optimizer then races at the lr with the lowest validation loss there (torch's
+    AdamW at adamkit's: the same algorithm), and the table, JSON and picture say so."""
     monkeypatch.setattr(race, "LR_GRID", (1.0, 3.0))
-    names = ["adamkit-adamw", "bf16-kahan", "lion"]
+    names = ["adamkit-adamw", "bf16-kahan", "torch-adamw", "lion"]
     result = race.race(
         "gpt", names, quick=True, steps=8, evals=1, progress=False, sweep=True, log=lambda s: None
     )
@@ -315,6 +315,7 @@ def test_lr_sweep_races_each_optimizer_at_its_best_lr(monkeypatch, tmp_path):
         assert list(tried) == [pytest.approx(paper), pytest.approx(3 * paper)]
         assert sweep.chosen[opt] == min(tried, key=lambda lr: tried[lr])
     assert result.runs["adamkit-adamw"].lr == result.runs["bf16-kahan"].lr == sweep.chosen["adamw"]
+    assert result.runs["torch-adamw"].lr == sweep.chosen["adamw"]  # one algorithm: one sweep
     assert result.runs["lion"].lr == sweep.chosen["lion"]
     md = race.markdown(result)
     assert "| adamw | 0.001 |" in md and "**" in md and "best of 2 multiples" in md

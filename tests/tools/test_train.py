@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adamkit.tools import cli, registry, tasks
-from adamkit.tools.train import TrainConfig, fit, state_bytes, train, warmup_cosine
+from adamkit.tools.train import TrainConfig, evaluate, fit, state_bytes, train, warmup_cosine
 
 TINY = tasks.GPTConfig(context=32, d_model=32, n_layers=1, n_heads=2)
 TINY_FLAGS = ["--d-model", "32", "--layers", "1", "--heads", "2", "--context", "32", "--batch-size", "16"]
@@ -199,8 +199,12 @@ def test_adamkit_matches_torch_adamw():
 
 
 @pytest.mark.parametrize(
-    "optimizer, state_bytes", [("sgd", 4.0), ("torch-adamw", 8.0), ("adam", 8.0), ("lion", 4.0)]
-)
+    "optimizer, state_bytes",
+    [
+        ("sgd", 4.0), ("torch-adamw", 8.0), ("adam", 8.0), ("lion", 4.0), ("ademamix", 12.0),
+        ("schedule-free", 8.0), ("adamw-cautious", 8.0),
+    ],
+)  # fmt: skip
 def test_other_optimizers_run(optimizer, state_bytes):
     result = tiny_train(optimizer=optimizer)
     assert result.lr == registry.TRAINABLE[optimizer].lr
@@ -307,7 +311,18 @@ def test_gradient_clipping_is_on_by_default(monkeypatch):
     assert calls == []
 
 
-@pytest.mark.parametrize("recipe", [{}, {"precision": "bf16-sr", "state": "8bit"}])
+def test_schedule_free_is_evaluated_at_x():
+    """Schedule-Free: the validation loss is measured in its eval mode (the average x), and the
+    finished model holds that point (what --sample samples from)."""
+    result = tiny_train(optimizer="schedule-free", steps=20, evals=2)
+    task = tasks.CharTask(TINY, batch_size=16)
+    assert evaluate(task, result.model, task.val_batches()) == result.val_loss
+    assert result.curve[-1].val_loss == result.val_loss
+
+
+@pytest.mark.parametrize(
+    "recipe", [{}, {"precision": "bf16-sr", "state": "8bit"}, {"optimizer": "schedule-free"}]
+)
 def test_resume_continues_bit_for_bit(tmp_path, recipe):
     straight = tiny_train(steps=8, evals=4, **recipe)
     path = tmp_path / "run.pt"

@@ -55,11 +55,6 @@ def check(group: dict) -> dict:
         raise ValueError(
             "ScheduleFreeAdamW needs beta1 > 0: eval() recovers x from y and z by dividing by beta1"
         )
-    if not group.get("train_mode", True):
-        raise ValueError(
-            "ScheduleFreeAdamW is in eval mode (the parameters hold x, the average); call "
-            "optimizer.train() before training steps, optimizer.eval() before evaluating or saving"
-        )
     hp = dict(lr=lr, eps=eps, weight_decay=wd, beta1=b1, beta2=b2)
     for key in ("warmup_steps", "r", "weight_lr_power", "k", "weight_sum"):
         hp[key] = check_nonneg(key, group[key])
@@ -193,6 +188,16 @@ class ScheduleFreeAdamW(Optimizer):
         # the schedule's state, per group, under the package's names
         sched = dict(k=0, train_mode=True, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0)
         super().__init__(params, dict(hyper, **sched), **engine)
+
+    def _hyper(self, index: int, group: dict) -> dict:
+        """Every step path (step(), gradient-release hooks) validates its groups here first, before
+        anything changes: a group in eval mode is refused."""
+        if not group.get("train_mode", True):
+            raise ValueError(
+                "ScheduleFreeAdamW is in eval mode (the parameters hold x, the average); call "
+                "optimizer.train() before training steps, optimizer.eval() before evaluating or saving"
+            )
+        return super()._hyper(index, group)
 
     def _required_group_keys(self) -> tuple[str, ...]:
         return ("lr", "betas", "eps", "weight_decay", "k", "weight_sum", "lr_max", "train_mode")

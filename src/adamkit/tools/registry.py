@@ -119,7 +119,14 @@ OPTIMIZERS: dict[str, Optimizer] = {
         Optimizer(
             "adamw-cautious",
             "AdamW (cautious)",
-            Training("adamkit.AdamW", adamkit.AdamW, 3e-3, 0.1, kwargs={"cautious": True}, adamkit=True),
+            Training(
+                "adamkit.AdamW(cautious=True)",
+                adamkit.AdamW,
+                3e-3,
+                0.1,
+                kwargs={"cautious": True},
+                adamkit=True,
+            ),
             ("AdamW", ()),
         ),
         Optimizer(

@@ -358,6 +358,10 @@ def fit(
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", ms_step=f"{1000 * sum(recent) / len(recent):.0f}")
         if diverged_at is None:
             checkpoint()
+        if getattr(opt, "train_mode", False):
+            # Schedule-Free: the model keeps x, the point its validation loss was measured at (what
+            # --sample then samples from); the checkpoint above holds y in train mode, to resume
+            opt.eval()
         bar.close()
         n_params = sum(p.numel() for p in model.parameters())
         sbytes = state_bytes(opt)
