@@ -313,10 +313,13 @@ def test_gradient_clipping_is_on_by_default(monkeypatch):
 
 def test_schedule_free_is_evaluated_at_x():
     """Schedule-Free: the validation loss is measured in its eval mode (the average x), and the
-    finished model holds that point (what --sample samples from)."""
+    finished model holds that point (what --sample samples from), up to the fp32 rounding of the
+    switch back and forth after the last evaluation (x -> y -> x: a few ulps per weight, ~1e-8 of
+    the loss; measured 3e-8 with perturbed rounding)."""
     result = tiny_train(optimizer="schedule-free", steps=20, evals=2)
     task = tasks.CharTask(TINY, batch_size=16)
-    assert evaluate(task, result.model, task.val_batches()) == result.val_loss
+    at_x = evaluate(task, result.model, task.val_batches())
+    assert at_x == pytest.approx(result.val_loss, rel=1e-6, abs=0)
     assert result.curve[-1].val_loss == result.val_loss
 
 

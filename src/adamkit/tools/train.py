@@ -4,9 +4,11 @@ The library entry point is :func:`train` (a :class:`TrainConfig` in, a :class:`T
 :func:`fit` is the training loop itself, shared with ``adamkit race``. The command line only parses
 arguments and prints.
 
-Every run uses a warmup + cosine learning-rate schedule (:func:`warmup_cosine`), the same batches
-for a given seed whatever the optimizer, and reports the held-out validation loss: the mean
-cross-entropy (nats per character) over a fixed set of windows from the last 10% of the corpus.
+Every run uses a warmup + cosine learning-rate schedule (:func:`warmup_cosine`; Schedule-Free
+AdamW: the same warmup inside the optimizer, then a constant lr, and evaluation in its eval mode),
+the same batches for a given seed whatever the optimizer, and reports the held-out validation
+loss: the mean cross-entropy (nats per character) over a fixed set of windows from the last 10% of
+the corpus.
 """
 
 from __future__ import annotations
