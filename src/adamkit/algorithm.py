@@ -58,12 +58,10 @@ class Slot:
     # Adam-mini), and the update's reductions over the rows reach it through torch.distributed.
     # None: only a slot of the parameter's own shape follows its rows.
     rows: Callable[[tuple], bool] | None = None
-    # its value before the first step: "zeros", or "param" (a copy of the parameter's full-precision
-    # value, in the slot's format: Schedule-Free's z)
-    init: str = "zeros"
-    # a copy of the weights, not a statistic (Schedule-Free's z): kept in fp32 (fp64 for fp64
-    # parameters) in every state format, as rounding it to bf16 or 8 bit would lose the small
-    # updates Kahan or master weights keep
+    # a copy of the weights, not a statistic (Schedule-Free's z): it starts as the parameter's
+    # full-precision value (others start at zero) and keeps fp32 (fp64 for fp64 parameters) in
+    # every state format, as rounding it to bf16 or 8 bit would lose the small updates Kahan or
+    # master weights keep
     weights: bool = False
 
     def shape_for(self, param_shape) -> tuple | None:

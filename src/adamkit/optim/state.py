@@ -235,15 +235,10 @@ class StateMixin:
                     )
                 else:
                     state[slot.name] = torch.zeros(shape, dtype=state_dtype(fmt.state), device=p.device)
-            elif slot.init == "param":  # a copy of the parameter's full-precision value
+            elif slot.weights:  # a copy of the parameter's full-precision value, fp32 (slot_format)
                 key = next((k for k in AUX_KEYS if k in state), None)
                 value = p.detach() if key is None else aux_value(p, key, state[key])
-                if slot_format(fmt.state, slot, p) == "8bit":
-                    state[slot.name], state[slot.name + "_scale"] = encode8(
-                        slot, dist.local(value).float(), p
-                    )
-                else:
-                    state[slot.name] = value.to(state_dtype(slot_format(fmt.state, slot, p)), copy=True)
+                state[slot.name] = value.to(state_dtype(slot_format(fmt.state, slot, p)), copy=True)
             elif slot_format(fmt.state, slot, p) == "8bit":
                 # 1 B/param of codes (each row padded to whole 256-blocks) + 4 B per block of scale
                 rows = dist.local(p).shape[0] if p.dim() >= 2 else None
