@@ -230,20 +230,30 @@ def assert_sr(actual, exact, what, where=None, stats=None, key=None):
     count_far(stats, key, _bits(a) == _bits(hi), t, inexact)
 
 
-# The 8-bit format (documented in adamkit.storage.quant8): blocks of 256 with scale a, the block's largest
-# finite magnitude; m stored as c + 128 with x = a c|c| / 127^2, v as c with x = a (c / 254)^4;
-# non-finite values as a marker (m: 0, v: 255) that decodes to nan.
+# The 8-bit format (documented in adamkit.storage.quant8): groups of 32 with a bf16 scale a, the
+# group's largest finite magnitude rounded up to bf16; m stored as c + 128 with x = a c|c| / 127^2,
+# v as c with x = a (c / 254)^4; non-finite values as a marker (m: 0, v: 255) that decodes to nan.
 # (k, Q) of each slot: signed slots (m-like) (2, 127), magnitudes (v-like) (4, 254)
 Q8 = {"exp_avg": (2, 127), "exp_avg_slow": (2, 127), "exp_avg_sq": (4, 254), "max_exp_avg_sq": (4, 254)}
+G8 = 32  # elements per group
+
+
+def bf16_up(a: torch.Tensor) -> torch.Tensor:
+    """The smallest bf16 >= each non-negative fp32 ``a`` (bf16's largest finite where none is),
+    with magnitudes below fp32's smallest normal as 0 (the format stores such groups as zeros)."""
+    a = torch.where(a < 2.0**-126, 0.0, a.float())
+    b = a.to(torch.bfloat16)  # to nearest
+    b = torch.where(b.float() < a, torch.nextafter(b, torch.tensor(float("inf"), dtype=torch.bfloat16)), b)
+    return torch.where(b.isinf(), torch.finfo(torch.bfloat16).max, b)
 
 
 def blocks_of(x: torch.Tensor) -> torch.Tensor:
-    """x's 8-bit blocks: rows of a >= 2-D tensor, each padded to whole blocks; else flat."""
+    """x's 8-bit groups: rows of a >= 2-D tensor, each padded to whole groups; else flat."""
     if x.dim() >= 2:
         r = x.detach().reshape(x.shape[0], -1).double()
-        return torch.nn.functional.pad(r, (0, -r.shape[1] % 256)).reshape(-1, 256)
+        return torch.nn.functional.pad(r, (0, -r.shape[1] % G8)).reshape(-1, G8)
     x = x.detach().reshape(-1).double()
-    return torch.nn.functional.pad(x, (0, -x.numel() % 256)).view(-1, 256)
+    return torch.nn.functional.pad(x, (0, -x.numel() % G8)).view(-1, G8)
 
 
 def unblock(xb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -255,31 +265,32 @@ def unblock(xb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def block_scales(x: torch.Tensor) -> torch.Tensor:
-    """fp32 scales of fp32 values ``x``: each block's largest finite magnitude."""
+    """bf16 scales of fp32 values ``x``: each group's largest finite magnitude, rounded up."""
     xb = blocks_of(x).float()
-    a = torch.where(xb.isfinite(), xb.abs(), 0.0).amax(dim=1)
-    return a.view(x.shape[0], -1) if x.dim() >= 2 else a  # rows: (rows, blocks per row)
+    a = bf16_up(torch.where(xb.isfinite(), xb.abs(), 0.0).amax(dim=1))
+    return a.view(x.shape[0], -1) if x.dim() >= 2 else a  # rows: (rows, groups per row)
 
 
 def decode8(name, codes, scales, n):
     k, q = Q8[name]
-    c = codes.reshape(-1, 256).double()
+    c = codes.reshape(-1, G8).double()
     a = scales.double().view(-1, 1)
     if k == 2:  # signed
         c = c - 128
-        x = torch.where(codes.view(-1, 256) == 0, float("nan"), a * c * c.abs() / q**k)
+        x = torch.where(codes.view(-1, G8) == 0, float("nan"), a * c * c.abs() / q**k)
     else:
-        x = torch.where(codes.view(-1, 256) == 255, float("nan"), a * c**k / q**k)
-    if codes.dim() == 2:  # rows of n / rows elements, each padded to whole blocks
+        x = torch.where(codes.view(-1, G8) == 255, float("nan"), a * c**k / q**k)
+    if codes.dim() == 2:  # rows of n / rows elements, each padded to whole groups
         return x.reshape(codes.shape[0], -1)[:, : n // codes.shape[0]].reshape(-1)
     return x.reshape(-1)[:n]
 
 
 def error8(name, x):
-    """The format's stated bound on |decode(encode(x)) - x| (with fp32 arithmetic's slack)."""
+    """The format's stated bound on |decode(encode(x)) - x| (with fp32 arithmetic's slack); a v
+    raised from code 0 to 1 beside a non-zero m (quant8.floor_pairs) stays within it."""
     k, q = Q8[name]
     xb = blocks_of(x)
-    a = torch.where(xb.isfinite(), xb.abs(), 0.0).amax(dim=1, keepdim=True)
+    a = bf16_up(torch.where(xb.isfinite(), xb.abs(), 0.0).amax(dim=1, keepdim=True)).double()
     c = torch.floor(q * (xb.abs() / torch.where(a > 0, a, 1.0)) ** (1.0 / k))
     return unblock(a * ((c + 1) ** k - c**k) / q**k, x) * (1 + 1e-6) + 1e-30
 
@@ -299,7 +310,7 @@ def assert_8bit(ts, name, exact, what, stats=None):
     # the two codes around each value, in float64
     k, q = Q8[name]
     xb = blocks_of(exact)
-    a = torch.where(xb.isfinite(), xb.abs(), 0.0).amax(dim=1, keepdim=True)
+    a = bf16_up(torch.where(xb.isfinite(), xb.abs(), 0.0).amax(dim=1, keepdim=True)).double()
     c = torch.floor(q * (xb.abs() / torch.where(a > 0, a, 1.0)) ** (1.0 / k))
     lo, hi = unblock(a * c**k / q**k, exact), unblock(a * (c + 1) ** k / q**k, exact)
     inside = fin & (hi > lo) & (want.abs() < hi)

@@ -15,7 +15,7 @@ import torch
 
 import adamkit
 from adamkit.tools.plan import adamkit_state_bytes
-from cases import PARAMS, STATES, assert_bits, grads_of, roundtrip, rows, step, values_of
+from cases import G8, PARAMS, STATES, assert_bits, decode8, grads_of, roundtrip, rows, step, unblock, values_of
 from cases import build as build_opt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -297,21 +297,18 @@ def test_skip_nonfinite_keeps_the_element(dtype, param_kw, state, backend):
         m = adamkit_m(opt, p)
         if state != "8bit":
             assert_bits(m[bad], old_m[i][bad], f"param {i}: kept m")
-        else:  # re-encoded: within one code of the block's new scale
-            scale = opt.state[p]["exp_avg_scale"].repeat_interleave(256)[: p.numel()].view(p.shape)
+        else:  # re-encoded: within one code of the group's new scale (groups in rows of >= 2-D)
+            groups = opt.state[p]["exp_avg_scale"].double().view(-1, 1).expand(-1, G8)
+            scale = unblock(groups, p).view(p.shape)
             assert ((m[bad] - old_m[i][bad]).abs() <= 2 * scale[bad] / 127).all()
 
 
 def adamkit_m(opt, p) -> torch.Tensor:
-    """m of ``p`` as fp32 values (8-bit decoded with the format's documented formula)."""
+    """m of ``p`` as fp32 values (8-bit decoded with the format's documented formula, ``cases``)."""
     st = opt.state[p]
     if "exp_avg_scale" not in st:
         return st["exp_avg"].float().clone()
-    codes = st["exp_avg"].view(-1, 256)
-    c = codes.float() - 128
-    x = st["exp_avg_scale"].view(-1, 1) * c * c.abs() / 127**2
-    x = torch.where(codes == 0, float("nan"), x)  # code 0: the non-finite marker
-    return x.reshape(-1)[: p.numel()].view(p.shape)
+    return decode8("exp_avg", st["exp_avg"], st["exp_avg_scale"], p.numel()).float().view(p.shape)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -459,7 +456,7 @@ def test_lion_fits_a_regression(backend):
     [
         pytest.param(torch.float32, {}, 4, id="fp32"),
         pytest.param(torch.float32, {"state_format": "bf16"}, 2, id="fp32-bf16state"),
-        pytest.param(torch.float32, {"state_format": "8bit"}, 1 + 4 / 256, id="fp32-8bit"),
+        pytest.param(torch.float32, {"state_format": "8bit"}, 1 + 2 / 32, id="fp32-8bit"),
         pytest.param(torch.bfloat16, {"kahan_sum": True}, 2, id="bf16-kahan"),
         pytest.param(
             torch.bfloat16, {"stochastic_rounding": True, "state_format": "8bit"}, None, id="bf16-sr-8bit"
@@ -468,9 +465,9 @@ def test_lion_fits_a_regression(backend):
     ],
 )
 def test_planner_equals_live_state_bytes(dtype, kw, m_bpp):
-    # multiples of the 8-bit block for the bytes/param figure, then odd sizes: 5000 is padded to 20
-    # blocks, 4095 stays fp32 below min_8bit_size, a 0-d scalar
-    # (rows of whole blocks for the first figure; 8-bit rows of 300 are padded to 2 blocks each)
+    # multiples of the 8-bit group for the bytes/param figure, then odd sizes: 5000 is padded to 157
+    # groups, 4095 stays fp32 below min_8bit_size, a 0-d scalar
+    # (rows of whole groups for the first figure; 8-bit rows of 300 are padded to 10 groups each)
     for shapes in ([(64, 256), (16, 512)], [(64, 256), (14, 300), (5000,), (4095,), (7, 3), ()]):
         ps = [torch.randn(s).to(dtype).requires_grad_() for s in shapes]
         opt = adamkit.Lion(ps, **kw)

@@ -543,7 +543,7 @@ def test_dtypes_kept_and_state_formats(name, cls, kw, plan_name, between, dtype,
                 continue
             assert st[s.name].dtype == want, s.name
             if sf == "8bit":
-                assert st[s.name + "_scale"].dtype == torch.float32
+                assert st[s.name + "_scale"].dtype == torch.bfloat16
         kept = [AUX[k] for k in AUX if fmt.get(k)]
         if fmt.get("kahan_sum") == "8bit":  # int8 compensation (1 B/param) in place of bf16's 2 B/param
             kept = [("kahan_comp8", torch.int8) if k == "kahan_comp" else (k, d) for k, d in kept]

@@ -219,7 +219,7 @@ def _fp32_checks(rank: int) -> None:
     for k in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
         _assert_same_placement(opt_p.state[p][k], p, f"8-bit replicated DTensor {k}")
         assert torch.equal(_local(opt_p.state[p][k]), opt_q.state[q][k]), f"8-bit replicated DTensor {k}"
-    assert opt_q.state[q]["exp_avg"].shape == (9, 512), "rows padded to whole blocks"
+    assert opt_q.state[q]["exp_avg"].shape == (9, 320), "rows padded to whole groups"
     # ... and its state loads into fp32 state of the parameter's placement
     fp32_p, fp32_q = adamkit.AdamW([p], **kw), adamkit.AdamW([q], **kw)
     fp32_p.load_state_dict(opt_p.state_dict())

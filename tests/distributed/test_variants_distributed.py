@@ -282,7 +282,7 @@ def _checks(rank: int, out_dir: str) -> None:
             slot = next(sl for sl in cls.algorithm.slots if sl.name == k.removesuffix("_scale"))
             if slot.shape is None:  # rows: uint8 codes and their scales, placed like the parameter
                 assert tuple(v.placements) == tuple(m[2].weight.placements), (cls.__name__, k)
-                assert v.to_local().dtype == (torch.float32 if k.endswith("_scale") else torch.uint8), k
+                assert v.to_local().dtype == (torch.bfloat16 if k.endswith("_scale") else torch.uint8), k
             else:
                 assert v.to_local().dtype == torch.float32 and not k.endswith("_scale"), (cls.__name__, k)
         m2 = _fsdp_wide()

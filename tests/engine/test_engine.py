@@ -202,14 +202,14 @@ def test_state_dict_of_a_capturable_cuda_run_loads():
 
 def test_8bit_state_of_another_model_is_refused():
     """An 8-bit state dict records its parameter's shape: one of another model with the same
-    number of blocks is refused (wave 1 loaded it silently), and nothing changes."""
-    a = torch.randn(2, 256, requires_grad=True)  # 512 elements: 2 rows of a block
+    number of groups is refused (wave 1 loaded it silently), and nothing changes."""
+    a = torch.randn(2, 256, requires_grad=True)  # 512 elements: 2 rows of 8 groups
     opt = adamkit.AdamW([a], state_format="8bit", min_8bit_size=0)
     a.grad = torch.randn(2, 256)
     opt.step()
     sd = roundtrip(opt.state_dict())
     assert sd["state"][0]["param_shape"].tolist() == [2, 256]
-    b = torch.randn(512, requires_grad=True)  # 2 blocks too
+    b = torch.randn(512, requires_grad=True)  # 16 groups too
     other = adamkit.AdamW([b], state_format="8bit", min_8bit_size=0)
     b.grad = torch.randn(512)
     other.step()

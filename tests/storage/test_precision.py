@@ -393,9 +393,9 @@ BYTES = [
     ("bf16-kahan-fp32state", torch.bfloat16, {"state_format": "fp32"}, 8 + 2),
     ("bf16-sr", torch.bfloat16, {"stochastic_rounding": True}, 4),
     ("bf16-master", torch.bfloat16, {"master_weights": True, "state_format": "fp32"}, 8 + 4),
-    ("fp32-8bit", torch.float32, {"state_format": "8bit"}, 2 + 8 / 256),
-    ("bf16-kahan-8bit", torch.bfloat16, {"state_format": "8bit"}, 2 + 8 / 256 + 2),
-    ("bf16-kahan8-8bit", torch.bfloat16, {"kahan_sum": "8bit", "state_format": "8bit"}, 2 + 8 / 256 + 1),
+    ("fp32-8bit", torch.float32, {"state_format": "8bit"}, 2 + 4 / 32),
+    ("bf16-kahan-8bit", torch.bfloat16, {"state_format": "8bit"}, 2 + 4 / 32 + 2),
+    ("bf16-kahan8-8bit", torch.bfloat16, {"kahan_sum": "8bit", "state_format": "8bit"}, 2 + 4 / 32 + 1),
     ("fp16-kahan", torch.float16, {}, 8 + 2),  # fp16 parameters get fp32 moments by default
 ]
 
@@ -403,7 +403,7 @@ BYTES = [
 @pytest.mark.parametrize("backend", ["reference", "fused"])
 @pytest.mark.parametrize("dtype,kw,bpp", [pytest.param(*r[1:], id=r[0]) for r in BYTES])
 def test_state_bytes_per_param(dtype, kw, bpp, backend):
-    shapes = [(64, 256), (64, 512), (16, 768)]  # rows of whole 8-bit blocks: no padding
+    shapes = [(64, 256), (64, 512), (16, 768)]  # rows of whole 8-bit groups: no padding
     ps = [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
     opt = adamkit.AdamW(ps, backend=backend, **kw)
     for p in ps:

@@ -364,8 +364,8 @@ def test_bytes_per_param_of_recipes():
         "bf16-sr": 8,
         "fp32-amsgrad": 20,
         "fp32-bf16state": 12,
-        "bf16-kahan-8bit": 6 + 2 + 2 * 4 / 256,
-        "bf16-kahan8-8bit": 5 + 2 + 2 * 4 / 256,  # p 2 + int8 comp 1 + m, v 2 + scales; grads 2
+        "bf16-kahan-8bit": 6 + 2 + 2 * 2 / 32,
+        "bf16-kahan8-8bit": 5 + 2 + 2 * 2 / 32,  # p 2 + int8 comp 1 + m, v 2 + scales; grads 2
         "fp32-sgd": 8,
         "fp32-sgd-momentum": 12,
         "bf16-sr-lion": 6,
@@ -378,22 +378,25 @@ def test_bytes_per_param_of_recipes():
 
 
 def test_8bit_format_bytes():
-    assert blockwise_8bit_bytes(4096) == (4096, 64)
-    assert blockwise_8bit_bytes(5000) == (5120, 80)  # padded to 20 whole blocks, 20 scales
-    assert blockwise_8bit_bytes(5000, block_size=128) == (5120, 160)
+    assert blockwise_8bit_bytes(4096) == (4096, 256)  # 128 groups of 32, a 2-byte scale each
+    assert blockwise_8bit_bytes(5000) == (5024, 314)  # padded to 157 whole groups, 157 scales
+    assert blockwise_8bit_bytes(5000, block_size=128) == (5120, 80)
     assert state_tensor_bytes(4095, "8bit") == (4 * 4095, 0)  # below the threshold: fp32
-    assert state_tensor_bytes(4095, "8bit", min_8bit_size=1024) == (4096, 64)
+    assert state_tensor_bytes(4095, "8bit", min_8bit_size=1024) == (4096, 256)
     b = adamkit_state_bytes([(16, 256), (5000,), (4095,)], state_format="8bit")
-    assert b["m"] == b["v"] == 4096 + 5120 + 4 * 4095
-    assert b["scales"] == 2 * (16 * 4 + 20 * 4)
-    # >= 2-D: rows, each padded to whole blocks; rows narrower than 66 elements stay fp32
-    assert state_tensor_bytes(7 * 300, "8bit", min_8bit_size=0, shape=(7, 300)) == (7 * 512, 7 * 2 * 4)
-    assert state_tensor_bytes(64 * 64, "8bit", shape=(64, 64)) == (4 * 64 * 64, 0)
+    assert b["m"] == b["v"] == 4096 + 5024 + 4 * 4095
+    assert b["scales"] == 2 * (16 * 8 * 2 + 157 * 2)
+    # >= 2-D: rows, each padded to whole groups; rows narrower than 9 elements stay fp32 (a row
+    # costs at least 32 + 2 bytes)
+    assert state_tensor_bytes(7 * 300, "8bit", min_8bit_size=0, shape=(7, 300)) == (7 * 320, 7 * 10 * 2)
+    assert state_tensor_bytes(64 * 64, "8bit", shape=(64, 64)) == (64 * 64, 64 * 2 * 2)
+    assert state_tensor_bytes(9 * 1000, "8bit", shape=(1000, 9)) == (1000 * 32, 1000 * 2)
+    assert state_tensor_bytes(8 * 1000, "8bit", shape=(1000, 8)) == (4 * 8 * 1000, 0)
     assert state_tensor_bytes(5000, "8bit", shape=(5000,), sharded=True) == (4 * 5000, 0)  # FSDP2's 1-D
     assert b["step"] == 3 * 4
-    for n in (4096, 5000, 70_000):  # the per-tensor formula 2 * (ceil(n/256)*256 + ceil(n/256)*4)
+    for n in (4096, 5000, 70_000):  # the per-tensor formula 2 * (ceil(n/32)*32 + ceil(n/32)*2)
         b = adamkit_state_bytes([(n,)], state_format="8bit")
-        assert b["m"] + b["v"] + b["scales"] == 2 * (math.ceil(n / 256) * 256 + math.ceil(n / 256) * 4)
+        assert b["m"] + b["v"] + b["scales"] == 2 * (math.ceil(n / 32) * 32 + math.ceil(n / 32) * 2)
 
 
 def test_adamkit_state_bytes_low_precision():
@@ -590,4 +593,4 @@ def test_a_new_slot_is_planned_without_a_planner_change(monkeypatch):
     after = adamkit_state_bytes([(64, 256)], optimizer="lion")
     assert after["v"] - before["v"] == 4 * 64 * 256  # a new key lands in "v" (state_component)
     eight = adamkit_state_bytes([(64, 256)], optimizer="lion", state_format="8bit")
-    assert eight["v"] == 64 * 256 and eight["scales"] == 2 * 64 * 4
+    assert eight["v"] == 64 * 256 and eight["scales"] == 2 * 64 * 8 * 2

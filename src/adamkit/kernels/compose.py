@@ -109,7 +109,7 @@ def encode_all(alg: Algorithm, fmt: Formats, t: dict, p, slots, flags: Flags, in
             codes, scales = quant8.encode(slot.signed, x, idx, seeds[k + 1], rows=True)
             out[name], out[name + "_scale"] = codes, scales.view(t[name + "_scale"].shape)
         elif sf == "8bit":
-            # the compiled kernel passes (blocks, 256) values with their indices; per tensor,
+            # the compiled kernel passes (groups, 32) values with their indices; per tensor,
             # encode pads to whole blocks and numbers the padded elements itself
             blocked = x.dim() == 2 and x.shape[1] == quant8.BLOCK
             idx = idx if blocked and idx is not None and idx.shape == x.shape else None
@@ -117,6 +117,8 @@ def encode_all(alg: Algorithm, fmt: Formats, t: dict, p, slots, flags: Flags, in
             out[name] = codes.view(t[name].shape)
         else:
             out[name] = encode_state(sf, x, idx, seeds[k + 1])
+    if fmt.state == "8bit":  # no small v rounded to zero beside a non-zero m (quant8)
+        quant8.floor_pairs(out, alg.active_slots(flags))
     return out
 
 

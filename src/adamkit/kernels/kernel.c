@@ -15,13 +15,13 @@
  * i its position in the whole tensor (a shard's offset added), exactly as the reference backend
  * draws them, so every path and every world size rounds alike.
  *
- * Why C and not only torch.compile: (1) 8-bit blocks. Each block of 256 is decoded, updated and
- * re-encoded while it sits in L1 (the new block scale needs the whole block first), so memory is
- * read and written once. (2) bf16 values move as 16-bit integers with shifts. (3) Start-up: a few
+ * Why C and not only torch.compile: (1) 8-bit groups. Each tile of up to 256 elements (whole
+ * groups of 32) is decoded, updated and re-encoded while it sits in L1 (a group's new scale needs
+ * the whole group first), so memory is read and written once. (2) bf16 values move as 16-bit integers with shifts. (3) Start-up: a few
  * hundred lines of C build in about two seconds, once per machine, and load in milliseconds.
  *
  * Bytes per element: param 4 (fp32) or 2 (bf16); grad the same; kahan_comp 2 (bf16);
- * kahan_comp8 1 (int8); master_weight 4; each state slot 4 (fp32), 2 (bf16) or 1 + 4/256 (8-bit codes + block scales).
+ * kahan_comp8 1 (int8); master_weight 4; each state slot 4 (fp32), 2 (bf16) or 1 + 2/32 (8-bit codes + bf16 group scales).
  */
 #include <math.h>
 #include <float.h>
@@ -54,24 +54,25 @@ enum { E_L2 = 1, E_DECAY, E_OMB1, E_BETA2, E_OMB2, E_OMB3, E_EPS, E_BC1, E_BC2_S
 enum { F_BETA2 = 1, F_OMB2, F_BC2, F_EPS, F_DECAY, F_CKP1, F_YCOEF, F_NEG_LR };
 #define N_HP 16
 
-#define BLOCK 256
+#define TILE 256 /* elements decoded, updated and encoded together (in L1) */
+#define GROUP 32  /* 8-bit codes share one bf16 scale per group (storage/quant8.py, BLOCK) */
 #define MAX_SLOTS 3
 
 typedef struct {         /* one tensor; the optimizer's own buffers (fixed while its state lives) */
     int64_t n;           /* elements */
     int64_t uid;         /* seeds the tensor's rounding streams */
     void *aux;           /* kahan_comp (bf16), kahan_comp8 (int8) or master_weight (fp32), else NULL */
-    void *slot[MAX_SLOTS];   /* state slots: fp32, bf16 or uint8 codes (padded to whole blocks) */
-    float *scale[MAX_SLOTS]; /* 8-bit block scales, else NULL */
+    void *slot[MAX_SLOTS];   /* state slots: fp32, bf16 or uint8 codes (padded to whole groups) */
+    uint16_t *scale[MAX_SLOTS]; /* 8-bit group scales (bf16), else NULL */
     int64_t len;         /* row length: 8-bit codes are rows of ``len`` elements, each padded to whole
-                          * blocks (storage/quant8.py, rows), so blocks never cross a row; n otherwise */
+                          * groups (storage/quant8.py, rows), so groups never cross a row; n otherwise */
     int64_t index0;      /* the first element's position in the whole tensor (a shard's offset):
                           * element e is rounded with the bits of index0 + e */
 } row_t;
 
-/* A row's work space: its elements, each 8-bit row padded to whole blocks (the codes' layout). */
+/* A row's work space: its elements, each 8-bit row padded to whole groups (the codes' layout). */
 static inline int64_t space(const row_t *R) {
-    return R->len >= R->n ? R->n : R->n / R->len * ((R->len + BLOCK - 1) / BLOCK * BLOCK);
+    return R->len >= R->n ? R->n : R->n / R->len * ((R->len + GROUP - 1) / GROUP * GROUP);
 }
 
 typedef struct {
@@ -93,7 +94,7 @@ typedef struct {
 
 /* The layout the Python side mirrors (kernels/native.py, Row and Args), checked when it loads a
  * library: a stale or foreign build is refused instead of reading fields at the wrong offsets. */
-#define ABI_VERSION 5
+#define ABI_VERSION 6
 
 /* ---- storage: bf16 and rounding ------------------------------------------------------------ */
 
@@ -304,7 +305,7 @@ static AI int element(const int alg, float *restrict pp, float g, float *restric
     return 0;
 }
 
-/* ---- 8-bit blocks: storage/quant8.py, decode_blocks / encode_blocks ------------------------------------- */
+/* ---- 8-bit groups: storage/quant8.py, decode_blocks / encode_blocks / floor_pairs ------------------- */
 
 #define QM 127
 #define QV 254
@@ -313,14 +314,14 @@ static inline __attribute__((always_inline)) void
 decode8(const uint8_t *restrict c, float a, float *restrict x, const int sgn) {
     if (sgn) {
         const float k = a * (float)(1.0 / (QM * QM));
-        for (int i = 0; i < BLOCK; i++) {
+        for (int i = 0; i < GROUP; i++) {
             const float q = (float)c[i] - 128.0f;
             const float y = (q * fabsf(q)) * k;
             x[i] = c[i] == 0 ? NAN : y;
         }
     } else {
         const float k = a * (float)(1.0 / ((double)QV * QV * QV * QV));
-        for (int i = 0; i < BLOCK; i++) {
+        for (int i = 0; i < GROUP; i++) {
             const float q = (float)c[i];
             const float q2 = q * q;
             const float y = (q2 * q2) * k;
@@ -329,26 +330,31 @@ decode8(const uint8_t *restrict c, float a, float *restrict x, const int sgn) {
     }
 }
 
+/* One group: its scale (the largest finite magnitude rounded up to bf16) and codes, rounded
+ * stochastically in the linear domain. ``nz`` (unsigned slots only, else NULL): elements whose
+ * signed codes are not zero; their unsigned code is at least 1 (no m / eps). */
 static inline __attribute__((always_inline)) void
-encode8(const float *restrict x, uint8_t *restrict c, float *scale, uint32_t index0, uint32_t seed,
-        const int sgn) {
-    /* the largest finite magnitude; non-negative floats order like their bit patterns, and an
-     * integer max reduction vectorizes where a float one (not associative with nan) would not */
+encode8(const float *restrict x, uint8_t *restrict c, uint16_t *scale, uint32_t index0, uint32_t seed,
+        const int sgn, const uint8_t *restrict nz) {
+    /* non-negative floats order like their bit patterns, and an integer max reduction vectorizes
+     * where a float one (not associative with nan) would not */
     uint32_t amax = 0;
 #pragma omp simd reduction(max : amax)
-    for (int i = 0; i < BLOCK; i++) {
+    for (int i = 0; i < GROUP; i++) {
         const uint32_t m = fabsf(x[i]) <= FLT_MAX ? f2u(fabsf(x[i])) : 0u;
         amax = amax > m ? amax : m;
     }
-    /* a subnormal largest magnitude (below 2^-126) makes the block zeros, as the reference does:
-     * 1/a would overflow and turn the block's zeros into nan where subnormals are not flushed */
-    const float a = amax < 0x00800000u ? 0.0f : u2f(amax);
-    *scale = a;
+    /* a subnormal largest magnitude (below 2^-126) makes the group zeros, as the reference does:
+     * 1/a would overflow and turn the group's zeros into nan where subnormals are not flushed */
+    uint32_t up = amax < 0x00800000u ? 0u : (amax + 0xFFFFu) & 0xFFFF0000u;
+    up = up > 0x7F7F0000u ? 0x7F7F0000u : up; /* bf16's largest finite */
+    *scale = (uint16_t)(up >> 16);
+    const float a = u2f(up);
     const float inv = a > 0.0f ? 1.0f / a : 0.0f;
     uint32_t h = weyl(index0, seed);
     if (sgn) {
         const float k = (float)(1.0 / (QM * QM));
-        for (int i = 0; i < BLOCK; i++) {
+        for (int i = 0; i < GROUP; i++) {
             const int fin = fabsf(x[i]) <= FLT_MAX;
             const float r = (fin ? fabsf(x[i]) : 0.0f) * inv;
             float q = floorf(sqrtf(r) * (float)QM);
@@ -362,7 +368,7 @@ encode8(const float *restrict x, uint8_t *restrict c, float *scale, uint32_t ind
         }
     } else {
         const float k = (float)(1.0 / ((double)QV * QV * QV * QV));
-        for (int i = 0; i < BLOCK; i++) {
+        for (int i = 0; i < GROUP; i++) {
             const int fin = fabsf(x[i]) <= FLT_MAX;
             const float r = (fin ? fabsf(x[i]) : 0.0f) * inv;
             float q = floorf(sqrtf(sqrtf(r)) * (float)QV);
@@ -372,6 +378,7 @@ encode8(const float *restrict x, uint8_t *restrict c, float *scale, uint32_t ind
             const float u = (float)(h >> 16) * (1.0f / 65536.0f);
             h += WEYL;
             q = q + (u * (hi - lo) < r - lo ? 1.0f : 0.0f);
+            q = (nz && nz[i] && q == 0.0f) ? 1.0f : q;
             c[i] = fin ? (uint8_t)(int32_t)q : (uint8_t)255;
         }
     }
@@ -414,15 +421,17 @@ static AI int64_t piece_fp32(const ctx_t *C, const int alg, const row_t *R, floa
     return kept;
 }
 
-/* One block of ``len`` elements starting at element e of a tensor, at position t of its work space
+/* One tile of ``len`` elements starting at element e of a tensor, at position t of its work space
  * (``space``: where its 8-bit codes lie; t == e but in rows): decoded into L1 tiles, updated,
- * encoded back. ``len`` is BLOCK except in a row's last block; full blocks are inlined with the
- * constant, so their loops vectorize without remainders. */
+ * encoded back. ``len`` is TILE except at a row's or a share's end; full tiles are inlined with
+ * the constant, so their loops vectorize without remainders. 8-bit codes cover ``len`` rounded up
+ * to whole groups (a row's last group is padded). */
 static AI int64_t tile(const ctx_t *C, const int alg, const row_t *R, void *param, const void *grad,
                        const int64_t t, const int64_t e, const int len, const uint32_t *seed, const int pm,
                        const int sf, const int ns, const int ams, const int skip, const int cau, const float cs,
                        const int counting) {
-    float P[BLOCK], G[BLOCK], S[MAX_SLOTS][BLOCK];
+    float P[TILE], G[TILE], S[MAX_SLOTS][TILE];
+    const int ng = (len + GROUP - 1) / GROUP; /* 8-bit groups */
     const uint32_t i0 = (uint32_t)(R->index0 + e);
     /* the parameter and gradient as fp32: fp32 parameters and master weights in place */
     float *restrict pv = pm == P_NATIVE ? (float *)param + e : (pm == P_MASTER ? (float *)R->aux + e : P);
@@ -449,7 +458,9 @@ static AI int64_t tile(const ctx_t *C, const int alg, const row_t *R, void *para
             const uint16_t *s = (const uint16_t *)R->slot[k] + e;
             for (int i = 0; i < len; i++) S[k][i] = bf16_to_f(s[i]);
         } else {
-            decode8((const uint8_t *)R->slot[k] + t, R->scale[k][t / BLOCK], S[k], (C->A->signs >> k) & 1);
+            for (int j = 0; j < ng; j++)
+                decode8((const uint8_t *)R->slot[k] + t + j * GROUP, bf16_to_f(R->scale[k][t / GROUP + j]),
+                        S[k] + j * GROUP, (C->A->signs >> k) & 1);
         }
     }
     float *restrict s0 = sv[0], *restrict s1 = sv[1], *restrict s2 = sv[2];
@@ -493,39 +504,58 @@ static AI int64_t tile(const ctx_t *C, const int alg, const row_t *R, void *para
         }
     }
     /* encode the state */
-    for (int k = 0; k < ns && sf != S_FP32; k++) {
+    for (int k = 0; k < ns && sf == S_BF16; k++) {
         if ((C->A->fp32_slots >> k) & 1) continue; /* stepped in place */
-        if (sf == S_BF16) {
-            uint16_t *s = (uint16_t *)R->slot[k] + e;
-            uint32_t w = weyl(i0, seed[k + 1]);
-            for (int i = 0; i < len; i++, w += WEYL) s[i] = f_to_bf16_sr(S[k][i], w);
-        } else {
-            /* a short last block is encoded as the reference pads it: with zeros */
-            for (int i = len; i < BLOCK; i++) S[k][i] = 0.0f;
-            encode8(S[k], (uint8_t *)R->slot[k] + t, &R->scale[k][t / BLOCK], i0, seed[k + 1],
-                    (C->A->signs >> k) & 1);
+        uint16_t *s = (uint16_t *)R->slot[k] + e;
+        uint32_t w = weyl(i0, seed[k + 1]);
+        for (int i = 0; i < len; i++, w += WEYL) s[i] = f_to_bf16_sr(S[k][i], w);
+    }
+    if (sf == S_8BIT) {
+        /* signed slots first: where one's code is not zero, the unsigned codes are not either
+         * (quant8.floor_pairs); a row's short last group is encoded as the reference pads it */
+        uint8_t NZ[TILE];
+        int any_signed = 0;
+        for (int pass = 1; pass >= 0; pass--) {
+            for (int k = 0; k < ns; k++) {
+                const int sgn = (C->A->signs >> k) & 1;
+                if (((C->A->fp32_slots >> k) & 1) || sgn != pass) continue;
+                for (int i = len; i < ng * GROUP; i++) S[k][i] = 0.0f;
+                uint8_t *codes = (uint8_t *)R->slot[k] + t;
+                for (int j = 0; j < ng; j++)
+                    encode8(S[k] + j * GROUP, codes + j * GROUP, &R->scale[k][t / GROUP + j],
+                            i0 + (uint32_t)(j * GROUP), seed[k + 1], sgn, any_signed ? NZ + j * GROUP : NULL);
+                if (sgn) {
+                    for (int i = 0; i < ng * GROUP; i++)
+                        NZ[i] = (uint8_t)((any_signed ? NZ[i] : 0) | (codes[i] != 128));
+                    any_signed = 1;
+                }
+            }
         }
     }
     return 0;
 }
 
-/* every other combination: block by block. [a, b) is a range of the row's work space (``space``);
- * a is a multiple of BLOCK; only a row's last block may be shorter. */
+/* every other combination: tile by tile. [a, b) is a range of the row's work space (``space``),
+ * in whole groups; a tile ends at TILE elements, its row's end or b. */
 static AI int64_t piece_tiled(const ctx_t *C, const int alg, const row_t *R, void *param, const void *grad,
                               int64_t a, int64_t b, const int pm, const int sf, const int ns, const int ams,
                               const int skip, const int cau, const float cs, const int counting) {
     const args_t *A = C->A;
     uint32_t seed[MAX_SLOTS + 1];
     for (int k = 0; k <= ns; k++) seed[k] = mix_seed(A->step, R->uid, k);
-    const int64_t L = R->len, Lp = (L + BLOCK - 1) / BLOCK * BLOCK;
+    const int64_t L = R->len, Lp = (L + GROUP - 1) / GROUP * GROUP;
     int64_t kept = 0;
-    for (int64_t t = a; t < b; t += BLOCK) {
+    for (int64_t t = a; t < b;) {
         const int64_t row = t / Lp, col = t - row * Lp, e = row * L + col; /* work space -> element */
-        if (col + BLOCK <= L)
-            kept += tile(C, alg, R, param, grad, t, e, BLOCK, seed, pm, sf, ns, ams, skip, cau, cs, counting);
+        int64_t w = TILE; /* the tile's extent in the work space */
+        if (w > Lp - col) w = Lp - col;
+        if (w > b - t) w = b - t;
+        const int64_t n = w < L - col ? w : L - col; /* its elements (a row's padding excluded) */
+        if (n == TILE)
+            kept += tile(C, alg, R, param, grad, t, e, TILE, seed, pm, sf, ns, ams, skip, cau, cs, counting);
         else
-            kept += tile(C, alg, R, param, grad, t, e, (int)(L - col), seed, pm, sf, ns, ams, skip, cau, cs,
-                         counting);
+            kept += tile(C, alg, R, param, grad, t, e, (int)n, seed, pm, sf, ns, ams, skip, cau, cs, counting);
+        t += w;
     }
     return kept;
 }
@@ -611,8 +641,8 @@ static void run_piece(const ctx_t *C, int64_t j, int64_t r, int64_t a, int64_t b
     if (C->counting) __atomic_fetch_add(&C->counts[j], kept, __ATOMIC_RELAXED);
 }
 
-/* ---- a share of the step: the work space is every selected tensor, each padded to whole blocks,
- * end to end; a thread takes [lo, hi) of it (whole blocks: 8-bit blocks never straddle threads) */
+/* ---- a share of the step: the work space is every selected tensor, each padded to whole groups,
+ * end to end; a thread takes [lo, hi) of it (whole groups: 8-bit groups never straddle threads) */
 
 static void run_share(const ctx_t *C, const int64_t *start, int64_t lo, int64_t hi) {
     const args_t *A = C->A;
@@ -681,7 +711,7 @@ static void run_team(const ctx_t *C, const int64_t *start, int64_t total) {
     int nt = A->nthreads < 1 ? 1 : (A->nthreads > MAX_THREADS ? MAX_THREADS : A->nthreads);
     const int64_t most = (total + MIN_PER_THREAD - 1) / MIN_PER_THREAD;
     if (most < nt) nt = most < 1 ? 1 : (int)most;
-    const int64_t share = ((total + nt - 1) / nt + BLOCK - 1) / BLOCK * BLOCK;
+    const int64_t share = ((total + nt - 1) / nt + TILE - 1) / TILE * TILE;
     team_t T = {C, start, share, total, nt, 0, GET_FP_MODE()};
     if (nt > 1 && A->omp_parallel) {
         ((omp_parallel_fn)A->omp_parallel)(team_worker, &T, (unsigned)nt, 0);
@@ -724,7 +754,7 @@ int adamkit_step(const args_t *A) {
     start[0] = 0;
     for (int64_t j = 0; j < A->nrows; j++) {
         const int64_t n = space(A->rows + (A->sel ? A->sel[j] : j));
-        start[j + 1] = start[j] + (n + BLOCK - 1) / BLOCK * BLOCK;
+        start[j + 1] = start[j] + (n + GROUP - 1) / GROUP * GROUP;
     }
     const int64_t total = start[A->nrows];
     ctx_t C;

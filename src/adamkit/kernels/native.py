@@ -99,7 +99,7 @@ class Args(ctypes.Structure):
     ]
 
 
-ABI_VERSION = 5  # kernel.c's ABI_VERSION: the layout of Row and Args, its entry points
+ABI_VERSION = 6  # kernel.c's ABI_VERSION: the layout of Row and Args, its entry points
 
 
 @functools.cache

@@ -40,7 +40,7 @@ from .options import (
 # --------------------------------------------------------------------------------------------------
 
 SLOTS = (
-    Slot("exp_avg", signed=True),  # m: 4 B/param fp32, 2 bf16, 1 + 4/256 8-bit
+    Slot("exp_avg", signed=True),  # m: 4 B/param fp32, 2 bf16, 1 + 2/32 8-bit
     Slot("exp_avg_sq", signed=False),  # v: the same
     Slot("max_exp_avg_sq", signed=False, option="amsgrad"),  # max v (AMSGrad only): the same
 )
@@ -309,7 +309,7 @@ class Adam(Optimizer):
 
     State per parameter (bytes per parameter for fp32 parameters): ``step`` (a 0-D fp32 tensor),
     ``exp_avg`` m (4 B), ``exp_avg_sq`` v (4 B), ``max_exp_avg_sq`` (4 B, amsgrad only); 8-bit
-    moments add ``<name>_scale`` (4 B per block of 256); their state dicts record ``param_shape``
+    moments add ``<name>_scale`` (2 B per group of 32); their state dicts record ``param_shape``
     (checked on load). With the default options keys, shapes and dtypes equal torch's, so state
     dicts move between torch and adamkit both ways.
 

@@ -91,7 +91,7 @@ def ademamix_update(p, g, slots: list, s: Scalars, f: Flags):
 ADEMAMIX = Algorithm(
     name="AdEMAMix",
     slots=(
-        Slot("exp_avg", signed=True),  # m1: 4 B/param fp32, 2 bf16, 1 + 4/256 8-bit
+        Slot("exp_avg", signed=True),  # m1: 4 B/param fp32, 2 bf16, 1 + 2/32 8-bit
         Slot("exp_avg_sq", signed=False),  # v: the same
         Slot("exp_avg_slow", signed=True),  # m2, the slow momentum: the same
     ),

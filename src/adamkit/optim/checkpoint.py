@@ -267,6 +267,8 @@ class CheckpointMixin:
                 out[name], out[name + "_scale"] = encode8(slot, dist.local(value).float(), p)
             else:
                 out[name] = value.to(state_dtype(sf), copy=True)
+        if fmt.state == "8bit":  # codes encoded here, from values: no v of 0 beside an m that is not
+            quant8.floor_pairs({k: dist.local(v) for k, v in out.items()}, self.algorithm.slots)
         saved_aux = {}
         for name in AUX_KEYS:
             t = saved.get(name)
@@ -305,36 +307,41 @@ class CheckpointMixin:
 
         Layouts: rows (2-D codes, this version's for >= 2-D parameters) or flat (1-D; older
         versions kept every tensor flat). Flat codes of a >= 2-D parameter are put into rows:
-        the same bytes where rows are whole blocks, else decoded and encoded again in rows."""
+        the same bytes where rows are whole groups, else decoded and encoded again in rows.
+        Older versions' blocks of 256 with fp32 scales (``quant8.LEGACY_BLOCK``) are decoded and
+        returned as values (each within that format's bound of what it held), to be encoded again."""
         name = slot.name
         if v.dtype != torch.uint8:
             raise bad(f"{name!r} holds 8-bit codes of dtype {v.dtype}, expected uint8")
+        if scale.dtype not in (torch.bfloat16, torch.float32):
+            raise bad(f"{name + '_scale'!r} has dtype {scale.dtype}, expected bfloat16 (float32: older versions)")
+        legacy = scale.dtype == torch.float32
+        block = quant8.LEGACY_BLOCK if legacy else quant8.BLOCK
         rows = slot.shape is None and len(want) >= 2
         length = quant8.row_length(want) if rows else math.prod(want)
         if v.dim() == 2:
-            if not rows or tuple(v.shape) != (want[0], quant8.padded(length)):
+            if not rows or tuple(v.shape) != (want[0], quant8.padded(length, block)):
                 raise bad(
                     f"{name!r} holds 8-bit codes of shape {tuple(v.shape)}, expected "
-                    f"{(want[0], quant8.padded(length)) if rows else (quant8.padded(length),)} uint8 for "
-                    f"a parameter of shape {tuple(p.shape)}"
+                    f"{(want[0], quant8.padded(length, block)) if rows else (quant8.padded(length, block),)} "
+                    f"uint8 for a parameter of shape {tuple(p.shape)}"
                 )
-            nb = (want[0], quant8.blocks(length))
+            nb = (want[0], quant8.blocks(length, block))
         else:
             n = math.prod(want)
-            if tuple(v.shape) != (quant8.padded(n),):
+            if tuple(v.shape) != (quant8.padded(n, block),):
                 raise bad(
                     f"{name!r} holds 8-bit codes of shape {tuple(v.shape)}, expected "
-                    f"({quant8.padded(n)},) uint8 for a parameter of {n} elements"
+                    f"({quant8.padded(n, block)},) uint8 for a parameter of {n} elements"
                 )
-            nb = (quant8.blocks(n),)
+            nb = (quant8.blocks(n, block),)
         if tuple(scale.shape) != nb:
             raise bad(f"{name + '_scale'!r} has shape {tuple(scale.shape)}, expected {nb}")
         full = [x.full_tensor() if dist.is_dtensor(x) else x for x in (v, scale)]
         codes, scales = (x.detach().to(p.device) for x in full)
-        scales = scales.float()
-        if rows and codes.dim() == 1:  # an older flat checkpoint
+        if not legacy and rows and codes.dim() == 1:  # an older flat checkpoint
             codes, scales = quant8.to_rows(slot.signed, codes, scales, want)
-        if slot_format(fmt.state, slot, p) == "8bit":
+        if not legacy and slot_format(fmt.state, slot, p) == "8bit":
             out[name] = placed_like(codes, p).clone() if dist.is_dtensor(p) else codes.clone()
             out[name + "_scale"] = placed_like(scales, p).clone() if dist.is_dtensor(p) else scales.clone()
             return None

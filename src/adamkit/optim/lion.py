@@ -84,7 +84,7 @@ def lion_update(p, g, slots: list, s: Scalars, f: Flags):
 
 LION = Algorithm(
     name="Lion",
-    slots=(Slot("exp_avg", signed=True),),  # m: 4 B/param fp32, 2 bf16, 1 + 4/256 8-bit
+    slots=(Slot("exp_avg", signed=True),),  # m: 4 B/param fp32, 2 bf16, 1 + 2/32 8-bit
     check=check,
     flags=flags,
     scalars=scalars,

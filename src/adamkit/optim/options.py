@@ -119,7 +119,7 @@ ENGINE_OPTIONS_DOC = r"""maximize: maximize the objective instead of minimizing.
             bf16/fp16 parameter is its rounded copy, the one the forward pass uses.
         state_format: how the state slots are stored: ``None`` (the parameter's dtype; fp32 for
             fp16 parameters), ``"fp32"`` (4 B/element), ``"bf16"`` (2 B, stochastic rounding),
-            ``"8bit"`` (1 B + a 4 B scale per block of 256; see ``adamkit.storage.quant8``).
+            ``"8bit"`` (1 B + a 2 B scale per group of 32; see ``adamkit.storage.quant8``).
         min_8bit_size: tensors with fewer elements keep fp32 state under ``"8bit"``.
         skip_nonfinite: an element whose gradient is inf/nan keeps its parameter and state
             (elementwise algorithms; refused, with the reason, by those that mix elements).

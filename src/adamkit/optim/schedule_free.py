@@ -102,7 +102,7 @@ SCHEDULE_FREE = Algorithm(
     slots=(
         # z: a copy of the weights, 4 B/param fp32 in every state format (Slot.weights)
         Slot("z", signed=True, weights=True),
-        Slot("exp_avg_sq", signed=False),  # v: 4 B/param fp32, 2 bf16, 1 + 4/256 8-bit
+        Slot("exp_avg_sq", signed=False),  # v: 4 B/param fp32, 2 bf16, 1 + 2/32 8-bit
     ),
     check=check,
     flags=flags,

@@ -229,7 +229,7 @@ class StateMixin:
                     state[slot.name] = DTensor.from_local(
                         x, mesh, placements, run_check=False, shape=gshape, stride=stride
                     )
-                elif fmt.state == "8bit":  # its own flat blocks: 1 B/element padded + 4 B per block
+                elif fmt.state == "8bit":  # its own flat groups: 1 B/element padded + 2 B per group
                     state[slot.name], state[slot.name + "_scale"] = quant8.zeros(
                         math.prod(shape), slot.signed, p.device
                     )
@@ -240,7 +240,7 @@ class StateMixin:
                 value = p.detach() if key is None else aux_value(p, key, state[key])
                 state[slot.name] = value.to(state_dtype(slot_format(fmt.state, slot, p)), copy=True)
             elif slot_format(fmt.state, slot, p) == "8bit":
-                # 1 B/param of codes (each row padded to whole 256-blocks) + 4 B per block of scale
+                # 1 B/param of codes (each row padded to whole groups of 32) + 2 B per group of scale
                 rows = dist.local(p).shape[0] if p.dim() >= 2 else None
                 n = quant8.row_length(p.shape) if rows is not None else p.numel()
                 codes, scales = quant8.zeros(n, slot.signed, p.device, rows=rows)
@@ -280,6 +280,8 @@ class StateMixin:
                 del state[slot.name + "_scale"]
             elif v.dtype != state_dtype(sf):
                 state[slot.name] = v.to(state_dtype(sf))
+        if fmt.state == "8bit":  # codes encoded here, from values: no v of 0 beside an m that is not
+            quant8.floor_pairs({k: dist.local(v) for k, v in state.items()}, self.algorithm.slots)
         wanted = param_aux_key(fmt.param)
         for key in AUX_KEYS:
             if key in state and key != wanted:

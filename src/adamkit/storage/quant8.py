@@ -1,39 +1,55 @@
-"""8-bit blockwise moments with closed-form companding: no lookup table in the hot loop.
+"""8-bit moments in groups of 32 with closed-form companding: no lookup table in the hot loop.
 
-Each block of ``BLOCK`` = 256 consecutive elements keeps one fp32 scale ``a`` (its largest finite
-magnitude) and one byte per element. Bytes per parameter per moment: 1 + 4/256 = 1.016.
+Each group of ``BLOCK`` = 32 consecutive elements keeps one bf16 scale ``a`` (its largest finite
+magnitude, rounded up to bf16) and one byte per element. Bytes per parameter per moment:
+1 + 2/32 = 1.0625 (Adam's m and v: 2.125). bf16, not fp16, scales: they need fp32's range (the v
+of a gradient of 1e-4 is 1e-8, below fp16's normal range, and a long-idle row's m decays further).
+Rounding the scale *up* keeps every element's ratio to it within [0, 1], so the largest element
+is coded like the rest (its code may fall one level short of the top one).
 
-Layouts. Blocks must not depend on how a tensor is cut between processes (FSDP2 splits dim 0 of
+Layouts. Groups must not depend on how a tensor is cut between processes (FSDP2 splits dim 0 of
 every parameter between ranks), so a moment of a parameter of >= 2 dimensions, global shape
 (R, ...), is kept in **rows**: row r holds the L = numel / R elements of ``p[r]``, each row padded
-to whole blocks, codes of shape (R, padded(L)) uint8 and scales (R, blocks(L)) fp32, sharded like
-the parameter (rows move whole). Bytes per element: padded(L) / L + 4 blocks(L) / L, 1.016 where
-L is a multiple of 256 (then the bytes are exactly those of the flat layout). Other tensors (1-D,
-0-D, slots of their own shapes) use the **flat** layout: the elements in order, padded to whole
-blocks, codes (padded(n),), scales (blocks(n),).
+to whole groups, codes of shape (R, padded(L)) uint8 and scales (R, blocks(L)) bf16, sharded like
+the parameter (rows move whole). A row of a multiple of 32 elements pads nothing (2.125 B/param for
+Adam); any row of 9 or more elements takes fewer bytes than fp32. Other tensors (1-D, 0-D, slots
+of their own shapes) use the **flat** layout: the elements in order, padded to whole groups,
+codes (padded(n),), scales (blocks(n),). Older versions kept blocks of 256 with fp32 scales
+(``LEGACY_BLOCK``): their state dicts are decoded (``decode`` tells them apart by the scales'
+dtype) and encoded again in groups of 32 when loaded.
 
 Codes (power-law companding, so small values keep relative precision that a linear code loses):
 
 - signed slots (Adam's m, Lion's m):   x = a * c|c| / 127^2,  c in [-127, 127], stored as c + 128.
   Smallest non-zero magnitude a/16129 (6e-5 a); relative step 2/|c|.
-- unsigned slots (Adam's v and max v):  x = a * (c / 254)^4,  c in [0, 254].
-  Smallest non-zero a/4.2e9; relative step 4/c (2/c on sqrt(v), which is what the update uses).
+- unsigned slots (Adam's v and max v):  x = a * (c / 254)^4,  c in [0, 254]: quadratic in sqrt(x)
+  (sqrt(x) = sqrt(a) (c/254)^2, what the update divides by), smallest non-zero sqrt(x) is
+  sqrt(a)/64516; relative step 4/c on x, 2/c on sqrt(x).
 
-Decoding is multiplies only; encoding needs one (m) or two (v) square roots. Why not a codebook:
-gathers through a 256-entry table are what make existing 8-bit optimizers slow on CPU.
+Why these powers (``benchmarks/drift8.py``, a teacher-forced run of Zipf-active rows against fp32
+state): a code linear in sqrt(v) (FlashOptim's) resolves sqrt(v) only to 1/255 of its group's
+largest, and m to 1/254 with its companding y/(2 - |y|): 8.5 % drift where these codes give 4.3 %.
+Decoding is multiplies only; encoding needs one (m) or two (v) square roots, no division per element.
 
 Exactness where it matters:
 
-- Zero is code 0 (stored 128 for m): a block of zero gradients stays exactly zero, and a parameter
+- Zero is code 0 (stored 128 for m): a group of zero gradients stays exactly zero, and a parameter
   whose gradient is always zero never moves.
+- **No division by eps.** An unsigned code is never 0 where a signed slot of the same element is
+  not (``floor_unsigned``, applied wherever codes are written): a small v rounded to zero beside a
+  non-zero m would turn the next update into m / eps (thousands of learning rates in one step,
+  measured with blocks of 256). Decoded sqrt(v) is then at least sqrt(a)/64516 of its group, and
+  the update's ratio m/sqrt(v) stays within one code step of its fp32 bound.
 - Rounding is stochastic (16 hash bits, as in ``formats``) and unbiased in the linear domain:
   with beta2 = 0.999 the per-step change of v is far below a code step, so round-to-nearest would
-  freeze v, and dithering the companded value would bias v upwards.
+  freeze v, and dithering the companded value would bias v upwards. (Round-to-nearest m drifts a
+  little less in the teacher-forced run, but stops short of a constant gradient's m by up to
+  half its code step's worth of EMA: a bias; stochastic m reaches it on average.)
   Per element, |decode(encode(x)) - x| <= a * ((c+1)^k - c^k) / Q^k with c = floor(Q (|x|/a)^(1/k)),
-  (k, Q) = (2, 127) for signed and (4, 254) for unsigned slots. ``error_bound`` computes it;
-  tests check it in fp64.
+  (k, Q) = (2, 127) for signed and (4, 254) for unsigned slots, a the group's bf16 scale.
+  ``error_bound`` computes it; tests check it in fp64.
 - A non-finite value is stored as its own marker (m: stored 0, v: 254 + 1) and decodes to nan; the
-  block scale is the largest *finite* magnitude, so one bad gradient element never spoils its block.
+  group scale is the largest *finite* magnitude, so one bad gradient element never spoils its group.
 """
 
 from __future__ import annotations
@@ -46,29 +62,39 @@ import torch.nn.functional as F
 from ..ieee import div_rn, sqrt_rn
 from .formats import hash_bits
 
-BLOCK = 256
-SCALE_BYTES = 4  # one fp32 scale per block
+BLOCK = 32
+SCALE_BYTES = 2  # one bf16 scale per group
+LEGACY_BLOCK = 256  # older versions: blocks of 256 with fp32 scales (loaded, never written)
 # ints, not floats: dynamo turns global floats into run-time inputs, which would cost a scalar pow
 # and divisions per vector in the compiled loop; ints are folded as constants.
 _QM, _QV = 127, 254
 _NAN_M, _NAN_V = 0, 255
 _TINY = 2.0**-126  # the smallest normal fp32
+_BF16_MAX_BITS = 0x7F7F0000  # the largest finite bf16, as fp32 bits
 
 
-def padded(n: int) -> int:
-    return math.ceil(n / BLOCK) * BLOCK
+def scale_up(a: torch.Tensor) -> torch.Tensor:
+    """Non-negative fp32 scales rounded up to bf16 (as bf16): x / scale stays <= 1. A scale above
+    bf16's largest finite value saturates there (its elements then take the top code)."""
+    bits = a.to(torch.float32).contiguous().view(torch.int32)
+    up = torch.clamp((bits + 0xFFFF) & ~0xFFFF, max=_BF16_MAX_BITS)  # positive: no sign to carry
+    return up.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
 
 
-def blocks(n: int) -> int:
-    return math.ceil(n / BLOCK)
+def padded(n: int, block: int = BLOCK) -> int:
+    return math.ceil(n / block) * block
+
+
+def blocks(n: int, block: int = BLOCK) -> int:
+    return math.ceil(n / block)
 
 
 def zeros(n: int, signed: bool, device=None, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and scales of n zeros: (n padded to a block) bytes + 4 bytes per block; with ``rows``,
-    the row layout of ``rows`` rows of n elements each (rows * padded(n) bytes + 4 per block)."""
+    """Codes and scales of n zeros: (n padded to a group) bytes + 2 bytes per group; with ``rows``,
+    the row layout of ``rows`` rows of n elements each (rows * padded(n) bytes + 2 per group)."""
     shape, nb = ((padded(n),), (blocks(n),)) if rows is None else ((rows, padded(n)), (rows, blocks(n)))
     codes = torch.full(shape, 128 if signed else 0, dtype=torch.uint8, device=device)
-    return codes, torch.zeros(nb, dtype=torch.float32, device=device)
+    return codes, torch.zeros(nb, dtype=torch.bfloat16, device=device)
 
 
 def row_length(shape) -> int:
@@ -90,7 +116,7 @@ def layout(shape, min_8bit_size: int, sharded: bool = False, block: int = BLOCK)
     ``"rows"`` (>= 2-D: blocks inside dim-0 rows, each row padded to whole blocks), ``"flat"`` (a
     1-D or 0-D tensor: one row), or None (fp32): below ``min_8bit_size`` elements (norms, biases:
     the saving is a few bytes), rows whose padded codes and scales would take more bytes than fp32
-    (fewer than 66 elements: a row costs at least 260 B), or a 1-D/0-D tensor that FSDP2 shards
+    (fewer than 9 elements: a row costs at least 34 B), or a 1-D/0-D tensor that FSDP2 shards
     (``sharded``: a flat tensor's blocks cannot be cut between ranks)."""
     shape = tuple(shape)
     if math.prod(shape) < min_8bit_size:
@@ -102,9 +128,10 @@ def layout(shape, min_8bit_size: int, sharded: bool = False, block: int = BLOCK)
 
 
 def decode_blocks(signed: bool, codes: torch.Tensor, scales: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
-    """(blocks, 256) codes and (blocks,) scales -> (blocks, 256) values in ``cdt``."""
+    """(groups, 32) codes and (groups,) scales -> (groups, 32) values in ``cdt`` (also
+    (blocks, 256) codes with fp32 scales: the legacy layout)."""
     c = codes.to(torch.float32)
-    a = scales.view(-1, 1)
+    a = scales.to(torch.float32).view(-1, 1)
     if signed:
         c = c - 128.0
         x = (c * c.abs()) * (a * (1.0 / (_QM * _QM)))
@@ -117,7 +144,7 @@ def decode_blocks(signed: bool, codes: torch.Tensor, scales: torch.Tensor, cdt: 
 
 
 def blockify(x: torch.Tensor) -> torch.Tensor:
-    """Any tensor -> (blocks, 256), zero-padded (a no-op for a (blocks, 256) tensor)."""
+    """Any tensor -> (groups, 32), zero-padded (a no-op for a (groups, 32) tensor)."""
     if x.dim() == 2 and x.shape[1] == BLOCK:
         return x
     x = x.reshape(-1)
@@ -127,8 +154,8 @@ def blockify(x: torch.Tensor) -> torch.Tensor:
 
 
 def encode_blocks(signed: bool, xb: torch.Tensor, index: torch.Tensor, seed):
-    """(blocks, 256) values -> (blocks, 256) uint8 codes and (blocks,) fp32 scales, each block's
-    scale being its largest finite magnitude."""
+    """(groups, 32) values -> (groups, 32) uint8 codes and (groups,) bf16 scales, each group's
+    scale being its largest finite magnitude rounded up to bf16."""
     xb = xb.to(torch.float32)
     finite = torch.isfinite(xb)
     mag = torch.where(finite, xb.abs(), 0.0)
@@ -136,7 +163,8 @@ def encode_blocks(signed: bool, xb: torch.Tensor, index: torch.Tensor, seed):
     # A block whose largest magnitude is subnormal (< 2^-126: a long-idle row's decaying m) is
     # stored as zeros: 1/a would overflow to inf, turning its zeros into nan (0 * inf) where
     # subnormals are not flushed, torch's default. What is dropped is below 1.2e-38.
-    a = torch.where(a < _TINY, 0.0, a)
+    a = scale_up(torch.where(a < _TINY, 0.0, a))
+    scale, a = a, a.to(torch.float32)
     u = hash_bits(index, seed).to(torch.float32) * (1.0 / 65536.0)
     inv_a = torch.where(a > 0, div_rn(1.0, a), 0.0)  # one division per block, not per element
     r = mag * inv_a  # in [0, 1]
@@ -156,7 +184,32 @@ def encode_blocks(signed: bool, xb: torch.Tensor, index: torch.Tensor, seed):
         stored = torch.where(finite, stored, float(_NAN_M))
     else:
         stored = torch.where(finite, c, float(_NAN_V))
-    return stored.to(torch.uint8), a.view(-1)
+    return stored.to(torch.uint8), scale.view(-1)
+
+
+def floor_pairs(codes: dict, slots) -> None:
+    """Raise, in place, each stored unsigned code (v, max v) of a parameter to code 1 where it is 0
+    and a signed code (m) of the same element is not zero (stored 128): a v rounded to zero beside
+    a non-zero m would make the next update m / eps. ``codes`` maps slot names to the parameter's
+    stored codes (local tensors); ``slots`` are the algorithm's :class:`~adamkit.algorithm.Slot`
+    declarations. Only slots in the parameter's own layout pair up (one shape); others (a slot of
+    its own shape, fp32 where 8-bit does not apply) are left as they are."""
+    mine = [
+        s
+        for s in slots
+        if s.shape is None and not s.weights and s.name in codes and codes[s.name].dtype == torch.uint8
+    ]
+    nonzero = None
+    for s in mine:
+        if s.signed:
+            nz = codes[s.name] != 128
+            nonzero = nz if nonzero is None else nonzero | nz
+    if nonzero is None:
+        return
+    for s in mine:
+        v = codes[s.name]
+        if not s.signed and v.shape == nonzero.shape:
+            v.masked_fill_((v == 0) & nonzero, 1)
 
 
 def decode(
@@ -165,10 +218,11 @@ def decode(
     """Codes and block scales -> values of ``shape``. Flat: codes of any shape holding the padded
     length; ``rows``: (R, padded(L)) codes of rows of L = prod(shape[1:]) elements. (Stored
     state tells them apart by its codes' dimensions: flat codes are kept 1-D.)"""
-    x = decode_blocks(signed, codes.view(-1, BLOCK), scales.reshape(-1), cdt)
+    block = LEGACY_BLOCK if scales.dtype == torch.float32 else BLOCK
+    x = decode_blocks(signed, codes.reshape(-1, block), scales.reshape(-1), cdt)
     if rows:  # drop each row's padding
         return x.view(codes.shape)[:, : row_length(shape)].reshape(shape)
-    if tuple(x.shape) == tuple(shape):  # the fused kernel works on (blocks, 256) directly
+    if tuple(x.shape) == tuple(shape):  # the compiled kernel works on (groups, 32) directly
         return x
     n = math.prod(shape)
     return x.reshape(-1)[:n].view(shape)
@@ -205,10 +259,11 @@ def to_rows(
     signed: bool, codes: torch.Tensor, scales: torch.Tensor, shape
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat-layout codes of a parameter of ``shape`` (>= 2-D; older checkpoints) in the row layout.
-    Where the row length is a multiple of 256 the bytes are the same (a view); otherwise the values
-    are decoded and encoded again in rows (each within the format's bound of the saved value)."""
+    Where the row length is a multiple of 32 the bytes are the same (a view); otherwise, and for
+    the legacy blocks of 256, the values are decoded and encoded again in rows (each within the
+    format's bound of the saved value)."""
     r, length = shape[0], row_length(shape)
-    if length % BLOCK == 0:
+    if length % BLOCK == 0 and scales.dtype == torch.bfloat16:
         return codes.reshape(r, length), scales.reshape(r, length // BLOCK)
     x = decode(signed, codes, scales, shape, torch.float32)
     return encode(signed, x, rows=True)
@@ -226,6 +281,7 @@ def error_bound(signed: bool, x: torch.Tensor, rows: bool = False) -> torch.Tens
     n = x.numel()
     xb = F.pad(x, (0, padded(n) - n)).view(-1, BLOCK)
     a = xb.abs().amax(dim=1, keepdim=True)
+    a = scale_up(torch.where(a < _TINY, 0.0, a).float()).double()
     k, q = (2, _QM) if signed else (4, _QV)
     c = torch.floor(q * (xb.abs() / torch.where(a > 0, a, 1.0)) ** (1.0 / k))
     bound = a * ((c + 1) ** k - c**k) / q**k

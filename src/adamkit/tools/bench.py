@@ -129,8 +129,9 @@ def _schedule_free_impl(params):
 
 def implementations() -> dict[str, Impl]:
     """name -> implementation. Bytes per parameter: fp32 AdamW reads p, g, m, v and writes p, m, v
-    (28 B); bf16 moments save 8, 8-bit moments 12 (plus 4 B of scale per 256); bf16 parameters with
-    a bf16 Kahan buffer read and write 2 + 2 B instead of 4. Peers appear only if installed."""
+    (28 B); bf16 moments save 8, 8-bit moments 12 (plus 2 B of scale per 32); bf16 parameters with
+    a bf16 Kahan buffer read and write 2 + 2 B instead of 4 (an int8 one 1 + 1). Peers appear only if
+    installed."""
     bf16 = torch.bfloat16
     impls: dict[str, Impl] = {
         "torch for-loop": Impl(_torch_impl("for-loop")),
@@ -141,7 +142,7 @@ def implementations() -> dict[str, Impl]:
         "adamkit fused": Impl(_adamkit_impl("fused")),
         "adamkit fused (fresh grads)": Impl(_adamkit_impl("fused"), fresh_grads=True, bytes_per_param=28),
         "adamkit fused, bf16 state": _recipe("fp32", "bf16", bytes_per_param=20),
-        "adamkit fused, 8-bit state": _recipe("fp32", "8bit", bytes_per_param=16 + 16 / 256),
+        "adamkit fused, 8-bit state": _recipe("fp32", "8bit", bytes_per_param=16 + 8 / 32),
         # the cautious mask: a counting pass (reads g, m, v: 12 B) before the step
         "adamkit fused, cautious": Impl(_adamkit_impl("fused", cautious=True), bytes_per_param=28),
         # Schedule-Free AdamW: reads p, g, z, v, writes p, z, v (28 B, as AdamW)
@@ -149,7 +150,11 @@ def implementations() -> dict[str, Impl]:
         "torch fused, bf16 params": Impl(_torch_impl("fused"), dtype=bf16, bytes_per_param=14),
         "adamkit fused, bf16 + Kahan, bf16 state": _recipe("bf16-kahan", "default", bytes_per_param=18),
         "adamkit fused, bf16 + Kahan, 8-bit state": _recipe(
-            "bf16-kahan", "8bit", bytes_per_param=14 + 16 / 256
+            "bf16-kahan", "8bit", bytes_per_param=14 + 8 / 32
+        ),
+        # p 2 + 2, g 2, the int8 compensation 1 + 1, m and v 1 + 1 each, their scales
+        "adamkit fused, bf16 + int8 Kahan, 8-bit state": _recipe(
+            "bf16-kahan8", "8bit", bytes_per_param=12 + 8 / 32
         ),
     }
     try:

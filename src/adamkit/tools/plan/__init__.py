@@ -17,13 +17,13 @@ fp32                          4       4       --      m 4, v 4
 mixed bf16/fp16               2       2       4       m 4, v 4 (the optimizer runs on master)
 pure bf16 + Kahan             2       2       --      Kahan compensation 2, m 2, v 2
 pure bf16 + stochastic round  2       2       --      m 2, v 2 (rounding needs no buffer)
-any + ``8bit`` state          ..      ..      ..      m 1, v 1 + one fp32 scale per 256 (each)
+any + ``8bit`` state          ..      ..      ..      m 1, v 1 + one bf16 scale per 32 (each)
 ============================  ======  ======  ======  =====================================
 
 plus ``max_v`` (like v) with amsgrad, an optional fp32 gradient-accumulation buffer (4), and a 4-byte
 ``step`` per parameter *tensor* for optimizers that keep it as a tensor (Adam/AdamW do, like torch;
 adamkit's Lion too). Lion (``--optimizer lion``, or ``-lion`` in a recipe) keeps m only: 4 B/param
-of state in fp32, 2 in bf16, 1 + 4/256 in 8 bit, half of AdamW's.
+of state in fp32, 2 in bf16, 1 + 2/32 in 8 bit, half of AdamW's.
 
 ZeRO (Rajbhandari et al., 2020) per device over :math:`N_d` devices: stage 1 divides optimizer state
 (master weights included) by :math:`N_d`, stage 2 also gradients, stage 3 also parameters. With

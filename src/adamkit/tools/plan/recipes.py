@@ -18,8 +18,8 @@ from .. import registry
 from ..registry import adamkit_algorithm, adamkit_slots
 from .models import ModelSpec, TensorSpec
 
-# adamkit's 8-bit state format (``storage.quant8``): uint8 codes padded to whole blocks, one fp32
-# scale per block; tensors smaller than MIN_8BIT_SIZE keep fp32 state (the engine's default)
+# adamkit's 8-bit state format (``storage.quant8``): uint8 codes padded to whole groups of 32, one
+# bf16 scale per group; tensors smaller than MIN_8BIT_SIZE keep fp32 state (the engine's default)
 BLOCK_SIZE = quant8.BLOCK
 MIN_8BIT_SIZE = ENGINE_DEFAULTS["min_8bit_size"]
 SCALE_BYTES = quant8.SCALE_BYTES
