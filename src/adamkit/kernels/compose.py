@@ -118,7 +118,7 @@ def encode_all(alg: Algorithm, fmt: Formats, t: dict, p, slots, flags: Flags, in
         else:
             out[name] = encode_state(sf, x, idx, seeds[k + 1])
     if fmt.state == "8bit":  # no small v rounded to zero beside a non-zero m (quant8)
-        quant8.floor_pairs(out, alg.active_slots(flags))
+        quant8.floor_pairs(out, alg.active_slots(flags), t["param"].shape)
     return out
 
 

@@ -268,7 +268,7 @@ class CheckpointMixin:
             else:
                 out[name] = value.to(state_dtype(sf), copy=True)
         if fmt.state == "8bit":  # codes encoded here, from values: no v of 0 beside an m that is not
-            quant8.floor_pairs({k: dist.local(v) for k, v in out.items()}, self.algorithm.slots)
+            quant8.floor_pairs({k: dist.local(v) for k, v in out.items()}, self.algorithm.slots, dist.local(p).shape)
         saved_aux = {}
         for name in AUX_KEYS:
             t = saved.get(name)

@@ -187,29 +187,33 @@ def encode_blocks(signed: bool, xb: torch.Tensor, index: torch.Tensor, seed):
     return stored.to(torch.uint8), scale.view(-1)
 
 
-def floor_pairs(codes: dict, slots) -> None:
-    """Raise, in place, each stored unsigned code (v, max v) of a parameter to code 1 where it is 0
-    and a signed code (m) of the same element is not zero (stored 128): a v rounded to zero beside
-    a non-zero m would make the next update m / eps. ``codes`` maps slot names to the parameter's
-    stored codes (local tensors); ``slots`` are the algorithm's :class:`~adamkit.algorithm.Slot`
-    declarations. Only slots in the parameter's own layout pair up (one shape); others (a slot of
-    its own shape, fp32 where 8-bit does not apply) are left as they are."""
-    mine = [
-        s
-        for s in slots
-        if s.shape is None and not s.weights and s.name in codes and codes[s.name].dtype == torch.uint8
-    ]
+def floor_pairs(codes: dict, slots, shape) -> None:
+    """Raise, in place, each stored unsigned code (v, max v) of a parameter of (local) ``shape`` to
+    code 1 where it is 0 and a signed code (m) it divides is not zero (stored 128): a v rounded to
+    zero beside a non-zero m would make the next update m / eps. ``codes`` maps slot names to the
+    parameter's stored codes (local tensors); ``slots`` are the algorithm's
+    :class:`~adamkit.algorithm.Slot` declarations. A slot in the parameter's own layout pairs
+    element by element; one of its own shape with one value per row (Adam-mini's v) pairs with its
+    row's elements; other slots (Adafactor's factors, fp32 where 8-bit does not apply) are left."""
+    mine = [s for s in slots if not s.weights and s.name in codes and codes[s.name].dtype == torch.uint8]
     nonzero = None
     for s in mine:
-        if s.signed:
+        if s.signed and s.shape is None:
             nz = codes[s.name] != 128
             nonzero = nz if nonzero is None else nonzero | nz
     if nonzero is None:
         return
+    rows = nonzero.shape[0] if nonzero.dim() == 2 else 1
     for s in mine:
         v = codes[s.name]
-        if not s.signed and v.shape == nonzero.shape:
+        if s.signed:
+            continue
+        if s.shape is None and v.shape == nonzero.shape:
             v.masked_fill_((v == 0) & nonzero, 1)
+        elif s.shape is not None and math.prod(s.shape_for(tuple(shape))) == rows:
+            per_row = nonzero.reshape(rows, -1).any(dim=1)
+            head = v[:rows]  # flat codes: the row values first, then the group's padding
+            head.masked_fill_((head == 0) & per_row, 1)
 
 
 def decode(
