@@ -80,7 +80,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--seeds", type=int, default=5, help="gradient streams per scale (rare events need several)")
+    ap.add_argument(
+        "--seeds", type=int, default=5, help="gradient streams per scale (rare events need several)"
+    )
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)

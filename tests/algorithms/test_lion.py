@@ -15,7 +15,19 @@ import torch
 
 import adamkit
 from adamkit.tools.plan import adamkit_state_bytes
-from cases import G8, PARAMS, STATES, assert_bits, decode8, grads_of, roundtrip, rows, step, unblock, values_of
+from cases import (
+    G8,
+    PARAMS,
+    STATES,
+    assert_bits,
+    decode8,
+    grads_of,
+    roundtrip,
+    rows,
+    step,
+    unblock,
+    values_of,
+)
 from cases import build as build_opt
 
 pytestmark = pytest.mark.usefixtures("one_thread")

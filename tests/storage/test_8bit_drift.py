@@ -83,7 +83,12 @@ def test_the_stream_breaks_a_format_without_the_floor(monkeypatch):
 def test_floor_pairs_raises_only_a_zero_v_beside_a_nonzero_m():
     from adamkit.algorithm import Slot
 
-    slots = [Slot("m1", signed=True), Slot("v", signed=False), Slot("m2", signed=True), Slot("r", signed=False, shape=lambda s: (1,))]
+    slots = [
+        Slot("m1", signed=True),
+        Slot("v", signed=False),
+        Slot("m2", signed=True),
+        Slot("r", signed=False, shape=lambda s: (1,)),
+    ]
     m1 = torch.tensor([128, 129, 128, 128, 0, 127], dtype=torch.uint8)  # zero, +1, zero, zero, nan marker, -1
     m2 = torch.tensor([128, 128, 128, 140, 128, 128], dtype=torch.uint8)
     v = torch.tensor([0, 0, 0, 0, 0, 7], dtype=torch.uint8)

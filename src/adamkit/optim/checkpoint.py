@@ -268,7 +268,9 @@ class CheckpointMixin:
             else:
                 out[name] = value.to(state_dtype(sf), copy=True)
         if fmt.state == "8bit":  # codes encoded here, from values: no v of 0 beside an m that is not
-            quant8.floor_pairs({k: dist.local(v) for k, v in out.items()}, self.algorithm.slots, dist.local(p).shape)
+            quant8.floor_pairs(
+                {k: dist.local(v) for k, v in out.items()}, self.algorithm.slots, dist.local(p).shape
+            )
         saved_aux = {}
         for name in AUX_KEYS:
             t = saved.get(name)
@@ -314,7 +316,9 @@ class CheckpointMixin:
         if v.dtype != torch.uint8:
             raise bad(f"{name!r} holds 8-bit codes of dtype {v.dtype}, expected uint8")
         if scale.dtype not in (torch.bfloat16, torch.float32):
-            raise bad(f"{name + '_scale'!r} has dtype {scale.dtype}, expected bfloat16 (float32: older versions)")
+            raise bad(
+                f"{name + '_scale'!r} has dtype {scale.dtype}, expected bfloat16 (float32: older versions)"
+            )
         legacy = scale.dtype == torch.float32
         block = quant8.LEGACY_BLOCK if legacy else quant8.BLOCK
         rows = slot.shape is None and len(want) >= 2

@@ -281,7 +281,9 @@ class StateMixin:
             elif v.dtype != state_dtype(sf):
                 state[slot.name] = v.to(state_dtype(sf))
         if fmt.state == "8bit":  # codes encoded here, from values: no v of 0 beside an m that is not
-            quant8.floor_pairs({k: dist.local(v) for k, v in state.items()}, self.algorithm.slots, dist.local(p).shape)
+            quant8.floor_pairs(
+                {k: dist.local(v) for k, v in state.items()}, self.algorithm.slots, dist.local(p).shape
+            )
         wanted = param_aux_key(fmt.param)
         for key in AUX_KEYS:
             if key in state and key != wanted:
