@@ -310,53 +310,68 @@ static AI int element(const int alg, float *restrict pp, float g, float *restric
 #define QM 127
 #define QV 254
 
+/* ``ng`` groups of codes and their bf16 scales -> ng * GROUP values. The groups' factors are
+ * spread over the elements first, so the decoding is one loop over the tile, not one per group. */
 static inline __attribute__((always_inline)) void
-decode8(const uint8_t *restrict c, float a, float *restrict x, const int sgn) {
+decode8(const uint8_t *restrict c, const uint16_t *restrict scale, const int ng, float *restrict x,
+        const int sgn) {
+    float K[TILE];
+    const float unit = sgn ? (float)(1.0 / (QM * QM)) : (float)(1.0 / ((double)QV * QV * QV * QV));
+    for (int j = 0; j < ng; j++) {
+        const float k = bf16_to_f(scale[j]) * unit;
+        for (int i = 0; i < GROUP; i++) K[j * GROUP + i] = k;
+    }
+    const int n = ng * GROUP;
     if (sgn) {
-        const float k = a * (float)(1.0 / (QM * QM));
-        for (int i = 0; i < GROUP; i++) {
+        for (int i = 0; i < n; i++) {
             const float q = (float)c[i] - 128.0f;
-            const float y = (q * fabsf(q)) * k;
+            const float y = (q * fabsf(q)) * K[i];
             x[i] = c[i] == 0 ? NAN : y;
         }
     } else {
-        const float k = a * (float)(1.0 / ((double)QV * QV * QV * QV));
-        for (int i = 0; i < GROUP; i++) {
+        for (int i = 0; i < n; i++) {
             const float q = (float)c[i];
             const float q2 = q * q;
-            const float y = (q2 * q2) * k;
+            const float y = (q2 * q2) * K[i];
             x[i] = c[i] == 255 ? NAN : y;
         }
     }
 }
 
-/* One group: its scale (the largest finite magnitude rounded up to bf16) and codes, rounded
- * stochastically in the linear domain. ``nz`` (unsigned slots only, else NULL): elements whose
- * signed codes are not zero; their unsigned code is at least 1 (no m / eps). */
+/* ``ng`` groups: each group's scale (its largest finite magnitude rounded up to bf16), then every
+ * code, rounded stochastically in the linear domain (one loop over the tile). ``nz`` (unsigned
+ * slots): elements whose signed codes are not zero; their unsigned code is at least 1 (no m / eps;
+ * all zeros where no signed slot was encoded). */
 static inline __attribute__((always_inline)) void
-encode8(const float *restrict x, uint8_t *restrict c, uint16_t *scale, uint32_t index0, uint32_t seed,
-        const int sgn, const uint8_t *restrict nz) {
-    /* non-negative floats order like their bit patterns, and an integer max reduction vectorizes
-     * where a float one (not associative with nan) would not */
-    uint32_t amax = 0;
+encode8(const float *restrict x, uint8_t *restrict c, uint16_t *restrict scale, const int ng,
+        uint32_t index0, uint32_t seed, const int sgn, const uint8_t *restrict nz) {
+    float INV[TILE];
+    for (int j = 0; j < ng; j++) {
+        /* non-negative floats order like their bit patterns, and an integer max reduction
+         * vectorizes where a float one (not associative with nan) would not */
+        uint32_t amax = 0;
 #pragma omp simd reduction(max : amax)
-    for (int i = 0; i < GROUP; i++) {
-        const uint32_t m = fabsf(x[i]) <= FLT_MAX ? f2u(fabsf(x[i])) : 0u;
-        amax = amax > m ? amax : m;
+        for (int i = 0; i < GROUP; i++) {
+            const float ax = fabsf(x[j * GROUP + i]);
+            const uint32_t m = ax <= FLT_MAX ? f2u(ax) : 0u;
+            amax = amax > m ? amax : m;
+        }
+        /* a subnormal largest magnitude (below 2^-126) makes the group zeros, as the reference
+         * does: 1/a would overflow and turn the group's zeros into nan where subnormals are kept */
+        uint32_t up = amax < 0x00800000u ? 0u : (amax + 0xFFFFu) & 0xFFFF0000u;
+        up = up > 0x7F7F0000u ? 0x7F7F0000u : up; /* bf16's largest finite */
+        scale[j] = (uint16_t)(up >> 16);
+        const float a = u2f(up);
+        const float inv = a > 0.0f ? 1.0f / a : 0.0f;
+        for (int i = 0; i < GROUP; i++) INV[j * GROUP + i] = inv;
     }
-    /* a subnormal largest magnitude (below 2^-126) makes the group zeros, as the reference does:
-     * 1/a would overflow and turn the group's zeros into nan where subnormals are not flushed */
-    uint32_t up = amax < 0x00800000u ? 0u : (amax + 0xFFFFu) & 0xFFFF0000u;
-    up = up > 0x7F7F0000u ? 0x7F7F0000u : up; /* bf16's largest finite */
-    *scale = (uint16_t)(up >> 16);
-    const float a = u2f(up);
-    const float inv = a > 0.0f ? 1.0f / a : 0.0f;
+    const int n = ng * GROUP;
     uint32_t h = weyl(index0, seed);
     if (sgn) {
         const float k = (float)(1.0 / (QM * QM));
-        for (int i = 0; i < GROUP; i++) {
+        for (int i = 0; i < n; i++) {
             const int fin = fabsf(x[i]) <= FLT_MAX;
-            const float r = (fin ? fabsf(x[i]) : 0.0f) * inv;
+            const float r = (fin ? fabsf(x[i]) : 0.0f) * INV[i];
             float q = floorf(sqrtf(r) * (float)QM);
             q = q < (float)(QM - 1) ? q : (float)(QM - 1);
             const float lo = q * q * k, hi = (q + 1.0f) * (q + 1.0f) * k;
@@ -368,9 +383,9 @@ encode8(const float *restrict x, uint8_t *restrict c, uint16_t *scale, uint32_t 
         }
     } else {
         const float k = (float)(1.0 / ((double)QV * QV * QV * QV));
-        for (int i = 0; i < GROUP; i++) {
+        for (int i = 0; i < n; i++) {
             const int fin = fabsf(x[i]) <= FLT_MAX;
-            const float r = (fin ? fabsf(x[i]) : 0.0f) * inv;
+            const float r = (fin ? fabsf(x[i]) : 0.0f) * INV[i];
             float q = floorf(sqrtf(sqrtf(r)) * (float)QV);
             q = q < (float)(QV - 1) ? q : (float)(QV - 1);
             const float q2 = q * q, d2 = (q + 1.0f) * (q + 1.0f);
@@ -378,7 +393,7 @@ encode8(const float *restrict x, uint8_t *restrict c, uint16_t *scale, uint32_t 
             const float u = (float)(h >> 16) * (1.0f / 65536.0f);
             h += WEYL;
             q = q + (u * (hi - lo) < r - lo ? 1.0f : 0.0f);
-            q = (nz && nz[i] && q == 0.0f) ? 1.0f : q;
+            q = (nz[i] && q == 0.0f) ? 1.0f : q;
             c[i] = fin ? (uint8_t)(int32_t)q : (uint8_t)255;
         }
     }
@@ -458,9 +473,7 @@ static AI int64_t tile(const ctx_t *C, const int alg, const row_t *R, void *para
             const uint16_t *s = (const uint16_t *)R->slot[k] + e;
             for (int i = 0; i < len; i++) S[k][i] = bf16_to_f(s[i]);
         } else {
-            for (int j = 0; j < ng; j++)
-                decode8((const uint8_t *)R->slot[k] + t + j * GROUP, bf16_to_f(R->scale[k][t / GROUP + j]),
-                        S[k] + j * GROUP, (C->A->signs >> k) & 1);
+            decode8((const uint8_t *)R->slot[k] + t, R->scale[k] + t / GROUP, ng, S[k], (C->A->signs >> k) & 1);
         }
     }
     float *restrict s0 = sv[0], *restrict s1 = sv[1], *restrict s2 = sv[2];
@@ -514,21 +527,16 @@ static AI int64_t tile(const ctx_t *C, const int alg, const row_t *R, void *para
         /* signed slots first: where one's code is not zero, the unsigned codes are not either
          * (quant8.floor_pairs); a row's short last group is encoded as the reference pads it */
         uint8_t NZ[TILE];
-        int any_signed = 0;
+        memset(NZ, 0, sizeof NZ);
         for (int pass = 1; pass >= 0; pass--) {
             for (int k = 0; k < ns; k++) {
                 const int sgn = (C->A->signs >> k) & 1;
                 if (((C->A->fp32_slots >> k) & 1) || sgn != pass) continue;
                 for (int i = len; i < ng * GROUP; i++) S[k][i] = 0.0f;
                 uint8_t *codes = (uint8_t *)R->slot[k] + t;
-                for (int j = 0; j < ng; j++)
-                    encode8(S[k] + j * GROUP, codes + j * GROUP, &R->scale[k][t / GROUP + j],
-                            i0 + (uint32_t)(j * GROUP), seed[k + 1], sgn, any_signed ? NZ + j * GROUP : NULL);
-                if (sgn) {
-                    for (int i = 0; i < ng * GROUP; i++)
-                        NZ[i] = (uint8_t)((any_signed ? NZ[i] : 0) | (codes[i] != 128));
-                    any_signed = 1;
-                }
+                encode8(S[k], codes, R->scale[k] + t / GROUP, ng, i0, seed[k + 1], sgn, NZ);
+                if (sgn)
+                    for (int i = 0; i < ng * GROUP; i++) NZ[i] |= (uint8_t)(codes[i] != 128);
             }
         }
     }
