@@ -395,3 +395,71 @@ def test_a_long_idle_row_with_decaying_momentum_stays_finite(backend, subnormals
     m = _quant.decode(True, st["exp_avg"], st["exp_avg_scale"], p.shape, torch.float32)
     assert torch.isfinite(p).all() and torch.isfinite(m).all()
     assert torch.equal(m, torch.zeros_like(m))
+
+
+# ------------------------------------------------------------------------------------------------
+# State dicts of the previous 8-bit format (blocks of 256, fp32 scales)
+# ------------------------------------------------------------------------------------------------
+
+
+def _legacy(signed: bool, x: torch.Tensor, rows: bool):
+    """x in the previous format (``quant8.LEGACY_BLOCK``): blocks of 256 with fp32 scales (each
+    block's largest magnitude), codes rounded to nearest; rows of a >= 2-D x each padded to whole
+    blocks. Returns (codes, scales, the values they decode to, in float64)."""
+    r = x.reshape(x.shape[0], -1) if rows else x.reshape(1, -1)
+    r = torch.nn.functional.pad(r.double(), (0, -r.shape[1] % 256))
+    xb = r.reshape(-1, 256)
+    a = xb.abs().amax(dim=1, keepdim=True).float().double()
+    q, k = (127, 2) if signed else (254, 4)
+    c = torch.round(q * (xb.abs() / torch.where(a > 0, a, 1.0)) ** (1 / k))
+    value = (c / q) ** k * a * (torch.sign(xb) if signed else 1)
+    stored = (torch.where(xb < 0, 128 - c, 128 + c) if signed else c).to(torch.uint8)
+    n = x[0].numel() if rows else x.numel()
+    decoded = value.reshape(r.shape)[:, :n].reshape(x.shape)
+    if rows:
+        return stored.reshape(r.shape), a.float().reshape(r.shape[0], -1), decoded
+    return stored.reshape(-1), a.float().reshape(-1), decoded
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_previous_8bit_state_dicts_load_through_fp32(backend):
+    """A state dict of the previous format loads into the 8-bit state of groups of 32 (each value
+    within the new format's stated bound of what the old codes held) and into fp32 state (those
+    values, to fp32 decoding's rounding), and training continues."""
+    g = torch.Generator().manual_seed(11)
+    shapes = [(4, 300), (5000,)]  # rows of two legacy blocks (padded), a flat tensor of 20
+    ps = [torch.randn(s, generator=g, requires_grad=True) for s in shapes]
+    fp32 = adamkit.AdamW(ps, backend=backend)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g)
+        fp32.step()
+    sd = roundtrip(fp32.state_dict())
+    held = {}
+    for i, p in enumerate(ps):
+        st = sd["state"][i]
+        for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+            codes, scales, value = _legacy(signed, st[name], rows=p.dim() >= 2)
+            st[name], st[name + "_scale"], held[i, name] = codes, scales, value
+        st["param_shape"] = torch.tensor(p.shape)
+    for state_format in ("8bit", "fp32"):
+        qs = [p.detach().clone().requires_grad_() for p in ps]
+        opt = adamkit.AdamW(qs, state_format=state_format, backend=backend, min_8bit_size=0)
+        opt.load_state_dict(roundtrip(sd))
+        for i, q in enumerate(qs):
+            st = opt.state[q]
+            for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+                want = held[i, name]
+                if state_format == "fp32":  # decoded in fp32 (quant8.decode_blocks: a few roundings)
+                    torch.testing.assert_close(st[name].double(), want, rtol=1e-6, atol=0)
+                    continue
+                assert st[name + "_scale"].dtype == torch.bfloat16
+                got = _quant.decode(
+                    signed, st[name], st[name + "_scale"], q.shape, torch.float64, q.dim() >= 2
+                )
+                bound = _quant.error_bound(signed, want.float(), rows=q.dim() >= 2).view(q.shape)
+                assert ((got - want).abs() <= bound).all(), name
+        for q in qs:
+            q.grad = torch.randn(q.shape, generator=g)
+        opt.step()
+        assert all(torch.isfinite(q).all() for q in qs)
