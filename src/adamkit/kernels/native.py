@@ -410,7 +410,7 @@ class Table:
             r = rows[j]
             # the local shard's length: a DTensor's numel() is its global one
             r.n, r.uid = loc.numel(), uid
-            # 8-bit rows (quant8): the row length, blocks lie inside rows; else one row of n
+            # 8-bit rows (quant8): the row length, groups lie inside rows; else one row of n
             coded = [n for n, s in zip(names, alg.active_slots(flags)) if not s.weights]
             in_rows = fmt.state == "8bit" and bool(coded) and local(st[coded[0]]).dim() == 2
             r.len = max(1, math.prod(p.shape[1:])) if in_rows else r.n

@@ -245,7 +245,7 @@ class Optimizer(StateMixin, DispatchMixin, ReleaseMixin, CheckpointMixin, torch.
                 )
 
     def _check_sharded_8bit(self, group: dict) -> None:
-        """8-bit state of a DTensor parameter is kept in rows (``quant8``: blocks inside rows, the
+        """8-bit state of a DTensor parameter is kept in rows (``quant8``: groups inside rows, the
         codes sharded like the parameter), which move whole only where the parameter is split along
         dim 0 (FSDP2's placement) or replicated: other placements are refused. Checked when the
         group is (re)validated, before anything changes; the answer depends on global shapes and

@@ -129,14 +129,14 @@ class DispatchMixin:
             return
         if flags.on("cautious"):
             # the mask's count is a reduction over each whole tensor: foreach takes it per tensor
-            # (the compiled kernel sees 8-bit rows padded to whole blocks)
+            # (the compiled kernel sees 8-bit rows padded to whole groups)
             run_foreach(alg, items, scalars_of, flags)
             return
 
-        # Non-contiguous tensors, and 8-bit rows of several blocks with a short last one, go to
+        # Non-contiguous tensors, and 8-bit rows of several groups with a short last one, go to
         # foreach: in one compiled graph inductor pads each row inside scalar loops and recomputes
         # the update there (fp16 parameters, 1M elements in rows of 1000, one thread: 1.3 s per
-        # step compiled, 0.15 s on foreach; rows of whole blocks stay compiled: 0.04 s).
+        # step compiled, 0.15 s on foreach; rows of whole groups stay compiled: 0.04 s).
         def compiled_serves(it: Item) -> bool:
             if not all(t.is_contiguous() for t in it.t.values()):
                 return False

@@ -54,7 +54,7 @@ def slot_spec(slot, p: torch.Tensor) -> tuple:
 def slot_format(fmt_state: str, slot, p: torch.Tensor) -> str:
     """One slot's storage format: the parameter's, except that under state_format='8bit' a slot of
     its own shape of a sharded DTensor parameter (Adafactor's and CAME's factored statistics,
-    Adam-mini's v) keeps fp32: its own flat 8-bit blocks would be cut by the shards, and such
+    Adam-mini's v) keeps fp32: its own flat 8-bit groups would be cut by the shards, and such
     statistics are rows plus columns, a few bytes per row. Parameter-shaped slots keep 8-bit rows.
     A copy of the weights (``Slot.weights``: Schedule-Free's z) keeps fp32 in every format (fp64
     for fp64 parameters)."""
