@@ -113,7 +113,7 @@ def test_kahan8_1000_steps_tracks_float64(stream_1000, backend="fused"):
 
 def test_kahan8_with_8bit_state_as_close_as_fp32_parameters_with_8bit_state(stream_1000):
     """~5 B/param (bf16 p, int8 correction, 8-bit m and v): its displacement error is that of fp32
-    parameters with the same 8-bit state, within 0.01 (measured 3.81 % vs 3.75 %): the 8-bit
+    parameters with the same 8-bit state, within 0.01 (measured 3.87 % vs 3.81 %): the 8-bit
     moments, not the parameter's storage, set it."""
     p0, grads, ref = stream_1000
     disp = (ref - p0.double()).norm()
