@@ -157,3 +157,22 @@ def test_the_foreach_backends_native_ops_equal_the_fp64_path(monkeypatch):
             same = (x.view(torch.int32) == y.view(torch.int32)) | (x.isnan() & y.isnan())
             assert bool(same.all()), name
     assert set(calls) == set(native.IEEE_OPS)  # every op went through the native library
+
+
+def test_the_native_ops_broadcast_operands_of_other_shapes():
+    """A per-row statistic against its matrix (Adafactor's and CAME's factors, Adam-mini's v):
+    the native loop reads every operand at the result's length, so a smaller operand is broadcast
+    first, as torch broadcasts it (it was read past its end: other memory's values)."""
+    if native.load() is None:
+        pytest.skip(f"no native kernel here: {native.failure()}")
+    g = torch.Generator().manual_seed(6)
+    m = torch.randn(64, 48, generator=g)
+    row = torch.randn(64, 1, generator=g).abs() + 0.5
+    col = torch.randn(1, 48, generator=g)
+    for op, args, want in (
+        ("div", (m, row), div_rn(m, row.expand_as(m).contiguous())),
+        ("div", (row, m), div_rn(row.expand_as(m).contiguous(), m)),
+        ("fma", (m, row, col), fma_rn(m, row.expand_as(m).contiguous(), col.expand_as(m).contiguous())),
+    ):
+        got = native.ieee(op, *args)
+        assert got.shape == want.shape and torch.equal(got, want), op

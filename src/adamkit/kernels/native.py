@@ -252,9 +252,14 @@ IEEE_OPS = {"sqrt": 0, "div": 1, "div_scalar": 2, "scalar_div": 3, "fma_scalar":
 
 
 def ieee(op: str, a: torch.Tensor, b: torch.Tensor | None = None, c: torch.Tensor | None = None, s=0.0):
-    """One correctly rounded elementwise operation (``IEEE_OPS``) on contiguous fp32 CPU tensors
-    of one size, by the kernel's IEEE instructions; a new tensor. The caller checks ``load()``."""
-    out = torch.empty_like(a)
+    """One correctly rounded elementwise operation (``IEEE_OPS``) on fp32 CPU tensors, by the
+    kernel's IEEE instructions; a new tensor. The C loop reads every operand at the result's
+    length, so operands of other shapes (a per-row statistic against its matrix) are broadcast
+    here first, as torch's own operation would. The caller checks ``load()``."""
+    ts = [t for t in (a, b, c) if t is not None]
+    shape = torch.broadcast_shapes(*(t.shape for t in ts))
+    a, b, c = (None if t is None else t.expand(shape).contiguous() for t in (a, b, c))
+    out = torch.empty(shape, dtype=a.dtype, device=a.device)
     ptr = _DATA_PTR
     rc = load().adamkit_ieee(
         IEEE_OPS[op], a.numel(), ptr(a), None if b is None else ptr(b), None if c is None else ptr(c),
