@@ -576,6 +576,7 @@ def test_one_registry_names_what_every_tool_takes():
     } == {
         "adamkit fused, bf16 + Kahan, bf16 state": torch.bfloat16,
         "adamkit fused, bf16 + Kahan, 8-bit state": torch.bfloat16,
+        "adamkit fused, bf16 + int8 Kahan, 8-bit state": torch.bfloat16,
     }
 
 
