@@ -99,8 +99,14 @@ def test_floor_pairs_raises_only_a_zero_v_beside_a_nonzero_m():
     assert r.tolist() == [1, 0, 0, 0, 0, 0]  # one value for the tensor: raised, any m is not zero
     assert m1.tolist() == [128, 129, 128, 128, 0, 127]
     # per row: rows of a (2, 3) parameter, one v each (Adam-mini), flat codes padded to a group
-    rows = [Slot("m", signed=True), Slot("v", signed=False, shape=lambda s: (s[0], 1))]
+    rows = [Slot("m", signed=True), Slot("v", signed=False, shape=lambda s: (s[0], 1), rows=lambda s: True)]
     m = torch.tensor([[128, 128, 128], [128, 200, 128]], dtype=torch.uint8)
     v = torch.zeros(32, dtype=torch.uint8)
     quant8.floor_pairs({"m": m, "v": v}, rows, (2, 3))
     assert v.tolist() == [0, 1] + [0] * 30
+    # a column statistic of a square matrix has as many values as it has rows, but is not paired
+    cols = [Slot("m", signed=True), Slot("c", signed=False, shape=lambda s: (s[1],), rows=lambda s: False)]
+    m = torch.tensor([[128, 200], [128, 128]], dtype=torch.uint8)
+    c = torch.zeros(32, dtype=torch.uint8)
+    quant8.floor_pairs({"m": m, "c": c}, cols, (2, 2))
+    assert c.tolist() == [0] * 32

@@ -195,8 +195,10 @@ def floor_pairs(codes: dict, slots, shape) -> None:
     zero beside a non-zero m would make the next update m / eps. ``codes`` maps slot names to the
     parameter's stored codes (local tensors); ``slots`` are the algorithm's
     :class:`~adamkit.algorithm.Slot` declarations. A slot in the parameter's own layout pairs
-    element by element; one of its own shape with one value per row (Adam-mini's v) pairs with its
-    row's elements; other slots (Adafactor's factors, fp32 where 8-bit does not apply) are left."""
+    element by element; one of its own shape with one value per row that follows the rows
+    (Adam-mini's v, Adafactor's row factor) pairs with its row's elements, one value for the whole
+    tensor with all of them; other slots (a matrix's column factor, fp32 where 8-bit does not
+    apply) are left."""
     mine = [s for s in slots if not s.weights and s.name in codes and codes[s.name].dtype == torch.uint8]
     nonzero = None
     for s in mine:
@@ -210,9 +212,15 @@ def floor_pairs(codes: dict, slots, shape) -> None:
         v = codes[s.name]
         if s.signed:
             continue
-        if s.shape is None and v.shape == nonzero.shape:
-            v.masked_fill_((v == 0) & nonzero, 1)
-        elif s.shape is not None and math.prod(s.shape_for(tuple(shape))) == rows:
+        if s.shape is None:
+            if v.shape == nonzero.shape:
+                v.masked_fill_((v == 0) & nonzero, 1)
+            continue
+        k = math.prod(s.shape_for(tuple(shape)))
+        if k == 1:  # one value for the whole tensor (Adam-mini's v of a vector); no host sync
+            head = v[:1]
+            head.masked_fill_((head == 0) & nonzero.any(), 1)
+        elif k == rows and s.follows_rows(tuple(shape)):  # one value per row
             per_row = nonzero.reshape(rows, -1).any(dim=1)
             head = v[:rows]  # flat codes: the row values first, then the group's padding
             head.masked_fill_((head == 0) & per_row, 1)
