@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="step each parameter in backward and free its gradient: one gradient at a time",
     )
-    rec.add_argument("--block-size", type=int, default=BLOCK_SIZE, help="8-bit block length")
+    rec.add_argument("--block-size", type=int, default=BLOCK_SIZE, help="8-bit group length")
     rec.add_argument(
         "--min-8bit-size", type=int, default=MIN_8BIT_SIZE, help="smallest tensor stored in 8 bit"
     )

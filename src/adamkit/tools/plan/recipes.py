@@ -48,7 +48,7 @@ COMPONENTS = {
     "hessian": "diagonal Hessian estimate (Sophia)",
     "confidence": "factored confidence statistics (CAME)",
     "z": "fp32 copy of the weights (Schedule-Free's z)",
-    "scales": "8-bit block scales (fp32)",
+    "scales": "8-bit group scales (bf16)",
     "step": "step counters (one tensor per parameter tensor)",
 }
 
