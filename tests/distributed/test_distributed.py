@@ -10,6 +10,7 @@ float32 tolerance (rtol 1.3e-6, atol 1e-5).
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import gc
 import io
@@ -43,6 +44,9 @@ def _free_port() -> int:
 
 
 def _entry(rank: int, fn, port: int, world: int) -> None:
+    # a rank that dies of a signal says where (its Python stacks on stderr): spawn reports only
+    # the signal's name
+    faulthandler.enable(all_threads=True)
     host_rounding.install_if_requested()  # as the parent test process (pytest --perturb-rounding)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # several processes on a shared machine
