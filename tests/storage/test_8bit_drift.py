@@ -68,7 +68,7 @@ def test_sparse_rows_move_no_element_more_than_ten_lr(alg, backend, scale):
     opt, p = opts[0]
     assert opt.state[p]["exp_avg"].dtype == torch.uint8
     no_zero_v_beside_nonzero_m(opt, p)
-    assert most <= max(MOST, most32 * 1.5), f"{most:.1f} lr in one step (fp32 state: {most32:.1f})"
+    assert most <= MOST, f"{most:.1f} lr in one step (fp32 state: {most32:.1f})"
     assert drift.drift(d, fp32) <= DRIFT
 
 

@@ -526,8 +526,11 @@ static AI int64_t tile(const ctx_t *C, const int alg, const row_t *R, void *para
     if (sf == S_8BIT) {
         /* signed slots first: where one's code is not zero, the unsigned codes are not either
          * (quant8.floor_pairs); a row's short last group is encoded as the reference pads it */
+        /* the mask is only read by unsigned 8-bit slots (Lion keeps none) */
+        const int coded = ~C->A->fp32_slots & ((1 << ns) - 1);
+        const int unsigned_coded = coded & ~C->A->signs;
         uint8_t NZ[TILE];
-        memset(NZ, 0, sizeof NZ);
+        if (unsigned_coded) memset(NZ, 0, sizeof NZ);
         for (int pass = 1; pass >= 0; pass--) {
             for (int k = 0; k < ns; k++) {
                 const int sgn = (C->A->signs >> k) & 1;
@@ -535,7 +538,7 @@ static AI int64_t tile(const ctx_t *C, const int alg, const row_t *R, void *para
                 for (int i = len; i < ng * GROUP; i++) S[k][i] = 0.0f;
                 uint8_t *codes = (uint8_t *)R->slot[k] + t;
                 encode8(S[k], codes, R->scale[k] + t / GROUP, ng, i0, seed[k + 1], sgn, NZ);
-                if (sgn)
+                if (sgn && unsigned_coded)
                     for (int i = 0; i < ng * GROUP; i++) NZ[i] |= (uint8_t)(codes[i] != 128);
             }
         }

@@ -13,7 +13,7 @@ import torch
 from .. import dist
 from ..storage import quant8
 from ..storage.formats import LOW_PRECISION, param_aux_key, state_dtype
-from .layout import AUX_KEYS, aux_from_value, aux_value, encode8, placed_like, slot_format
+from .layout import AUX_KEYS, aux_from_value, aux_value, encode8, floor8, placed_like, slot_format
 from .options import STORAGE_OPTIONS, TORCH_GROUP_DEFAULTS, check_engine_options
 from .state import StateMap
 
@@ -240,6 +240,7 @@ class CheckpointMixin:
                 f"its 8-bit state belongs to a parameter of shape {tuple(int(x) for x in shape)}, "
                 f"not {tuple(p.shape)}; the state dict belongs to another model"
             )
+        encoded = False
         for slot in self.algorithm.slots:
             name = slot.name
             if name not in saved:
@@ -265,12 +266,11 @@ class CheckpointMixin:
             sf = slot_format(fmt.state, slot, p)
             if sf == "8bit":
                 out[name], out[name + "_scale"] = encode8(slot, dist.local(value).float(), p)
+                encoded = True
             else:
                 out[name] = value.to(state_dtype(sf), copy=True)
-        if fmt.state == "8bit":  # codes encoded here, from values: no v of 0 beside an m that is not
-            quant8.floor_pairs(
-                {k: dist.local(v) for k, v in out.items()}, self.algorithm.slots, dist.local(p).shape
-            )
+        if encoded:  # codes made here from values (codes kept bit for bit already hold it)
+            floor8(self.algorithm.slots, out, p)
         saved_aux = {}
         for name in AUX_KEYS:
             t = saved.get(name)

@@ -125,6 +125,13 @@ def like_param(x: torch.Tensor, p: torch.Tensor, slot) -> torch.Tensor:
     )
 
 
+def floor8(slots, state: dict, p: torch.Tensor) -> None:
+    """After codes of ``p`` were encoded from values (a load, a format conversion; the step's own
+    encode does it in ``compose.encode_all``): no v code of 0 beside an m code that is not
+    (``quant8.floor_pairs``), on the local codes in place."""
+    quant8.floor_pairs({k: dist.local(v) for k, v in state.items()}, slots, dist.local(p).shape)
+
+
 def encode8(slot, x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 values (``p``'s local elements, or a slot of its own shape) -> (codes, scales) in the
     slot's layout (rows for parameter-shaped slots of >= 2-D parameters, else flat), rounded with

@@ -31,6 +31,7 @@ from .layout import (
     aux_from_value,
     aux_value,
     encode8,
+    floor8,
     like_param,
     quantizable,
     rows_like,
@@ -261,6 +262,7 @@ class StateMixin:
         """Existing state in another format than the parameter now needs (``model.to(dtype)``
         after a step): slots are converted (as ``load_state_dict`` converts them), and a Kahan or
         master buffer that no longer applies is folded into the parameter, so nothing is lost."""
+        encoded = False
         for slot in self.algorithm.slots:
             v = state.get(slot.name)
             if v is None:
@@ -270,6 +272,7 @@ class StateMixin:
             if sf == "8bit":
                 if scale is None or v.dtype != torch.uint8:  # a floating value (the user's): encoded
                     state[slot.name], state[slot.name + "_scale"] = encode8(slot, dist.local(v).float(), p)
+                    encoded = True
             elif scale is not None:  # 8-bit codes, now a floating format
                 codes = dist.local(v)
                 x = quant8.decode(
@@ -280,10 +283,8 @@ class StateMixin:
                 del state[slot.name + "_scale"]
             elif v.dtype != state_dtype(sf):
                 state[slot.name] = v.to(state_dtype(sf))
-        if fmt.state == "8bit":  # codes encoded here, from values: no v of 0 beside an m that is not
-            quant8.floor_pairs(
-                {k: dist.local(v) for k, v in state.items()}, self.algorithm.slots, dist.local(p).shape
-            )
+        if encoded:  # runs on every step of the per-tensor backends: only where codes were made
+            floor8(self.algorithm.slots, state, p)
         wanted = param_aux_key(fmt.param)
         for key in AUX_KEYS:
             if key in state and key != wanted:
